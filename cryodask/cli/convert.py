@@ -1,0 +1,62 @@
+"""``cryodask convert`` and ``cryodask export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs
+
+
+@app.command()
+def convert(
+    inputs: list[str] = typer.Argument(..., help="MRC/REC/MAP/TIFF files, folders or glob patterns."),
+    out: Path = typer.Option(..., "--out", help="Output folder: one <stem>.zarr per tomogram."),
+    levels: int = typer.Option(3, "--levels", help="Pyramid levels (2x mean along z, y and x)."),
+    chunks: str = typer.Option("64,256,256", "--chunks", help="Chunk shape z,y,x."),
+    ngff: str = typer.Option("0.4", "--ngff", help="0.4 (zarr v2: CryoET Data Portal, napari) or 0.5 (zarr v3)."),
+    dtype: str = typer.Option(None, "--dtype", help="float32 to convert; default keeps the input's type."),
+    voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (one value or z,y,x); overrides the header."),
+    cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
+    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
+):
+    """Convert tomograms to chunked multiscale OME-Zarr (resumable; bad inputs are listed, the rest converted)."""
+    from ..cluster import check_spec, connect
+    from ..convert import parse_triple, plan_conversion, run_conversion
+
+    check_spec(cluster)
+    plan = plan_conversion(inputs, out, chunks=parse_triple(chunks, "--chunks"), levels=levels, ngff=ngff,
+                           dtype=dtype, voxel_size=parse_triple(voxel_size, "--voxel-size", float))
+    if plan.todo:
+        with connect(cluster, **cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config)) as client:
+            typer.echo(f"dashboard: {client.dashboard_link}")
+            report = run_conversion(plan, client, progress=True)
+    else:
+        report = run_conversion(plan, None)
+    for r in report.results:
+        extra = f"{r.nbytes / 1e6:8.1f} MB {r.seconds:6.1f} s  blocks {r.blocks_written} written, {r.blocks_skipped} skipped" \
+            if r.status != "failed" else r.message
+        typer.echo(f"{r.status:>9}  {Path(r.source).name:<30} {extra}")
+    failed = report.failed
+    typer.echo(f"{len(report.results) - len(failed)} of {len(report.results)} tomograms ready in {out}")
+    if failed:
+        typer.echo(f"{len(failed)} failed:", err=True)
+        for r in failed:
+            typer.echo(f"error: {r.message}", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def export(
+    store: Path = typer.Argument(..., help="An OME-Zarr image written by cryodask convert."),
+    out: Path = typer.Option(..., "--out", help="Output MRC file."),
+    level: int = typer.Option(0, "--level", help="Pyramid level."),
+    labels: str = typer.Option(None, "--labels", help="Export the label image labels/<NAME> instead."),
+):
+    """Write one level of an OME-Zarr image (or of one of its label images) to MRC, with the voxel size."""
+    from ..export import export as run
+
+    path = run(store, out, level=level, labels=labels)
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,1 @@
+"""``cryodask demo`` (filled in below)."""

@@ -1,0 +1,49 @@
+"""``cryodask evaluate``: score predictions against ground truth (see ``cryodask.evaluate``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app
+
+evaluate_app = typer.Typer(help="Score predictions against ground truth.", no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
+
+
+def _report(metrics: dict) -> None:
+    for name, value in metrics.items():
+        if name != "files":
+            typer.echo(f"  {name:<18} {value:.4f}" if isinstance(value, float) else f"  {name:<18} {value}")
+    for path in metrics["files"]:
+        typer.echo(f"wrote {path}")
+
+
+@evaluate_app.command("membranes")
+def membranes(
+    pred: Path = typer.Argument(..., help="Predicted mask: MRC/TIFF, or OME-Zarr image (x.zarr/labels/<name>)."),
+    truth: Path = typer.Argument(..., help="Ground-truth mask, same shape."),
+    logits: Path = typer.Option(None, "--logits", help="Logits/scores volume, for the PR curve and AP."),
+    out: Path = typer.Option(Path("."), "--out", help="Folder for the CSV and PNG files."),
+    bins: int = typer.Option(1000, "--bins", help="Thresholds of the PR curve."),
+):
+    """Voxel-wise Dice, IoU, precision, recall (and AP with --logits)."""
+    from ..evaluate import evaluate_membranes
+
+    _report(evaluate_membranes(pred, truth, logits=logits, out=out, bins=bins))
+
+
+@evaluate_app.command("picks")
+def picks(
+    pred: Path = typer.Argument(..., help="Picked coordinates: STAR or CSV (pixels)."),
+    truth: Path = typer.Argument(..., help="True coordinates: STAR or CSV (pixels)."),
+    radius: float = typer.Option(..., "--radius", help="Match radius, in --unit."),
+    unit: str = typer.Option("px", "--unit", help="px | angstrom"),
+    voxel_size: float = typer.Option(None, "--voxel-size", help="Pixel size in Å (default: from the files)."),
+    out: Path = typer.Option(Path("."), "--out", help="Folder for the CSV and PNG files."),
+):
+    """Precision, recall, F1 of picks matched one-to-one (Hungarian) within --radius."""
+    from ..evaluate import evaluate_picks
+
+    _report(evaluate_picks(pred, truth, radius, unit=unit, voxel_size=voxel_size, out=out))

@@ -1,0 +1,64 @@
+"""``cryodask synth tomogram|micrograph``: write synthetic data with its ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import InputError
+from . import app
+
+synth_app = typer.Typer(help="Synthetic tomograms and micrographs with ground truth.", no_args_is_help=True)
+app.add_typer(synth_app, name="synth")
+
+
+def _shape(text: str, names: str) -> tuple[int, ...]:
+    parts = text.split(",")
+    try:
+        if len(parts) != len(names.split(",")):
+            raise ValueError
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise InputError(f"--shape {text!r}: expected {len(names.split(','))} comma-separated integers ({names})") from None
+
+
+def _report(paths: dict) -> None:
+    for kind, path in paths.items():
+        typer.echo(f"wrote {kind}: {path}")
+
+
+@synth_app.command("tomogram")
+def tomogram(
+    out: Path = typer.Option(..., "--out", help="Tomogram MRC; X_membranes.mrc and X_particles.star go beside it."),
+    shape: str = typer.Option("64,128,128", "--shape", help="Z,Y,X in voxels."),
+    voxel_size: float = typer.Option(10.0, "--voxel-size", help="Å per voxel."),
+    seed: int = typer.Option(0, "--seed"),
+    snr: float = typer.Option(0.5, "--snr", help="var(signal) / var(noise)."),
+    missing_wedge: float = typer.Option(60.0, "--missing-wedge", help="Missing tilt range in degrees (0: none)."),
+    defocus: float = typer.Option(3.0, "--defocus", help="µm (0: no CTF oscillation)."),
+):
+    """A tomogram of vesicles, a membrane sheet and two particle kinds, with the truth."""
+    from ..synth import synth_tomogram, write_tomogram
+
+    synth = synth_tomogram(_shape(shape, "Z,Y,X"), voxel_size=voxel_size, seed=seed, snr=snr,
+                           missing_wedge=missing_wedge, defocus=defocus)
+    _report(write_tomogram(out, synth))
+
+
+@synth_app.command("micrograph")
+def micrograph(
+    out: Path = typer.Option(..., "--out", help="Micrograph MRC; X_mask.mrc, X_contaminants.mrc, X_particles.star beside it."),
+    shape: str = typer.Option("512,512", "--shape", help="Y,X in pixels."),
+    pixel_size: float = typer.Option(1.77, "--pixel-size", help="Å per pixel."),
+    diameter: float = typer.Option(108.0, "--diameter", help="Particle diameter in pixels."),
+    seed: int = typer.Option(0, "--seed"),
+    snr: float = typer.Option(0.3, "--snr", help="var(signal) / var(noise)."),
+    defocus: float = typer.Option(1.5, "--defocus", help="µm (0: no CTF oscillation)."),
+):
+    """A micrograph of particles among ice and carbon contaminants, with the truth."""
+    from ..synth import synth_micrograph, write_micrograph
+
+    synth = synth_micrograph(_shape(shape, "Y,X"), pixel_size=pixel_size, diameter=diameter, seed=seed, snr=snr,
+                             defocus=defocus)
+    _report(write_micrograph(out, synth))

@@ -1,0 +1,381 @@
+"""MRC/TIFF tomograms to chunked OME-Zarr, many at once, on a Dask cluster.
+
+Each tomogram becomes ``<out>/<stem>.zarr``: a multiscale image (z, y, x in Å) whose level 0
+equals the input. The work is a graph of block tasks — level 0 reads a chunk-aligned slab of
+the file, level ``l`` averages 2x2x2 voxels of the level ``l-1`` blocks it depends on — so a
+worker holds a few chunks, never a tomogram, and pyramid levels start as soon as their parent
+blocks are written. Every block writes whole chunks and then a done-mark; a rerun skips marked
+blocks and finished tomograms, and a changed parameter starts that tomogram again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .blocks import Block, DoneMarks, plan_blocks
+from .errors import CryodaskError, InputError, where
+from .io.omezarr import NGFF, create_image, level_shapes
+from .io.volumes import VolumeSource, find_volumes, open_volume
+from .params import params_hash
+
+STEP = "convert"
+
+
+@dataclass(frozen=True)
+class ConvertParams:
+    """Everything that changes the converted store (its hash keys the done-marks)."""
+
+    chunks: tuple[int, int, int] = (64, 256, 256)
+    levels: int = 3
+    ngff: str = "0.4"
+    dtype: str | None = None
+
+    def __post_init__(self):
+        if len(self.chunks) != 3 or min(self.chunks) < 1:
+            raise InputError(f"--chunks must be three positive integers, got {self.chunks}")
+        if self.levels < 1:
+            raise InputError(f"--levels must be at least 1, got {self.levels}")
+        if self.ngff not in NGFF:
+            raise InputError(f"--ngff must be one of {', '.join(NGFF)}, got {self.ngff}")
+        if self.dtype not in (None, "float32"):
+            raise InputError(f"--dtype must be float32 or left out (keep the input's), got {self.dtype}")
+
+
+@dataclass
+class TomogramResult:
+    """What happened to one input: ``converted``, ``resumed``, ``skipped`` or ``failed``."""
+
+    source: str
+    store: str | None
+    status: str
+    message: str = ""
+    blocks_written: int = 0
+    blocks_skipped: int = 0
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class ConvertReport:
+    results: list[TomogramResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[TomogramResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+
+# ---------------------------------------------------------------- block tasks (run on workers)
+
+def downsample_mean(data: np.ndarray, out_shape, dtype) -> np.ndarray:
+    """2x2x2 mean; an odd edge voxel is averaged with itself (edge replication).
+
+    The eight terms are added in a fixed order, so a block gives bit-identical results to
+    the whole array whatever the chunking.
+    """
+    pad = [(0, 2 * o - s) for o, s in zip(out_shape, data.shape)]
+    if any(p for _, p in pad):
+        data = np.pad(data, pad, mode="edge")
+    data = data.astype(np.float32, copy=False)
+    total = np.zeros(tuple(out_shape), dtype=np.float32)
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                total += data[dz::2, dy::2, dx::2]
+    total *= np.float32(0.125)
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        total = np.clip(np.rint(total), info.min, info.max)
+    return total.astype(dtype)
+
+
+def _fault_injection_delay() -> None:
+    """``CRYODASK_BLOCK_DELAY`` seconds of sleep per block: lets crash tests kill a run mid-way."""
+    delay = float(os.environ.get("CRYODASK_BLOCK_DELAY", 0) or 0)
+    if delay:
+        time.sleep(delay)
+
+
+def _write_source_block(source: VolumeSource, store: str, block: Block, dtype: str, marks: DoneMarks, *deps):
+    import zarr
+
+    _fault_injection_delay()
+    data = source.read(block.region)
+    zarr.open_array(f"{store}/0", mode="r+")[block.region] = data.astype(dtype, copy=False)
+    marks.mark(f"0/{block.name}")
+    return data.nbytes
+
+
+def _write_level_block(store: str, level: int, block: Block, marks: DoneMarks, *deps):
+    import zarr
+
+    _fault_injection_delay()
+    parent = zarr.open_array(f"{store}/{level - 1}", mode="r")
+    target = zarr.open_array(f"{store}/{level}", mode="r+")
+    region = tuple(slice(2 * s.start, min(2 * s.stop, n)) for s, n in zip(block.region, parent.shape))
+    target[block.region] = downsample_mean(parent[region], block.shape, target.dtype)
+    marks.mark(f"{level}/{block.name}")
+    return 0
+
+
+# ---------------------------------------------------------------- planning (runs on the client)
+
+@dataclass
+class _Job:
+    source: VolumeSource
+    store: Path
+    marks: DoneMarks
+    key: str
+    params: ConvertParams
+    status: str = "converted"
+
+
+def _job_key(source: VolumeSource, params: ConvertParams) -> str:
+    stat = os.stat(source.path)
+    return params_hash({**asdict(params), "source": os.path.abspath(source.path), "size": stat.st_size,
+                        "mtime_ns": stat.st_mtime_ns, "voxel_size": source.voxel_size})
+
+
+def _stored_state(store: Path) -> dict:
+    import zarr
+
+    try:
+        return zarr.open_group(str(store), mode="r").attrs.get("cryodask", {}).get(STEP, {})
+    except Exception:  # noqa: BLE001  (absent or unreadable: start again)
+        return {}
+
+
+def _prepare(job: _Job) -> None:
+    """Create the store, or decide to skip or resume it (client side, before any task)."""
+    state = _stored_state(job.store)
+    if state.get("key") == job.key:
+        job.status = "skipped" if state.get("complete") else "resumed"
+        return
+    job.marks.clear_step()
+    if job.store.exists():
+        shutil.rmtree(job.store)
+    dtype = np.dtype(job.params.dtype or job.source.dtype).newbyteorder("=")
+    meta = {"path": os.path.abspath(job.source.path), "format": job.source.format,
+            "voxel_size": list(job.source.voxel_size), **job.source.metadata}
+    create_image(job.store, job.source.shape, chunks=job.params.chunks, dtype=dtype,
+                 voxel_size=job.source.voxel_size, levels=job.params.levels, ngff=job.params.ngff,
+                 attributes={"cryodask": {STEP: {"key": job.key, "complete": False, "params": asdict(job.params)},
+                                          "source": meta}})
+
+
+def _overlapping(blocks: list[Block], region) -> list[Block]:
+    return [b for b in blocks if all(r.start < s.stop and s.start < r.stop for r, s in zip(b.region, region))]
+
+
+def _submit(client, job: _Job, block_bytes: int, priority: int, run: str) -> list:
+    """Submit the block graph of one tomogram; return its futures (done blocks are left out)."""
+    store = str(job.store)
+    dtype = np.dtype(job.params.dtype or job.source.dtype).newbyteorder("=").str
+    itemsize = np.dtype(dtype).itemsize
+    futures, previous, previous_blocks = [], {}, []
+    for level, shape in enumerate(level_shapes(job.source.shape, job.params.levels)):
+        # level 0 reads the block itself; higher levels read 8x the block from the level below
+        blocks = plan_blocks(shape, job.params.chunks, itemsize=itemsize * (1 if level == 0 else 8), max_bytes=block_bytes)
+        current = {}
+        for block in blocks:
+            name = f"{level}/{block.name}"
+            if job.marks.done(name):
+                current[block.name] = None
+                continue
+            key = f"convert-{job.store.stem}-{run}-{level}-{block.name}"
+            if level == 0:
+                fut = client.submit(_write_source_block, job.source, store, block, dtype, job.marks,
+                                    key=key, priority=priority, retries=1)
+            else:
+                parent_region = tuple(slice(2 * s.start, 2 * s.stop) for s in block.region)
+                deps = [previous[b.name] for b in _overlapping(previous_blocks, parent_region) if previous[b.name] is not None]
+                fut = client.submit(_write_level_block, store, level, block, job.marks, *deps,
+                                    key=key, priority=priority, retries=1)
+            current[block.name] = fut
+            futures.append(fut)
+        previous, previous_blocks = current, blocks
+    return futures
+
+
+def _mark_complete(job: _Job) -> None:
+    import zarr
+
+    group = zarr.open_group(str(job.store), mode="r+")
+    attrs = group.attrs.get("cryodask", {})
+    attrs[STEP] = {**attrs.get(STEP, {}), "complete": True}
+    group.attrs["cryodask"] = attrs
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, CryodaskError):
+        return str(exc)
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def check_output_dir(out) -> Path:
+    """Create ``out`` and prove it is writable, before any cluster starts."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".cryodask-write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise where(out, f"output folder is not writable ({exc.strerror or exc})") from None
+    return out
+
+
+@dataclass
+class ConvertPlan:
+    """Validated inputs with their stores created (or found finished), before any cluster starts."""
+
+    jobs: list[_Job]
+    report: ConvertReport
+    order: dict[str, int]
+
+    @property
+    def todo(self) -> list[_Job]:
+        return [j for j in self.jobs if j.status in ("converted", "resumed")]
+
+
+def plan_conversion(inputs, out, *, chunks=(64, 256, 256), levels: int = 3, ngff: str = "0.4",
+                    dtype: str | None = None, voxel_size=None) -> ConvertPlan:
+    """Validate every input and prepare its store; bad inputs go to the report as failures."""
+    params = ConvertParams(tuple(int(c) for c in chunks), int(levels), str(ngff), dtype)
+    out = check_output_dir(out).resolve()
+    paths = find_volumes(inputs)
+    if not paths:
+        raise InputError(f"no tomogram found in {', '.join(map(str, inputs))}")
+    report, jobs, stems = ConvertReport(), [], {}
+    for path in paths:
+        try:
+            source = open_volume(path, voxel_size)
+            stem = Path(path).stem
+            if stem in stems:
+                raise where(path, f"has the same name as {stems[stem]}; both would write {stem}.zarr")
+            stems[stem] = Path(path)
+            key = _job_key(source, params)
+            job = _Job(source, out / f"{stem}.zarr", DoneMarks(out / ".cryodask" / stem, STEP, key), key, params)
+            _prepare(job)
+        except InputError as exc:
+            report.results.append(TomogramResult(str(path), None, "failed", str(exc)))
+            continue
+        except OSError as exc:
+            report.results.append(TomogramResult(str(path), None, "failed", str(where(out / f"{stem}.zarr", _one_line(exc)))))
+            continue
+        jobs.append(job)
+        if job.status == "skipped":
+            report.results.append(TomogramResult(source.path, str(job.store), "skipped", "already converted"))
+    return ConvertPlan(jobs, report, {str(p): i for i, p in enumerate(paths)})
+
+
+def run_conversion(plan: ConvertPlan, client, *, block_bytes: int = 128 * 2**20, progress: bool = False) -> ConvertReport:
+    """Run a plan's block tasks on ``client``; mark each tomogram complete when all its blocks are."""
+    if plan.todo:
+        _run(client, plan.todo, block_bytes, plan.report, progress)
+    plan.report.results.sort(key=lambda r: plan.order.get(r.source, len(plan.order)))
+    return plan.report
+
+
+def convert(inputs, out, *, chunks=(64, 256, 256), levels: int = 3, ngff: str = "0.4", dtype: str | None = None,
+            voxel_size=None, client=None, block_bytes: int = 128 * 2**20, progress: bool = False) -> ConvertReport:
+    """Convert tomograms (MRC/REC/MAP/TIFF files, folders or globs) to OME-Zarr under ``out``.
+
+    Inputs are validated first; a bad one is reported in the returned report and the others
+    are still converted. ``client`` is a ``distributed.Client``; without one, the current
+    client is used or a local cluster is started.
+
+    Examples
+    --------
+    >>> report = convert(["tomo.mrc"], "zarr/", chunks=(64, 256, 256), levels=3)  # doctest: +SKIP
+    >>> [r.status for r in report.results]                                        # doctest: +SKIP
+    ['converted']
+    """
+    plan = plan_conversion(inputs, out, chunks=chunks, levels=levels, ngff=ngff, dtype=dtype, voxel_size=voxel_size)
+    client = client or _default_client()
+    if client is None and plan.todo:
+        from .cluster import connect
+
+        with connect("local") as local_client:
+            return run_conversion(plan, local_client, block_bytes=block_bytes, progress=progress)
+    return run_conversion(plan, client, block_bytes=block_bytes, progress=progress)
+
+
+def _default_client():
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except ValueError:
+        return None
+
+
+def _run(client, jobs: list[_Job], block_bytes: int, report: ConvertReport, progress: bool) -> None:
+    from distributed import as_completed
+
+    started = time.perf_counter()
+    run = uuid.uuid4().hex[:8]  # a fresh key per run: never collide with a cancelled run's tasks
+    per_job = [(job, _submit(client, job, block_bytes, priority=-i, run=run)) for i, job in enumerate(jobs)]
+    owner = {f.key: i for i, (_, futures) in enumerate(per_job) for f in futures}
+    pending = [len(futures) for _, futures in per_job]
+    finished_at = [time.perf_counter()] * len(per_job)
+    bar = None
+    if progress and owner:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(owner), unit="block", desc="convert")
+    for future in as_completed([f for _, futures in per_job for f in futures]):
+        i = owner[future.key]
+        pending[i] -= 1
+        if not pending[i]:
+            finished_at[i] = time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    for (job, futures), done_time in zip(per_job, finished_at):
+        blocks_total = _count_blocks(job, block_bytes)
+        errors = [f.exception() if f.status == "error" else CryodaskError(f"block task {f.status}")
+                  for f in futures if f.status != "finished"]
+        result = TomogramResult(job.source.path, str(job.store), job.status,
+                                blocks_written=len(futures), blocks_skipped=blocks_total - len(futures),
+                                nbytes=job.source.nbytes, seconds=done_time - started)
+        if errors:
+            root = next((e for e in errors if isinstance(e, CryodaskError)), errors[0])
+            message = _one_line(root)
+            result.status, result.message = "failed", message if message.startswith(job.source.path) else f"{job.source.path}: {message}"
+            result.blocks_written = sum(f.status == "finished" for f in futures)
+        else:
+            _mark_complete(job)
+        report.results.append(result)
+        client.cancel(futures)
+
+
+def _count_blocks(job: _Job, block_bytes: int) -> int:
+    itemsize = np.dtype(job.params.dtype or job.source.dtype).itemsize
+    return sum(len(plan_blocks(s, job.params.chunks, itemsize=itemsize * (1 if i == 0 else 8), max_bytes=block_bytes))
+               for i, s in enumerate(level_shapes(job.source.shape, job.params.levels)))
+
+
+def parse_triple(text: str | None, name: str, cast=int):
+    """``"64,256,256"`` → ``(64, 256, 256)``; one number is used for all three axes."""
+    if text is None:
+        return None
+    try:
+        values = tuple(cast(v) for v in str(text).replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{name} must be numbers separated by commas, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"{name} must be one or three positive numbers, got {text!r}")
+    return values

@@ -1,0 +1,137 @@
+"""MRC files (mrcfile): validation, lazy region reads, and streamed writes.
+
+Files are opened permissively, because real files (old SerialEM, FEI) lack the map ID;
+what actually stops a read — a truncated data block, an unknown mode — is a one-line error.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from ..errors import where
+
+
+def _open(path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            mrc = mrcfile.mmap(path, mode="r", permissive=True)
+        except (ValueError, OSError, EOFError) as exc:
+            raise where(path, f"not a readable MRC file ({exc})") from None
+    if mrc.data is None:
+        mrc.close()
+        raise where(path, _why_unreadable(path, caught))
+    return mrc
+
+
+def _why_unreadable(path, caught) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+            header = mrc.header.copy()
+    try:
+        dtype = mrcfile.utils.dtype_from_mode(header.mode)
+    except ValueError:
+        return f"not a readable MRC file (unknown mode {int(header.mode)})"
+    expected = 1024 + int(header.nsymbt) + int(header.nx) * int(header.ny) * int(header.nz) * dtype.itemsize
+    size = os.path.getsize(path)
+    if size < expected:
+        return f"truncated MRC file: header promises {expected} bytes, the file has {size}"
+    messages = [str(w.message) for w in caught]
+    return "not a readable MRC file (" + (messages[-1] if messages else "invalid header") + ")"
+
+
+def header_dict(header) -> dict:
+    """The MRC header as JSON-able values (kept in the OME-Zarr attributes)."""
+    out = {}
+    for name in header.dtype.names:
+        value = header[name]
+        if name == "label":
+            out[name] = [bytes(v).decode("ascii", "replace").strip() for v in value[: int(header.nlabl)]]
+        elif value.dtype.kind in "SV":
+            out[name] = bytes(value).decode("ascii", "replace").strip("\x00 ")
+        elif value.dtype.names:
+            out[name] = [float(value[f]) for f in value.dtype.names]
+        else:
+            out[name] = value.tolist()
+    return out
+
+
+def describe(path):
+    """Shape (z, y, x), dtype, voxel size (z, y, x) in Å or None, and header metadata."""
+    mrc = _open(path)
+    try:
+        vs = mrc.voxel_size
+        voxel = (float(vs.z), float(vs.y), float(vs.x))
+        metadata = {"header": header_dict(mrc.header), "extended_header_type": mrc.header.exttyp.tobytes().decode("ascii", "replace").strip()}
+        return mrc.data.shape, mrc.data.dtype, voxel, metadata
+    finally:
+        mrc.close()
+
+
+def read_region(path, region) -> np.ndarray:
+    """Copy one region out of a memory map, then unmap (worker RSS stays one region)."""
+    mrc = _open(path)
+    try:
+        return np.array(mrc.data[region])
+    finally:
+        mrc.close()
+
+
+def mrc_dtype(dtype, max_value=None) -> np.dtype:
+    """The MRC mode dtype that holds ``dtype`` exactly (labels are narrowed by their maximum)."""
+    dtype = np.dtype(dtype)
+    if dtype in (np.int8, np.uint8, np.int16, np.uint16, np.float32, np.float16):
+        return dtype
+    if dtype == bool:
+        return np.dtype(np.int8)
+    if dtype.kind in "iu" and max_value is not None:
+        for candidate in (np.int8, np.int16, np.uint16):
+            if max_value <= np.iinfo(candidate).max:
+                return np.dtype(candidate)
+        if max_value < 2**24:
+            return np.dtype(np.float32)
+        raise ValueError(f"label values up to {max_value} do not fit an MRC mode")
+    return np.dtype(np.float32)
+
+
+def write_mrc(path, data, voxel_size, *, slab: int = 64) -> Path:
+    """Write a 2D/3D array (numpy, zarr or dask) to MRC, streaming ``slab`` z-slices at a time.
+
+    ``voxel_size`` is Å (scalar or z, y, x). The file appears under its name only when complete.
+    """
+    path = Path(path)
+    shape = tuple(int(s) for s in data.shape)
+    max_value = None
+    if np.dtype(data.dtype).kind in "iu" and np.dtype(data.dtype).itemsize >= 4:
+        max_value = int(np.asarray(_max(data)))
+    dtype = mrc_dtype(data.dtype, max_value)
+    partial = path.with_name(path.name + ".partial")
+    vs = (voxel_size,) * 3 if np.isscalar(voxel_size) else tuple(voxel_size)
+    stats = [np.inf, -np.inf, 0.0, 0.0]
+    with mrcfile.new_mmap(partial, shape=shape, mrc_mode=mrcfile.utils.mode_from_dtype(dtype), overwrite=True) as mrc:
+        for z0 in range(0, shape[0] if len(shape) == 3 else 1, slab):
+            region = np.s_[z0:z0 + slab] if len(shape) == 3 else np.s_[:]
+            block = np.asarray(data[region]).astype(dtype, copy=False)
+            mrc.data[region] = block
+            values = block.astype(np.float64)
+            stats = [min(stats[0], values.min()), max(stats[1], values.max()),
+                     stats[2] + values.sum(), stats[3] + np.square(values).sum()]
+        n = max(1, int(np.prod(shape)))
+        mean = stats[2] / n
+        mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = stats[0], stats[1], mean
+        mrc.header.rms = np.sqrt(max(stats[3] / n - mean * mean, 0.0))
+        mrc.voxel_size = (vs[2], vs[1], vs[0])
+    os.replace(partial, path)
+    return path
+
+
+def _max(data):
+    import dask.array as da
+
+    return da.from_array(data, chunks=getattr(data, "chunks", "auto")).max().compute() if not isinstance(data, np.ndarray) else data.max()

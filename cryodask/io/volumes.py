@@ -1,0 +1,103 @@
+"""A volume on disk that workers read region by region, whatever its format.
+
+``open_volume`` validates the file once, on the client, before any cluster starts; the
+``VolumeSource`` it returns is small and picklable, and each task re-opens the file to read
+only its own region, so no worker ever holds a whole tomogram.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import where
+
+MRC_SUFFIXES = {".mrc", ".rec", ".map", ".st", ".ali", ".mrcs"}
+TIFF_SUFFIXES = {".tif", ".tiff"}
+SUFFIXES = MRC_SUFFIXES | TIFF_SUFFIXES
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    """A validated 3D volume file: shape (z, y, x), dtype, voxel size in Å (z, y, x)."""
+
+    path: str
+    format: str
+    shape: tuple[int, int, int]
+    dtype: str
+    voxel_size: tuple[float, float, float]
+    metadata: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        """Read one region as a native-byte-order array, checking it for NaN/Inf."""
+        from . import mrc, tiff
+
+        reader = mrc.read_region if self.format == "mrc" else tiff.read_region
+        data = np.ascontiguousarray(reader(self.path, region), dtype=np.dtype(self.dtype))
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            z = region[0].start + int(np.argwhere(~np.isfinite(data))[0][0])
+            raise where(self.path, f"contains NaN or Inf values (first at z={z})")
+        return data
+
+
+def open_volume(path, voxel_size: float | tuple[float, float, float] | None = None) -> VolumeSource:
+    """Validate a tomogram file and describe it; ``voxel_size`` (Å) overrides the header.
+
+    Raises ``InputError`` naming the file for anything that would stop a conversion:
+    unreadable, truncated, not 3D, unsupported type, or a missing voxel size.
+    """
+    from . import mrc, tiff
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise where(path, "no such file" if not path.exists() else "not a regular file")
+    if suffix in MRC_SUFFIXES:
+        shape, dtype, header_voxel, metadata = mrc.describe(path)
+        fmt = "mrc"
+    elif suffix in TIFF_SUFFIXES:
+        shape, dtype, header_voxel, metadata = tiff.describe(path)
+        fmt = "tiff"
+    else:
+        raise where(path, f"unsupported format {suffix or '(no suffix)'}; expected one of {', '.join(sorted(SUFFIXES))}")
+    if len(shape) != 3 or min(shape) < 1:
+        raise where(path, f"not a 3D volume (shape {tuple(shape)})")
+    dtype = np.dtype(dtype).newbyteorder("=")
+    if dtype.kind not in "iuf" or dtype.itemsize > 4 and dtype.kind != "f":
+        raise where(path, f"unsupported data type {dtype}")
+    if voxel_size is not None:
+        vs = (voxel_size,) * 3 if np.isscalar(voxel_size) else tuple(voxel_size)
+        if len(vs) != 3 or not all(np.isfinite(v) and v > 0 for v in vs):
+            raise where(path, f"--voxel-size must be positive, got {voxel_size}")
+    else:
+        vs = header_voxel
+        if vs is None or not all(np.isfinite(v) and v > 0 for v in vs):
+            raise where(path, "voxel size is missing or 0 in the header; pass --voxel-size (Å)")
+    return VolumeSource(str(path), fmt, tuple(int(s) for s in shape), dtype.str,
+                        tuple(round(float(v), 4) for v in vs), metadata)
+
+
+def find_volumes(inputs) -> list[Path]:
+    """Expand files, folders and glob patterns into a sorted list of volume files."""
+    import glob
+
+    found: list[Path] = []
+    for item in inputs:
+        item = str(item)
+        if any(ch in item for ch in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise where(item, "the pattern matches no file")
+            found += [Path(m) for m in matches if Path(m).suffix.lower() in SUFFIXES]
+        elif Path(item).is_dir():
+            found += sorted(p for p in Path(item).iterdir() if p.suffix.lower() in SUFFIXES)
+        else:
+            found.append(Path(item))
+    return list(dict.fromkeys(found))

@@ -1,0 +1,45 @@
+"""Shared fixtures: one real ``distributed.LocalCluster`` for the session, and test files."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="3GB",
+                      silence_logs=logging.CRITICAL, dashboard_address=":0") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def client(cluster):
+    from distributed import Client
+
+    with Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture
+def data_dir():
+    if not DATA.exists():
+        pytest.skip(f"real data not found at {DATA}")
+    return DATA
+
+
+def write_raw_mrc(path, data, voxel_size=10.0):
+    """An MRC file written by mrcfile itself (not by cryodask), as other tools would."""
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(np.asarray(data))
+        mrc.voxel_size = voxel_size
+    return Path(path)
