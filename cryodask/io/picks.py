@@ -37,6 +37,8 @@ def _particles_table(path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         raise where(path, f"not a readable STAR file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     tables = [t for t in data.values() if isinstance(t, pd.DataFrame)]
     particles = next((t for t in tables if STAR_AXES["x"] in t.columns), None)
+    if particles is None and any("rlnCenteredCoordinateXAngst" in t.columns for t in tables):
+        raise where(path, "has RELION 5 centred coordinates in Å; pixel coordinates (rlnCoordinateX/Y/Z) are needed")
     if particles is None:
         raise where(path, "no table with rlnCoordinateX / rlnCoordinateY columns")
     optics = data.get("optics")

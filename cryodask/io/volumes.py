@@ -39,8 +39,12 @@ class VolumeSource:
         """Read one region as a native-byte-order array, checking it for NaN/Inf."""
         from . import mrc, tiff
 
-        reader = mrc.read_region if self.format == "mrc" else tiff.read_region
-        data = np.ascontiguousarray(reader(self.path, region), dtype=np.dtype(self.dtype))
+        if self.format == "mrc":
+            data = mrc.read_region(self.path, region, shape=self.shape, dtype=self.metadata["file_dtype"],
+                                   offset=self.metadata["data_offset"])
+        else:
+            data = tiff.read_region(self.path, region)
+        data = np.ascontiguousarray(data, dtype=np.dtype(self.dtype))
         if data.dtype.kind == "f" and not np.isfinite(data).all():
             z = region[0].start + int(np.argwhere(~np.isfinite(data))[0][0])
             raise where(self.path, f"contains NaN or Inf values (first at z={z})")
@@ -69,6 +73,7 @@ def open_volume(path, voxel_size: float | tuple[float, float, float] | None = No
         raise where(path, f"unsupported format {suffix or '(no suffix)'}; expected one of {', '.join(sorted(SUFFIXES))}")
     if len(shape) != 3 or min(shape) < 1:
         raise where(path, f"not a 3D volume (shape {tuple(shape)})")
+    metadata = {**metadata, "file_dtype": np.dtype(dtype).str}
     dtype = np.dtype(dtype).newbyteorder("=")
     if dtype.kind not in "iuf" or dtype.itemsize > 4 and dtype.kind != "f":
         raise where(path, f"unsupported data type {dtype}")

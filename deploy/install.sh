@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up cryodask in a virtual environment: deploy/install.sh [VENV] [EXTRAS]
+#   VENV    where to create it (default .venv)
+#   EXTRAS  comma-separated extras: dev, sam2, gpu, jobqueue (default none)
+# torch is installed first, pinned to its CPU-compatible release, and every later install is
+# constrained to it, so no extra can swap in a multi-GB CUDA build (see ENVIRONMENT notes).
+set -euo pipefail
+venv=${1:-.venv}
+extras=${2:-}
+here=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-python3}
+
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "cryodask needs Python >= 3.11" >&2; exit 2; }
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
+"${pip[@]}" --upgrade pip
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+if [[ ",$extras," == *",sam2,"* ]]; then
+  echo "torch==2.13.0" > "$constraints"
+  "${pip[@]}" torch==2.13.0
+  # SAM2's build asks for torch; it has no compiled part we need (SAM2_BUILD_CUDA=0)
+  "${pip[@]}" --no-deps hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 iopath==0.1.10 portalocker==4.4.2
+  SAM2_BUILD_CUDA=0 "${pip[@]}" --no-deps --no-build-isolation sam2==1.1.0
+fi
+target="$here"
+[ -n "$extras" ] && target="$here[$extras]"
+"${pip[@]}" -c "$constraints" -e "$target"
+echo "cryodask installed in $venv ($("$venv/bin/cryodask" --help >/dev/null && echo ok))"
