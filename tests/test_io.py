@@ -121,3 +121,36 @@ def test_write_mrc_modes_header_and_atomicity(tmp_path):
     write_mrc(tmp_path / "m.mrc", np.arange(12, dtype=np.float32).reshape(3, 4), 1.5)
     with mrcfile.open(tmp_path / "m.mrc") as mrc:
         assert mrc.data.shape == (3, 4) and mrc.header.dmean == pytest.approx(5.5)
+
+
+@st.composite
+def basic_index(draw, shape):
+    index = []
+    for n in shape:
+        if draw(st.booleans()):
+            index.append(draw(st.integers(-n, n - 1)))
+        else:
+            index.append(slice(draw(st.none() | st.integers(-n - 2, n + 2)), draw(st.none() | st.integers(-n - 2, n + 2)),
+                               draw(st.none() | st.integers(1, 3))))
+    return tuple(index)
+
+
+SHAPE = (7, 9, 11)
+
+
+@given(index=basic_index(SHAPE))
+def test_volume_reads_equal_numpy_indexing(index):
+    import tempfile
+    from pathlib import Path
+
+    import tifffile
+
+    from conftest import write_raw_mrc
+    from cryodask.io.volumes import open_volume
+
+    data = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_raw_mrc(Path(tmp) / "v.mrc", data)
+        tifffile.imwrite(Path(tmp) / "v.tif", data, imagej=True)
+        for name in ("v.mrc", "v.tif"):
+            np.testing.assert_array_equal(open_volume(Path(tmp) / name, voxel_size=1.0).read(index), data[index])

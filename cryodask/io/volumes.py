@@ -35,10 +35,14 @@ class VolumeSource:
     def nbytes(self) -> int:
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
-    def read(self, region: tuple[slice, ...]) -> np.ndarray:
-        """Read one region as a native-byte-order array, checking it for NaN/Inf."""
+    def read(self, region) -> np.ndarray:
+        """Read one region (any basic numpy index) as a native-byte-order array, checking it
+        for NaN/Inf. The bounding box is read; steps and integer indices apply after."""
         from . import mrc, tiff
 
+        region, after = _bounding_box(region, self.shape)
+        if any(r.stop == r.start for r in region):
+            return np.empty(tuple(r.stop - r.start for r in region), np.dtype(self.dtype))[after]
         if self.format == "mrc":
             data = mrc.read_region(self.path, region, shape=self.shape, dtype=self.metadata["file_dtype"],
                                    offset=self.metadata["data_offset"])
@@ -48,7 +52,32 @@ class VolumeSource:
         if data.dtype.kind == "f" and not np.isfinite(data).all():
             z = region[0].start + int(np.argwhere(~np.isfinite(data))[0][0])
             raise where(self.path, f"contains NaN or Inf values (first at z={z})")
-        return data
+        return data[after]
+
+
+def _bounding_box(region, shape) -> tuple[tuple[slice, ...], tuple]:
+    """Split a basic index into a step-1 box of slices and the index to apply to the box."""
+    region = region if isinstance(region, tuple) else (region,)
+    if any(r is Ellipsis for r in region):
+        i = region.index(Ellipsis)
+        region = region[:i] + (slice(None),) * (len(shape) - len(region) + 1) + region[i + 1:]
+    region = region + (slice(None),) * (len(shape) - len(region))
+    box, after = [], []
+    for r, n in zip(region, shape):
+        if isinstance(r, slice):
+            start, stop, step = r.indices(n)
+            if step < 0:
+                raise IndexError("negative steps are not supported when reading volumes")
+            stop = max(start, stop)
+            box.append(slice(start, stop))
+            after.append(slice(None, None, step))
+        else:
+            i = int(r) + n if int(r) < 0 else int(r)
+            if not 0 <= i < n:
+                raise IndexError(f"index {r} is out of bounds for an axis of size {n}")
+            box.append(slice(i, i + 1))
+            after.append(0)
+    return tuple(box), tuple(after)
 
 
 def open_volume(path, voxel_size: float | tuple[float, float, float] | None = None) -> VolumeSource:
