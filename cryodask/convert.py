@@ -307,10 +307,12 @@ def plan_conversion(inputs, out, *, chunks=(64, 256, 256), levels: int = 3, ngff
     return ConvertPlan(jobs, report, {str(p): i for i, p in enumerate(paths)})
 
 
-def run_conversion(plan: ConvertPlan, client, *, block_bytes: int = 128 * 2**20, progress: bool = False) -> ConvertReport:
-    """Run a plan's block tasks on ``client``; mark each tomogram complete when all its blocks are."""
+def run_conversion(plan: ConvertPlan, client, *, block_bytes: int = 128 * 2**20, progress: bool = False,
+                   in_flight: int | None = None) -> ConvertReport:
+    """Run a plan's block tasks on ``client``, ``in_flight`` tomograms at a time; mark each
+    tomogram complete when all its blocks are."""
     if plan.todo:
-        _run(client, plan.todo, block_bytes, plan.report, progress)
+        _run(client, plan.todo, block_bytes, plan.report, progress, in_flight)
     plan.report.results.sort(key=lambda r: plan.order.get(r.source, len(plan.order)))
     return plan.report
 
@@ -348,45 +350,72 @@ def _default_client():
         return None
 
 
-def _run(client, jobs: list[_Job], block_bytes: int, report: ConvertReport, progress: bool) -> None:
+def _run(client, jobs: list[_Job], block_bytes: int, report: ConvertReport, progress: bool,
+         in_flight: int | None = None) -> None:
+    """Keep ``in_flight`` tomograms submitted (default: four per worker, at least 8).
+
+    A window rather than everything at once: the scheduler holds the tasks of a few
+    tomograms, not of ten thousand, and each tomogram is finished (and marked complete)
+    as early as possible, so a killed run has lost little.
+    """
     from distributed import as_completed
 
-    started = time.perf_counter()
     run = uuid.uuid4().hex[:8]  # a fresh key per run: never collide with a cancelled run's tasks
-    per_job = [(job, _submit(client, job, block_bytes, priority=-i, run=run)) for i, job in enumerate(jobs)]
-    owner = {f.key: i for i, (_, futures) in enumerate(per_job) for f in futures}
-    pending = [len(futures) for _, futures in per_job]
-    finished_at = [time.perf_counter()] * len(per_job)
+    window = in_flight or max(8, 4 * len(client.scheduler_info().get("workers", {})))
+    totals = [_count_blocks(job, block_bytes) for job in jobs]
     bar = None
-    if progress and owner:
+    if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(owner), unit="block", desc="convert")
-    for future in as_completed([f for _, futures in per_job for f in futures]):
-        i = owner[future.key]
-        pending[i] -= 1
-        if not pending[i]:
-            finished_at[i] = time.perf_counter()
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    for (job, futures), done_time in zip(per_job, finished_at):
-        blocks_total = _count_blocks(job, block_bytes)
+        bar = tqdm(total=sum(t - job.marks.count() for t, job in zip(totals, jobs)), unit="block", desc="convert")
+    queue = iter(range(len(jobs)))
+    started, futures, pending, owner = {}, {}, {}, {}
+    stream = as_completed()
+
+    def submit_next() -> bool:
+        """Submit the next tomogram that has blocks to do; finish those that have none."""
+        while (i := next(queue, None)) is not None:
+            started[i] = time.perf_counter()
+            futures[i] = _submit(client, jobs[i], block_bytes, priority=-i, run=run)
+            pending[i] = len(futures[i])
+            for f in futures[i]:
+                owner[f.key] = i
+                stream.add(f)
+            if futures[i]:
+                return True
+            finish(i)
+        return False
+
+    def finish(i: int) -> None:
+        job, done = jobs[i], futures.pop(i)
         errors = [f.exception() if f.status == "error" else CryodaskError(f"block task {f.status}")
-                  for f in futures if f.status != "finished"]
+                  for f in done if f.status != "finished"]
         result = TomogramResult(job.source.path, str(job.store), job.status,
-                                blocks_written=len(futures), blocks_skipped=blocks_total - len(futures),
-                                nbytes=job.source.nbytes, seconds=done_time - started)
+                                blocks_written=sum(f.status == "finished" for f in done),
+                                blocks_skipped=totals[i] - len(done), nbytes=job.source.nbytes,
+                                seconds=time.perf_counter() - started[i])
         if errors:
-            root = next((e for e in errors if isinstance(e, CryodaskError)), errors[0])
-            message = _one_line(root)
-            result.status, result.message = "failed", message if message.startswith(job.source.path) else f"{job.source.path}: {message}"
-            result.blocks_written = sum(f.status == "finished" for f in futures)
+            message = _one_line(next((e for e in errors if isinstance(e, CryodaskError)), errors[0]))
+            result.status = "failed"
+            result.message = message if message.startswith(job.source.path) else f"{job.source.path}: {message}"
         else:
             _mark_complete(job)
         report.results.append(result)
-        client.cancel(futures)
+        client.cancel(done)
+
+    for _ in range(window):
+        if not submit_next():
+            break
+    for future in stream:
+        i = owner.pop(future.key)
+        pending[i] -= 1
+        if bar is not None:
+            bar.update(1)
+        if not pending[i]:
+            finish(i)
+            submit_next()
+    if bar is not None:
+        bar.close()
 
 
 def _count_blocks(job: _Job, block_bytes: int) -> int:

@@ -207,3 +207,22 @@ def test_killed_conversion_resumes_to_identical_result(tmp_path):
     assert all(p.stat().st_mtime_ns == chunk_files[p] for p in finished_chunks), "finished chunks were rewritten"
     assert_store_equals(store, data, (10.0, 10.0, 10.0), 3)
     assert zarr.open_group(str(store), mode="r").attrs["cryodask"]["convert"]["complete"] is True
+
+
+def test_collection_larger_than_the_window(tmp_path, client):
+    """Ten tomograms, two in flight at a time, one of them bad and one already done."""
+    from cryodask.convert import plan_conversion, run_conversion
+
+    rng = np.random.default_rng(6)
+    volumes = {f"t{i}": rng.normal(size=(5 + i, 12, 9)).astype(np.float32) for i in range(10)}
+    volumes["t4"][2, 2, 2] = np.nan
+    for name, data in volumes.items():
+        write_raw_mrc(tmp_path / f"{name}.mrc", data)
+    convert([tmp_path / "t7.mrc"], tmp_path / "out", chunks=(4, 8, 8), levels=2, client=client)
+    plan = plan_conversion([tmp_path / "*.mrc"], tmp_path / "out", chunks=(4, 8, 8), levels=2)
+    report = run_conversion(plan, client, in_flight=2)
+    assert [os.path.basename(r.source) for r in report.results] == [f"t{i}.mrc" for i in range(10)]
+    assert [r.status for r in report.results] == ["converted"] * 4 + ["failed"] + ["converted"] * 2 + ["skipped"] + ["converted"] * 2
+    for name, data in volumes.items():
+        if name != "t4":
+            assert_store_equals(tmp_path / "out" / f"{name}.zarr", data, (10.0, 10.0, 10.0), 2)
