@@ -71,3 +71,17 @@ def test_unreachable_scheduler_is_a_clear_error():
     with pytest.raises(InputError, match="cannot reach"):
         with connect("tcp://127.0.0.1:9", timeout="1s"):
             pass
+
+
+@pytest.mark.parametrize("kind,expected", [("slurm", "#SBATCH --gres=gpu:1"), ("pbs", "#PBS -l select=1:ncpus=8:ngpus=1:mem=64GB")])
+def test_the_shipped_example_config_renders(kind, expected):
+    from conftest import ROOT
+
+    options = load_config(ROOT / "deploy" / "cluster.example.yaml")
+    cluster = jobqueue_cluster(kind, options[kind])
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert expected in script and "--resources GPU=1" in script and "--lifetime 3h50m" in script
+    assert "--local-directory $TMPDIR" in script

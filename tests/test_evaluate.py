@@ -148,11 +148,12 @@ def test_picks_bad_inputs(picks, tmp_path):
         evaluate_picks(files["pred"], files["truth"], radius=5, unit="nm")
 
 
-def test_cli(membranes, picks, tmp_path):
+def test_cli(membranes, picks, tmp_path, client):
     runner = CliRunner()
     _, _, files, _ = membranes
     result = runner.invoke(cryodask.cli.app, ["evaluate", "membranes", str(files["pred"]), str(files["truth"]),
-                                              "--logits", str(files["logits"]), "--out", str(tmp_path)])
+                                              "--logits", str(files["logits"]), "--out", str(tmp_path),
+                                              "--cluster", client.scheduler.address])
     assert result.exit_code == 0, result.output
     assert "dice" in result.output and "average_precision" in result.output
     assert f"wrote {tmp_path / 'membranes_pr.png'}" in result.output
@@ -164,6 +165,17 @@ def test_cli(membranes, picks, tmp_path):
     result = runner.invoke(cryodask.cli.app, ["evaluate", "picks", str(pick_files["pred"]),
                                               str(pick_files["pred_star"]), "--radius", "30", "--unit", "angstrom"])
     assert isinstance(result.exception, InputError) and "no pixel size" in str(result.exception)
+
+
+def test_cli_checks_inputs_before_starting_a_cluster(membranes, tmp_path, capsys, monkeypatch):
+    import cryodask.cluster
+    from cryodask.cli import main
+
+    monkeypatch.setattr(cryodask.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
+    _, _, files, _ = membranes
+    code = main(["evaluate", "membranes", str(files["pred"]), str(tmp_path / "missing.mrc")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"error: {tmp_path / 'missing.mrc'}: no such file"
 
 
 class Recording:

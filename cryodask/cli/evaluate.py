@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs
 
 evaluate_app = typer.Typer(help="Score predictions against ground truth.", no_args_is_help=True)
 app.add_typer(evaluate_app, name="evaluate")
@@ -27,11 +28,20 @@ def membranes(
     logits: Path = typer.Option(None, "--logits", help="Logits/scores volume, for the PR curve and AP."),
     out: Path = typer.Option(Path("."), "--out", help="Folder for the CSV and PNG files."),
     bins: int = typer.Option(1000, "--bins", help="Thresholds of the PR curve."),
+    cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
+    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
 ):
-    """Voxel-wise Dice, IoU, precision, recall (and AP with --logits)."""
-    from ..evaluate import evaluate_membranes
+    """Voxel-wise Dice, IoU, precision, recall (and AP with --logits), block by block on a cluster."""
+    from ..cluster import check_spec, connect
+    from ..evaluate import evaluate_membranes, load_volume
 
-    _report(evaluate_membranes(pred, truth, logits=logits, out=out, bins=bins))
+    check_spec(cluster)
+    for path in (pred, truth, logits):
+        if path is not None:
+            load_volume(path)  # validate every input before a cluster starts
+    with connect(cluster, **cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config)) as client:
+        typer.echo(f"dashboard: {client.dashboard_link}")
+        _report(evaluate_membranes(pred, truth, logits=logits, out=out, bins=bins))
 
 
 @evaluate_app.command("picks")
