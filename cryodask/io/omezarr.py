@@ -78,6 +78,30 @@ def open_image(path, mode: str = "r"):
     return group, arrays, tuple(float(v) for v in scale[-3:]), ngff
 
 
+def create_labels(image_path, name: str, dtype, *, colors: dict[int, list[int]] | None = None,
+                  properties: list[dict] | None = None) -> zarr.Group:
+    """Create an empty label image ``<image>/labels/<name>`` with one level per image level,
+    the image's chunks, ``image-label`` metadata and the ``labels`` listing."""
+    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
+    group, arrays, voxel_size, ngff = open_image(image_path, mode="r+")
+    fmt = ngff_format(ngff)
+    root = group.require_group("labels")
+    listing = root.attrs.get("ome", {}).get("labels", []) if ngff == "0.5" else root.attrs.get("labels", [])
+    label_group = root.create_group(name, overwrite=True)
+    _create_arrays(label_group, [a.shape for a in arrays], arrays[0].chunks, dtype, ngff)
+    write_multiscales_metadata(label_group, _datasets(voxel_size, len(arrays)), fmt=fmt, axes=AXES, name=name)
+    colors = colors or {1: [255, 64, 64, 255]}
+    write_label_metadata(root, name, colors=[{"label-value": k, "rgba": v} for k, v in colors.items()],
+                         properties=properties, fmt=fmt, source={"image": "../../"})
+    names = [*[n for n in listing if n != name], name]
+    if ngff == "0.5":
+        root.attrs["ome"] = {"version": "0.5", "labels": names}
+    else:
+        root.attrs["labels"] = names
+    return label_group
+
+
 def write_labels(image_path, name: str, labels, *, colors: dict[int, list[int]] | None = None,
                  properties: list[dict] | None = None) -> zarr.Group:
     """Write an integer label volume into ``<image>/labels/<name>``, one level per image level.
@@ -86,31 +110,18 @@ def write_labels(image_path, name: str, labels, *, colors: dict[int, list[int]] 
     volume is written chunk by chunk from a numpy or dask array.
     """
     import dask.array as da
-    from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
-    group, arrays, voxel_size, ngff = open_image(image_path, mode="r+")
     labels = da.asarray(labels)
     if labels.dtype.kind not in "iub":
         raise ValueError(f"labels must be integers, got {labels.dtype}")
     if labels.dtype.kind == "b" or labels.dtype.itemsize < 4:
         labels = labels.astype(np.uint32)
+    _, arrays, _, _ = open_image(image_path)
     if tuple(labels.shape) != tuple(arrays[0].shape):
         raise ValueError(f"labels shape {labels.shape} differs from the image {arrays[0].shape}")
-    fmt = ngff_format(ngff)
-    root = group.require_group("labels")
-    existing = [n for n in root.attrs.get("labels", root.attrs.get("ome", {}).get("labels", [])) if n != name]
-    label_group = root.create_group(name, overwrite=True)
-    _create_arrays(label_group, [a.shape for a in arrays], arrays[0].chunks, labels.dtype, ngff)
+    label_group = create_labels(image_path, name, labels.dtype, colors=colors, properties=properties)
     for level in range(len(arrays)):
         target = label_group[str(level)]
         step = 2**level
         da.store(labels[::step, ::step, ::step].rechunk(target.chunks), target, lock=False)
-    write_multiscales_metadata(label_group, _datasets(voxel_size, len(arrays)), fmt=fmt, axes=AXES, name=name)
-    colors = colors or {1: [255, 64, 64, 255]}
-    write_label_metadata(root, name, colors=[{"label-value": k, "rgba": v} for k, v in colors.items()],
-                         properties=properties, fmt=fmt, source={"image": "../../"})
-    if ngff == "0.5":
-        root.attrs["ome"] = {"version": "0.5", "labels": [*existing, name]}
-    else:
-        root.attrs["labels"] = [*existing, name]
     return label_group

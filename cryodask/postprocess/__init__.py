@@ -1,0 +1,1 @@
+"""Post-processing of segmentation masks: connected components, filters, bridge removal."""
