@@ -11,6 +11,7 @@ def test_demo_end_to_end_and_rerun(tmp_path, client):
     assert [row["convert"] for row in result.rows] == ["converted", "converted"]
     assert all(row["level-0 exact"] is True and row["labels dice"] == 1.0 for row in result.rows)
     assert all(0 < row["membrane %"] < 50 for row in result.rows)
+    assert all(row["postprocessed dice"] > row["noisy dice"] for row in result.rows)
     previews = sorted(p.name for p in (tmp_path / "previews").glob("*.png"))
     assert previews == ["micrograph.png", "tomo_00.png", "tomo_01.png"]
     assert all((tmp_path / "previews" / p).stat().st_size > 10_000 for p in previews)
