@@ -228,16 +228,26 @@ def _prepare_store(store: Path, shape, chunks, vs, params: PostprocessParams, ke
     return True
 
 
+def gpu_resources(client, device: str) -> dict | None:
+    """``{"GPU": 1}`` for GPU tasks when workers advertise GPUs (dask-cuda, jobqueue with
+    ``--resources GPU=1``), so they never land on a CPU-only worker of a mixed cluster."""
+    if device != "gpu":
+        return None
+    workers = client.scheduler_info().get("workers", {}).values()
+    return {"GPU": 1} if any("GPU" in w.get("resources", {}) for w in workers) else None
+
+
 def _run(read, shape, vs, chunks, params, out: Path, work: Path, marks: DoneMarks, key: str, client, device, result):
     from distributed import wait
 
     clock = time.perf_counter()
+    resources = gpu_resources(client, device)
     store = out if out.suffix.lower() == ".zarr" else work / "output.zarr"
     if _prepare_store(store, shape, chunks, vs, params, key):
         marks.clear_step()  # marks of an earlier store describe blocks that are gone
     blocks, grid = plan(shape, chunks)
     labelled = {b.name: client.submit(_label_task, read, b, grid, shape, params.connectivity, device,
-                                      key=f"cc-label-{key[:8]}-{b.name}", retries=1) for b in blocks}
+                                      key=f"cc-label-{key[:8]}-{b.name}", retries=1, resources=resources) for b in blocks}
     stats = {name: client.submit(_stats_only, f, key=f"cc-stats-{key[:8]}-{name}") for name, f in labelled.items()}
     pair_futures = [client.submit(_pairs_task, axis, [(b, labelled[b.name]) for b in lows], [(b, labelled[b.name]) for b in highs],
                                   shape, params.connectivity, key=f"cc-pairs-{key[:8]}-{axis}-{i}", retries=1)
@@ -263,7 +273,7 @@ def _run(read, shape, vs, chunks, params, out: Path, work: Path, marks: DoneMark
             continue
         table = np.concatenate([[0], comps.table(block_stats[b.name].ids)]).astype(np.uint64)
         writes.append(client.submit(_write_task, read, b, table, params.connectivity, device, mask_path, labels_path,
-                                    marks, key=f"cc-write-{key[:8]}-{b.name}", retries=1))
+                                    marks, key=f"cc-write-{key[:8]}-{b.name}", retries=1, resources=resources))
     wait(writes)
     _raise_first_error(writes)
     result.voxels_kept = sum(f.result() for f in writes)
