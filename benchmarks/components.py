@@ -6,7 +6,8 @@ generated slab by slab straight into an MRC file, so making 0.5 G voxels needs n
 RAM nor minutes. Every method applies ETSAM's filter: 26-connected components whose
 bounding-box z extent is at least ``--min-slices`` (10) are kept.
 
-Methods, each in its own process, each reading the MRC and writing the filtered mask to MRC:
+Methods, each in its own process, each reading the MRC and writing the filtered mask (MRC;
+cryodask writes OME-Zarr instead with ``--output-format zarr``):
   scipy       ``ndimage.label(mask, ones((3,3,3)))`` + ``find_objects`` on the whole array — ETSAM's
               post-processing (with the filter vectorised: ``keep[labels]``), single-threaded
   cc3d        ``cc3d.connected_components(connectivity=26)`` + ``cc3d.statistics`` on the whole array
@@ -19,6 +20,9 @@ whole process tree (workers included), "per worker" is the largest single worker
 slab. Targets: identical; faster than scipy on the same cores; per-worker peak <= 1/4 of scipy's.
 
     python benchmarks/components.py --shape 512,1024,1024 --repeat 3
+
+Scratch files (the input, one output at a time, the scipy reference) go to a temporary folder
+under ``$CRYODASK_BENCH_DIR`` if set: about 3 bytes per voxel.
 """
 
 from __future__ import annotations
@@ -200,10 +204,13 @@ def _max_rss() -> int:
 
 
 def _postprocess_function():
+    """cryodask's ``postprocess`` (None before it exists, so the baselines still run)."""
     sys.path.insert(0, str(HERE.parent))
-    from cryodask.postprocess import components
-
-    return components.postprocess
+    try:
+        from cryodask.postprocess.pipeline import postprocess
+    except ImportError:
+        return None
+    return postprocess
 
 
 def run_cryodask(src: Path, out: Path, min_slices: int, workers: int, chunks, memory_limit: str,
@@ -222,7 +229,7 @@ def run_cryodask(src: Path, out: Path, min_slices: int, workers: int, chunks, me
         worker_max_rss = max(client.run(_max_rss).values())
     return {"seconds": done - started, "cluster_start_seconds": started - start, "output": str(output),
             "n_components": int(result.n_components), "n_kept": int(result.n_kept),
-            "worker_max_rss_mb": worker_max_rss / 1e6}
+            "worker_max_rss_mb": worker_max_rss / 1e6, "stages": getattr(result, "seconds", None)}
 
 
 def run_cryodask_gpu(*args, **kwargs) -> dict:
@@ -292,20 +299,11 @@ def identical(path, reference) -> bool:
                for z in range(0, a.shape[0], SLAB))
 
 
-def postprocess_exists() -> bool:
-    sys.path.insert(0, str(HERE.parent))
-    try:
-        from cryodask.postprocess import components
-    except ImportError:
-        return False
-    return hasattr(components, "postprocess")
-
-
 def plan(args) -> list[tuple[str, str, int]]:
     """(row name, method, cores) for every row of the table."""
     rows = [("scipy", "scipy", 1), ("cc3d", "cc3d", 1)]
-    if not postprocess_exists():
-        print("cryodask.postprocess.components.postprocess not found: baselines only", file=sys.stderr)
+    if _postprocess_function() is None:
+        print("cryodask.postprocess.pipeline.postprocess not found: baselines only", file=sys.stderr)
         return rows
     cores = sorted({1, min(2, os.cpu_count()), os.cpu_count()})
     rows += [(f"cryodask x{k}", "cryodask", k) for k in cores]
@@ -368,7 +366,7 @@ def main() -> None:
                           "peak_rss_worker_mb": max(r["peak_rss_worker_mb"] for r in runs),
                           "identical": runs[0].get("identical", True),
                           **{k: runs[0][k] for k in ("n_components", "n_kept", "label_seconds", "cluster_start_seconds",
-                                                      "worker_max_rss_mb", "peak_rss_client_mb") if k in runs[0]}}
+                                                      "worker_max_rss_mb", "peak_rss_client_mb", "stages") if k in runs[0]}}
     scipy = rows["scipy"]
     for r in rows.values():
         r["speedup_vs_scipy"] = scipy["seconds_median"] / r["seconds_median"]
