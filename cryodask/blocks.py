@@ -9,7 +9,9 @@ finished blocks and a changed parameter redoes them.
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -78,3 +80,11 @@ class DoneMarks:
         """Forget every mark of this step, whatever its parameters (the output is redone)."""
         for folder in self.root.glob(f"{self.step}-*"):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def fault_injection_delay() -> None:
+    """``CRYODASK_BLOCK_DELAY`` seconds of sleep per block task: lets crash tests kill a run
+    mid-way at a predictable point."""
+    delay = float(os.environ.get("CRYODASK_BLOCK_DELAY", 0) or 0)
+    if delay:
+        time.sleep(delay)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .blocks import Block, DoneMarks, plan_blocks
+from .blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
 from .errors import CryodaskError, InputError, where
 from .io.omezarr import NGFF, create_image, level_shapes
 from .io.volumes import VolumeSource, find_volumes, open_volume
@@ -97,20 +97,13 @@ def downsample_mean(data: np.ndarray, out_shape, dtype) -> np.ndarray:
     return total.astype(dtype)
 
 
-def _fault_injection_delay() -> None:
-    """``CRYODASK_BLOCK_DELAY`` seconds of sleep per block: lets crash tests kill a run mid-way."""
-    delay = float(os.environ.get("CRYODASK_BLOCK_DELAY", 0) or 0)
-    if delay:
-        time.sleep(delay)
-
-
 def _write_source_block(source: VolumeSource, store: str, block: Block, dtype: str, marks: DoneMarks,
                         level1: Block | None = None):
     """Write a level-0 block; with ``level1``, also its 2x-averaged level-1 block from the same
     data (the block spans two level-1 chunks per axis, so both writes are whole chunks)."""
     import zarr
 
-    _fault_injection_delay()
+    fault_injection_delay()
     data = source.read(block.region).astype(dtype, copy=False)
     zarr.open_array(f"{store}/0", mode="r+")[block.region] = data
     if level1 is not None:
@@ -122,7 +115,7 @@ def _write_source_block(source: VolumeSource, store: str, block: Block, dtype: s
 def _write_level_block(store: str, level: int, block: Block, marks: DoneMarks, *deps):
     import zarr
 
-    _fault_injection_delay()
+    fault_injection_delay()
     parent = zarr.open_array(f"{store}/{level - 1}", mode="r")
     target = zarr.open_array(f"{store}/{level}", mode="r+")
     region = tuple(slice(2 * s.start, min(2 * s.stop, n)) for s, n in zip(block.region, parent.shape))

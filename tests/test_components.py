@@ -214,3 +214,35 @@ def test_gpu_tasks_ask_for_a_gpu_only_where_workers_have_one(client):
     with LocalCluster(n_workers=1, threads_per_worker=1, resources={"GPU": 1}, dashboard_address=":0") as cluster, \
             Client(cluster) as gpu_client:
         assert gpu_resources(gpu_client, "gpu") == {"GPU": 1}
+
+
+def test_killed_postprocess_resumes_to_the_same_result(tmp_path, membrane_mask):
+    """SIGKILL the command during the write pass; the rerun writes only the missing blocks."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_raw_mrc(tmp_path / "m.mrc", membrane_mask.astype(np.uint8))
+    args = [sys.executable, "-m", "cryodask", "postprocess", str(tmp_path / "m.mrc"), "--out", str(tmp_path / "o.mrc"),
+            "--min-slices", "10", "--labels", "--chunks", "16,32,32", "--workers", "2"]  # 3x3x3 = 27 blocks
+    proc = subprocess.Popen(args, env={**os.environ, "CRYODASK_BLOCK_DELAY": "0.3"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    marks = tmp_path / ".cryodask" / "o.mrc"
+    deadline = time.time() + 90
+    while time.time() < deadline and len(list(marks.glob("postprocess-*/write/*"))) < 5:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(marks.glob("postprocess-*/write/*")))
+    assert 5 <= done < 27 and not (tmp_path / "o.mrc").exists()
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"blocks written: {27 - done}" in result.stdout
+    kept, ref = scipy_reference(membrane_mask, 26, min_slices=10)
+    with mrcfile.open(tmp_path / "o.mrc") as mrc:
+        np.testing.assert_array_equal(mrc.data, kept.astype(np.uint8))
+        assert mrc.header.dmax == 1 and mrc.header.dmean == pytest.approx(kept.mean())
+    with mrcfile.open(tmp_path / "o_labels.mrc") as mrc:
+        np.testing.assert_array_equal(mrc.data, ref)

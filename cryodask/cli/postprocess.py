@@ -49,7 +49,8 @@ def postprocess(
     if result.status == "skipped":
         typer.echo(f"{out} is already done with these parameters")
         return
-    typer.echo(f"components: {result.n_components}, kept: {result.n_kept} ({result.voxels_kept} voxels)")
+    typer.echo(f"components: {result.n_components}, kept: {result.n_kept} ({result.voxels_kept} voxels); "
+               f"blocks written: {result.blocks_written}")
     typer.echo("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     for path in result.files:
         typer.echo(f"wrote {path}")

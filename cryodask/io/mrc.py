@@ -118,9 +118,12 @@ def _pread_into(fd, target: np.ndarray, offset: int, path) -> None:
 
 
 def mrc_dtype(dtype, max_value=None) -> np.dtype:
-    """The MRC mode dtype that holds ``dtype`` exactly (labels are narrowed by their maximum)."""
+    """The MRC mode dtype that holds ``dtype`` exactly (labels are narrowed by their maximum;
+    uint8 is mode 0 when its values fit, as masks are, since MRC has no unsigned 8-bit mode)."""
     dtype = np.dtype(dtype)
-    if dtype in (np.int8, np.uint8, np.int16, np.uint16, np.float32, np.float16):
+    if dtype == np.uint8:
+        return np.dtype(np.int8) if max_value is not None and max_value <= 127 else np.dtype(np.uint16)
+    if dtype in (np.int8, np.int16, np.uint16, np.float32, np.float16):
         return dtype
     if dtype == bool:
         return np.dtype(np.int8)
@@ -142,27 +145,92 @@ def write_mrc(path, data, voxel_size, *, slab: int = 64) -> Path:
     path = Path(path)
     shape = tuple(int(s) for s in data.shape)
     max_value = None
-    if np.dtype(data.dtype).kind in "iu" and np.dtype(data.dtype).itemsize >= 4:
+    if np.dtype(data.dtype).kind in "iu" and (np.dtype(data.dtype).itemsize >= 4 or data.dtype == np.uint8):
         max_value = int(np.asarray(_max(data)))
     dtype = mrc_dtype(data.dtype, max_value)
     partial = path.with_name(path.name + ".partial")
     vs = (voxel_size,) * 3 if np.isscalar(voxel_size) else tuple(voxel_size)
-    stats = [np.inf, -np.inf, 0.0, 0.0]
+    stats = []
     with mrcfile.new_mmap(partial, shape=shape, mrc_mode=mrcfile.utils.mode_from_dtype(dtype), overwrite=True) as mrc:
         for z0 in range(0, shape[0] if len(shape) == 3 else 1, slab):
             region = np.s_[z0:z0 + slab] if len(shape) == 3 else np.s_[:]
             block = np.asarray(data[region]).astype(dtype, copy=False)
             mrc.data[region] = block
-            values = block.astype(np.float64)
-            stats = [min(stats[0], values.min()), max(stats[1], values.max()),
-                     stats[2] + values.sum(), stats[3] + np.square(values).sum()]
-        n = max(1, int(np.prod(shape)))
-        mean = stats[2] / n
-        mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = stats[0], stats[1], mean
-        mrc.header.rms = np.sqrt(max(stats[3] / n - mean * mean, 0.0))
+            stats.append(region_stats(block))
+        set_stats(mrc.header, stats)
         mrc.voxel_size = (vs[2], vs[1], vs[0])
     os.replace(partial, path)
     return path
+
+
+def region_stats(block: np.ndarray) -> tuple[float, float, float, float, int]:
+    """(min, max, sum, sum of squares, count) of one region, without a float64 copy of it:
+    small integers go through a histogram, floats one slice at a time."""
+    if block.size == 0:
+        return (np.inf, -np.inf, 0.0, 0.0, 0)
+    if block.dtype.kind in "iu" and block.dtype.itemsize <= 2:
+        shift = -int(np.iinfo(block.dtype).min)
+        counts = np.bincount((block.ravel().astype(np.int32) + shift), minlength=1)
+        values = np.arange(len(counts), dtype=np.float64) - shift
+        present = values[counts > 0]
+        return (present.min(), present.max(), float(counts @ values), float(counts @ (values * values)), block.size)
+    total = squares = 0.0
+    for plane in block.reshape(-1, block.shape[-1]) if block.ndim < 3 else block:
+        plane = plane.astype(np.float64)
+        total += plane.sum()
+        squares += float(np.vdot(plane, plane))
+    return (float(block.min()), float(block.max()), total, squares, block.size)
+
+
+def set_stats(header, stats) -> None:
+    """Header dmin/dmax/dmean/rms from the :func:`region_stats` of all regions."""
+    n = max(1, sum(s[4] for s in stats))
+    mean = sum(s[2] for s in stats) / n
+    header.dmin = min((s[0] for s in stats), default=0.0)
+    header.dmax = max((s[1] for s in stats), default=0.0)
+    header.dmean = mean
+    header.rms = np.sqrt(max(sum(s[3] for s in stats) / n - mean * mean, 0.0))
+
+
+def create_mrc(path, shape, dtype, voxel_size) -> int:
+    """An MRC file of the full size (sparse on disk) for tasks to fill region by region with
+    :func:`write_region`; returns the offset of the data."""
+    vs = (voxel_size,) * 3 if np.isscalar(voxel_size) else tuple(voxel_size)
+    with mrcfile.new_mmap(path, shape=tuple(shape), mrc_mode=mrcfile.utils.mode_from_dtype(np.dtype(dtype)),
+                          overwrite=True) as mrc:
+        mrc.voxel_size = (vs[2], vs[1], vs[0])
+        return 1024 + int(mrc.header.nsymbt)
+
+
+def write_region(path, region, data: np.ndarray, *, shape, offset: int) -> None:
+    """Write a 3D region into an MRC file made by :func:`create_mrc`, with positional writes of
+    its contiguous runs: tasks of different regions can write the same file at once."""
+    zs, ys, xs = (slice(*r.indices(n)[:2]) for r, n in zip(region, shape))
+    data = np.ascontiguousarray(data)
+    row, item = shape[2] * data.itemsize, data.itemsize
+    full_rows = xs == slice(0, shape[2])
+    with open(path, "r+b", buffering=0) as f:
+        for i, z in enumerate(range(zs.start, zs.stop)):
+            if full_rows:  # the rows of a slice are one run
+                runs = [(offset + (z * shape[1] + ys.start) * row, data[i])]
+            else:
+                runs = [(offset + (z * shape[1] + y) * row + xs.start * item, data[i, j])
+                        for j, y in enumerate(range(ys.start, ys.stop))]
+            for start, chunk in runs:
+                view = memoryview(chunk).cast("B")
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(f.fileno(), view[done:], start + done)
+
+
+def finish_mrc(partial, path, stats) -> Path:
+    """Set the header statistics of a file filled by :func:`write_region` and give it its name."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mrcfile.mmap(partial, mode="r+", permissive=True) as mrc:
+            set_stats(mrc.header, stats)
+    os.replace(partial, path)
+    return Path(path)
 
 
 def _max(data):

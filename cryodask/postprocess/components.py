@@ -13,8 +13,9 @@ post-processing), without ever holding the array:
    statistics per component, filter (``min_slices``: bounding-box z extent, ETSAM's rule;
    ``min_voxels``), and number the kept components by their first voxel in raster order —
    the numbering scipy gives;
-4. **relabel** each block with its own slice of that map (labelling it again rather than
-   storing labels) and write whole chunks.
+4. **relabel** each block with its own slice of that map (its local labels are kept from
+   step 1 in a compressed work store: mostly zeros, cheaper to read back than to label again)
+   and write it: whole chunks of an OME-Zarr, or its rows of an MRC file.
 
 Written here rather than taken from dask-image because its ``label`` chains block offsets
 serially and ships the whole relabel vector to every block (infra.md §1.1).
@@ -85,8 +86,9 @@ def block_id_offset(index: tuple[int, ...], grid: tuple[int, ...]) -> np.uint64:
     return np.uint64(np.ravel_multi_index(index, grid)) << np.uint64(32)
 
 
-def label_pass(read, block: Block, grid, shape, connectivity: int, device: str = "cpu") -> BlockLabels:
-    """Label one block; return its label statistics and boundary planes in global ids."""
+def label_pass(read, block: Block, grid, shape, connectivity: int, device: str = "cpu") -> tuple[BlockLabels, np.ndarray]:
+    """Label one block; return its label statistics and boundary planes in global ids, and
+    its local labels."""
     labels, n = label_block(read(block.region), connectivity, device)
     offset = block_id_offset(block.index, grid)
     flat = labels.ravel()
@@ -109,7 +111,7 @@ def label_pass(read, block: Block, grid, shape, connectivity: int, device: str =
         for side, index in (("lo", 0), ("hi", -1)):
             faces[axis, side] = ids[np.take(labels, index, axis=axis)]
     return BlockLabels(ids[1:], count.astype(np.int64), zmin[1:] + origin[0], zmax[1:] + origin[0],
-                       first_global.astype(np.int64), faces)
+                       first_global.astype(np.int64), faces), labels
 
 
 # ------------------------------------------------------------------ pass 2: equivalences at boundaries
@@ -241,14 +243,18 @@ def components(mask: np.ndarray, chunks, connectivity: int = 26, *, min_slices: 
     mask = np.asarray(mask)
     shape = mask.shape
     blocks, grid = plan(shape, chunks)
-    stats = {b.name: label_pass(lambda region: mask[region], b, grid, shape, connectivity, device) for b in blocks}
+    passes = {b.name: label_pass(lambda region: mask[region], b, grid, shape, connectivity, device) for b in blocks}
+    stats = {name: p[0] for name, p in passes.items()}
     pairs = [equivalence_pass([(b, stats[b.name].faces[axis, "hi"]) for b in lows],
                               [(b, stats[b.name].faces[axis, "lo"]) for b in highs], axis, shape, connectivity)
              for axis, lows, highs in boundaries(blocks, shape)]
     comps = merge(list(stats.values()), pairs, min_slices=min_slices, min_voxels=min_voxels)
     out = np.zeros(shape, np.uint64)
     for b in blocks:
-        labels, _ = label_block(mask[b.region], connectivity, device)
-        table = np.concatenate([[0], comps.table(stats[b.name].ids)]).astype(np.uint64)
-        out[b.region] = table[labels]
+        out[b.region] = block_table(comps, stats[b.name])[passes[b.name][1]]
     return out, comps
+
+
+def block_table(comps: Components, labelled: BlockLabels, dtype=np.uint64) -> np.ndarray:
+    """Local label -> final label for one block (index 0 = background)."""
+    return np.concatenate([[0], comps.table(labelled.ids)]).astype(dtype)

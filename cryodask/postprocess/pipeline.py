@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..blocks import Block, DoneMarks, plan_blocks
+from ..blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
 from ..errors import InputError, where
 from ..params import params_hash
-from .components import boundaries, check_connectivity, label_block, label_pass, merge, plan, equivalence_pass
+from .components import block_table, boundaries, check_connectivity, equivalence_pass, label_pass, merge, plan
 
 STEP = "postprocess"
+MRC_DATA_OFFSET = 1024  # create_mrc writes no extended header
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class PostprocessResult:
     n_components: int = 0
     n_kept: int = 0
     voxels_kept: int = 0
+    blocks_written: int = 0
     seconds: dict = field(default_factory=dict)
     files: list = field(default_factory=list)
     status: str = "done"
@@ -98,10 +101,44 @@ def open_mask(path, voxel_size=None, chunks=(64, 256, 256)):
     return VolumeReader(source), source.shape, source.voxel_size, tuple(chunks)
 
 
+# ------------------------------------------------------------------ where blocks are written
+
+@dataclass(frozen=True)
+class ZarrTarget:
+    """Whole chunks of a zarr array."""
+
+    path: str
+
+    def write(self, region, data) -> None:
+        import zarr
+
+        target = zarr.open_array(self.path, mode="r+")
+        target[region] = data.astype(target.dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class MrcTarget:
+    """Rows of an MRC file being filled (``<out>.partial`` until every block is written)."""
+
+    path: str
+    shape: tuple
+    dtype: str
+    offset: int
+
+    def write(self, region, data) -> None:
+        from ..io.mrc import write_region
+
+        write_region(self.path, region, data.astype(self.dtype, copy=False), shape=self.shape, offset=self.offset)
+
+
 # ------------------------------------------------------------------ tasks
 
-def _label_task(read, block, grid, shape, connectivity, device):
-    return label_pass(read, block, grid, shape, connectivity, device)
+def _label_task(read, block, grid, shape, connectivity, device, labels_path):
+    import zarr
+
+    labelled, labels = label_pass(read, block, grid, shape, connectivity, device)
+    zarr.open_array(labels_path, mode="r+")[block.region] = labels
+    return labelled
 
 
 def _stats_only(labelled):
@@ -115,30 +152,36 @@ def _pairs_task(axis, lows, highs, shape, connectivity):
                             axis, shape, connectivity)
 
 
-def _write_task(read, block: Block, table: np.ndarray, connectivity: int, device: str, mask_path: str,
-                labels_path: str | None, marks: DoneMarks) -> int:
+def _write_task(labels_path: str, block: Block, table: np.ndarray, mask_target, labels_target, marks: DoneMarks):
+    """Map one block's local labels through its table; write the mask (and labels)."""
     import zarr
 
-    labels, _ = label_block(read(block.region), connectivity, device)
-    final = table[labels]
-    zarr.open_array(mask_path, mode="r+")[block.region] = (final > 0).astype(np.uint8)
-    if labels_path:
-        target = zarr.open_array(labels_path, mode="r+")
-        target[block.region] = final.astype(target.dtype)
+    from ..io.mrc import region_stats
+
+    fault_injection_delay()
+    local = zarr.open_array(labels_path, mode="r")[block.region]
+    mask = (table > 0).astype(np.uint8)[local]
+    mask_target.write(block.region, mask)
+    stats = {"mask": region_stats(mask)}
+    if labels_target is not None:
+        final = table.astype(np.uint32)[local]
+        labels_target.write(block.region, final)
+        stats["labels"] = region_stats(final)
     marks.mark(f"write/{block.name}")
-    return int(np.count_nonzero(final))
+    return stats
 
 
-def _bridges_task(source_path: str, target_path: str, block: Block, max_bridge_len: int, marks: DoneMarks) -> int:
+def _bridges_task(source_path: str, target, block: Block, max_bridge_len: int, marks: DoneMarks):
     import zarr
 
+    from ..io.mrc import region_stats
     from .bridges import remove_bridges
 
-    data = zarr.open_array(source_path, mode="r")[block.region]
-    cleaned = remove_bridges(data, max_bridge_len=max_bridge_len).astype(np.uint8)
-    zarr.open_array(target_path, mode="r+")[block.region] = cleaned
+    cleaned = remove_bridges(zarr.open_array(source_path, mode="r")[block.region], max_bridge_len=max_bridge_len)
+    cleaned = cleaned.astype(np.uint8)
+    target.write(block.region, cleaned)
     marks.mark(f"bridges/{block.name}")
-    return int(np.count_nonzero(cleaned))
+    return {"mask": region_stats(cleaned)}
 
 
 # ------------------------------------------------------------------ the step
@@ -203,29 +246,52 @@ def _finished(out: Path, key: str) -> bool:
         return False
 
 
-def _prepare_store(store: Path, shape, chunks, vs, params: PostprocessParams, key: str) -> bool:
-    """Create the output image (and labels) arrays, or keep them when resuming with the same
-    key; returns True when the store was created afresh."""
+def _labels_out(out: Path) -> Path:
+    return out.with_name(out.stem + "_labels.mrc")
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _prepare(out: Path, shape, chunks, vs, params: PostprocessParams, key: str, marks: DoneMarks, n_kept: int):
+    """The targets the write pass fills: (mask target, labels target or None, final mask
+    target, work path of the pre-bridge mask). Created afresh unless resuming this key."""
     import zarr
 
+    from ..io.mrc import create_mrc, mrc_dtype
     from ..io.omezarr import create_image, create_labels
 
-    try:
-        state = zarr.open_group(str(store), mode="r").attrs.get("cryodask", {}).get(STEP, {})
-    except Exception:  # noqa: BLE001
-        state = {}
-    if state.get("key") == key:
-        return False
-    if store.exists():
-        shutil.rmtree(store)
-    create_image(store, shape, chunks=chunks, dtype=np.uint8, voxel_size=vs, levels=1, ngff="0.4",
-                 attributes={"cryodask": {STEP: {"key": key, "complete": False, "params": asdict(params)}}})
-    if params.remove_bridges:
-        zarr.open_group(str(store), mode="r+").create_array("filtered", shape=shape, chunks=chunks, dtype=np.uint8,
-                                                            fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"})
-    if params.labels:
-        create_labels(store, "components", np.uint32, properties=None)
-    return True
+    mrc = out.suffix.lower() == ".mrc"
+    outputs = [out] + ([_labels_out(out)] if params.labels and mrc else [])
+    if mrc:
+        made = all(_partial(p).exists() for p in outputs)
+    else:
+        made = out.exists() and zarr.open_group(str(out), mode="r").attrs.get("cryodask", {}).get(STEP, {}).get("key") == key
+    resume = made and any(marks.folder.glob("write/*"))
+    if not resume:
+        for name in ("write", "bridges"):
+            shutil.rmtree(marks.folder / name, ignore_errors=True)
+    if mrc:
+        dtypes = [np.dtype(np.int8), mrc_dtype(np.uint32, n_kept)]
+        for path, dtype in zip(outputs, dtypes):
+            if not resume:
+                create_mrc(_partial(path), shape, dtype, vs)
+        targets = [MrcTarget(str(_partial(p)), tuple(shape), d.str, MRC_DATA_OFFSET) for p, d in zip(outputs, dtypes)]
+    else:
+        if not resume:
+            if out.exists():
+                shutil.rmtree(out)
+            create_image(out, shape, chunks=chunks, dtype=np.uint8, voxel_size=vs, levels=1, ngff="0.4",
+                         attributes={"cryodask": {STEP: {"key": key, "complete": False, "params": asdict(params)}}})
+            if params.labels:
+                create_labels(out, "components", np.uint32)
+        targets = [ZarrTarget(str(out / "0"))] + ([ZarrTarget(str(out / "labels" / "components" / "0"))] if params.labels else [])
+    filtered = str(marks.folder / "filtered.zarr")
+    if params.remove_bridges and not (resume and Path(filtered).exists()):
+        zarr.create_array(filtered, shape=shape, chunks=chunks, dtype=np.uint8, fill_value=0, overwrite=True)
+    mask_target = ZarrTarget(filtered) if params.remove_bridges else targets[0]
+    return mask_target, (targets[1] if params.labels else None), targets[0], filtered
 
 
 def gpu_resources(client, device: str) -> dict | None:
@@ -238,15 +304,18 @@ def gpu_resources(client, device: str) -> dict | None:
 
 
 def _run(read, shape, vs, chunks, params, out: Path, work: Path, marks: DoneMarks, key: str, client, device, result):
+    import zarr
     from distributed import wait
 
     clock = time.perf_counter()
     resources = gpu_resources(client, device)
-    store = out if out.suffix.lower() == ".zarr" else work / "output.zarr"
-    if _prepare_store(store, shape, chunks, vs, params, key):
-        marks.clear_step()  # marks of an earlier store describe blocks that are gone
+    if not marks.folder.exists():
+        marks.clear_step()  # other parameters' work is of no use now
+    marks.folder.mkdir(parents=True, exist_ok=True)
+    labels_path = str(marks.folder / "local_labels.zarr")
+    zarr.create_array(labels_path, shape=shape, chunks=chunks, dtype=np.uint32, fill_value=0, overwrite=True)
     blocks, grid = plan(shape, chunks)
-    labelled = {b.name: client.submit(_label_task, read, b, grid, shape, params.connectivity, device,
+    labelled = {b.name: client.submit(_label_task, read, b, grid, shape, params.connectivity, device, labels_path,
                                       key=f"cc-label-{key[:8]}-{b.name}", retries=1, resources=resources) for b in blocks}
     stats = {name: client.submit(_stats_only, f, key=f"cc-stats-{key[:8]}-{name}") for name, f in labelled.items()}
     pair_futures = [client.submit(_pairs_task, axis, [(b, labelled[b.name]) for b in lows], [(b, labelled[b.name]) for b in highs],
@@ -265,29 +334,28 @@ def _run(read, shape, vs, chunks, params, out: Path, work: Path, marks: DoneMark
     result.seconds["union-find + filter"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    mask_path = str(store / ("filtered" if params.remove_bridges else "0"))
-    labels_path = str(store / "labels" / "components" / "0") if params.labels else None
-    writes = []
-    for b in blocks:
-        if marks.done(f"write/{b.name}"):
-            continue
-        table = np.concatenate([[0], comps.table(block_stats[b.name].ids)]).astype(np.uint64)
-        writes.append(client.submit(_write_task, read, b, table, params.connectivity, device, mask_path, labels_path,
-                                    marks, key=f"cc-write-{key[:8]}-{b.name}", retries=1, resources=resources))
+    mask_target, labels_target, final_mask, filtered = _prepare(out, shape, chunks, vs, params, key, marks, comps.n_kept)
+    writes = [client.submit(_write_task, labels_path, b, block_table(comps, block_stats[b.name]), mask_target,
+                            labels_target, marks, key=f"cc-write-{key[:8]}-{b.name}", retries=1)
+              for b in blocks if not marks.done(f"write/{b.name}")]
     wait(writes)
     _raise_first_error(writes)
-    result.voxels_kept = sum(f.result() for f in writes)
+    result.blocks_written = len(writes)
+    mask_stats = [f.result()["mask"] for f in writes]
+    label_stats = [f.result()["labels"] for f in writes if "labels" in f.result()]
     if params.remove_bridges:
         slabs = plan_blocks(shape, (chunks[0], shape[1], shape[2]))
-        bridges = [client.submit(_bridges_task, mask_path, str(store / "0"), s, params.max_bridge_len, marks,
+        bridges = [client.submit(_bridges_task, filtered, final_mask, s, params.max_bridge_len, marks,
                                  key=f"cc-bridges-{key[:8]}-{s.name}", retries=1)
                    for s in slabs if not marks.done(f"bridges/{s.name}")]
         wait(bridges)
         _raise_first_error(bridges)
+        mask_stats = [f.result()["mask"] for f in bridges]
+    result.voxels_kept = int(sum(s[2] for s in mask_stats))  # the mask is 0/1: its sum counts voxels
     result.seconds["relabel + write"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    result.files = _finish(store, out, vs, params, key, work)
+    result.files = _finish(out, params, key, marks, mask_stats, label_stats)
     result.seconds["finish"] = time.perf_counter() - clock
     return result
 
@@ -299,22 +367,37 @@ def _raise_first_error(futures) -> None:
             raise exc
 
 
-def _finish(store: Path, out: Path, vs, params, key: str, work: Path) -> list[Path]:
-    """Mark the OME-Zarr complete, or stream it to MRC files and drop the work store."""
+def _finish(out: Path, params, key: str, marks: DoneMarks, mask_stats, label_stats) -> list[Path]:
+    """Mark the OME-Zarr complete, or give the MRC files their names; drop the work files."""
     import zarr
 
+    from ..io.mrc import finish_mrc
+
     if out.suffix.lower() == ".zarr":
-        group = zarr.open_group(str(store), mode="r+")
+        group = zarr.open_group(str(out), mode="r+")
         attrs = group.attrs.get("cryodask", {})
         attrs[STEP] = {"key": key, "complete": True}
         group.attrs["cryodask"] = attrs
-        return [out]
-    from ..io.mrc import write_mrc
-
-    files = [write_mrc(out, zarr.open_array(str(store / "0"), mode="r"), vs)]
-    if params.labels:
-        files.append(write_mrc(out.with_name(out.stem + "_labels.mrc"),
-                               zarr.open_array(str(store / "labels" / "components" / "0"), mode="r"), vs))
-    (work / f"{STEP}-{key}.complete").touch()
-    shutil.rmtree(store)
+        files = [out]
+    else:
+        files = [_finish_mrc(out, mask_stats)]
+        if params.labels:
+            files.append(_finish_mrc(_labels_out(out), label_stats))
+        (marks.root / f"{STEP}-{key}.complete").touch()
+    shutil.rmtree(marks.folder, ignore_errors=True)
     return files
+
+
+def _finish_mrc(path: Path, stats) -> Path:
+    """Header statistics from the blocks' own, or, after a resumed run that wrote only some
+    blocks, from the file itself slab by slab; then the file gets its name."""
+    import mrcfile
+
+    from ..io.mrc import finish_mrc, region_stats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mrcfile.mmap(_partial(path), mode="r", permissive=True) as mrc:
+            if sum(s[4] for s in stats) != mrc.data.size:
+                stats = [region_stats(np.array(mrc.data[z:z + 32])) for z in range(0, mrc.data.shape[0], 32)]
+    return finish_mrc(_partial(path), path, stats)
