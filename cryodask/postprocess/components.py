@@ -23,7 +23,6 @@ serially and ships the whole relabel vector to every block (infra.md §1.1).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,10 +216,14 @@ def merge(stats: list[BlockLabels], pairs: list[np.ndarray], *, min_slices: int 
 
 # ------------------------------------------------------------------ the whole computation on arrays
 
-def plan(shape, chunks) -> tuple[list[Block], tuple[int, ...]]:
-    """Blocks (one per chunk) and the block grid."""
-    blocks = plan_blocks(shape, chunks)
-    grid = tuple(math.ceil(s / min(c, s)) if s else 0 for s, c in zip(shape, chunks))
+BLOCK_BYTES = 32 * 2**20  # of uint32 labels: 8 M voxels, about 80 MB of working memory per task
+
+
+def plan(shape, chunks, max_bytes: int | None = BLOCK_BYTES) -> tuple[list[Block], tuple[int, ...]]:
+    """Blocks and the block grid: whole chunks, merged along x up to ``max_bytes`` of labels,
+    so reads and writes of row-major files are long runs (full rows where they fit)."""
+    blocks = plan_blocks(shape, chunks, itemsize=4, max_bytes=max_bytes)
+    grid = tuple(max((b.index[i] for b in blocks), default=-1) + 1 for i in range(len(shape)))
     return blocks, grid
 
 
@@ -242,7 +245,7 @@ def components(mask: np.ndarray, chunks, connectivity: int = 26, *, min_slices: 
     and small arrays): returns the final labels (0 = background or removed) and the components."""
     mask = np.asarray(mask)
     shape = mask.shape
-    blocks, grid = plan(shape, chunks)
+    blocks, grid = plan(shape, chunks, max_bytes=None)
     passes = {b.name: label_pass(lambda region: mask[region], b, grid, shape, connectivity, device) for b in blocks}
     stats = {name: p[0] for name, p in passes.items()}
     pairs = [equivalence_pass([(b, stats[b.name].faces[axis, "hi"]) for b in lows],

@@ -162,13 +162,21 @@ def _write_task(labels_path: str, block: Block, table: np.ndarray, mask_target, 
     local = zarr.open_array(labels_path, mode="r")[block.region]
     mask = (table > 0).astype(np.uint8)[local]
     mask_target.write(block.region, mask)
-    stats = {"mask": region_stats(mask)}
+    stats = {"mask": mask_stats(mask)}
     if labels_target is not None:
         final = table.astype(np.uint32)[local]
         labels_target.write(block.region, final)
         stats["labels"] = region_stats(final)
     marks.mark(f"write/{block.name}")
     return stats
+
+
+def mask_stats(mask: np.ndarray) -> tuple[float, float, float, float, int]:
+    """:func:`cryodask.io.mrc.region_stats` of a 0/1 mask, from its count of ones alone."""
+    ones = int(np.count_nonzero(mask))
+    if not mask.size:
+        return (np.inf, -np.inf, 0.0, 0.0, 0)
+    return (0.0 if ones < mask.size else 1.0, 1.0 if ones else 0.0, float(ones), float(ones), mask.size)
 
 
 def _bridges_task(source_path: str, target, block: Block, max_bridge_len: int, marks: DoneMarks):
@@ -181,7 +189,7 @@ def _bridges_task(source_path: str, target, block: Block, max_bridge_len: int, m
     cleaned = cleaned.astype(np.uint8)
     target.write(block.region, cleaned)
     marks.mark(f"bridges/{block.name}")
-    return {"mask": region_stats(cleaned)}
+    return {"mask": mask_stats(cleaned)}
 
 
 # ------------------------------------------------------------------ the step
@@ -303,6 +311,17 @@ def gpu_resources(client, device: str) -> dict | None:
     return {"GPU": 1} if any("GPU" in w.get("resources", {}) for w in workers) else None
 
 
+def _block_shape(read, out: Path, shape, chunks) -> tuple[int, ...]:
+    """Between two MRC files, blocks of whole rows (thinner in z to stay in budget): reads
+    and writes are then one run per slice. Otherwise the chunks, merged along x by ``plan``."""
+    from .components import BLOCK_BYTES
+
+    if isinstance(read, VolumeReader) and read.source.format == "mrc" and out.suffix.lower() == ".mrc":
+        rows = chunks[1] * shape[2]
+        return (max(1, min(chunks[0], BLOCK_BYTES // 4 // max(rows, 1))), chunks[1], shape[2])
+    return tuple(chunks)
+
+
 def _run(read, shape, vs, chunks, params, out: Path, work: Path, marks: DoneMarks, key: str, client, device, result):
     import zarr
     from distributed import wait
@@ -313,8 +332,10 @@ def _run(read, shape, vs, chunks, params, out: Path, work: Path, marks: DoneMark
         marks.clear_step()  # other parameters' work is of no use now
     marks.folder.mkdir(parents=True, exist_ok=True)
     labels_path = str(marks.folder / "local_labels.zarr")
-    zarr.create_array(labels_path, shape=shape, chunks=chunks, dtype=np.uint32, fill_value=0, overwrite=True)
-    blocks, grid = plan(shape, chunks)
+    blocks, grid = plan(shape, _block_shape(read, out, shape, chunks))
+    # one chunk per block; lz4 at level 1: local labels are mostly zeros and read back once
+    zarr.create_array(labels_path, shape=shape, chunks=blocks[0].shape if blocks else chunks, dtype=np.uint32,
+                      fill_value=0, overwrite=True, compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=1))
     labelled = {b.name: client.submit(_label_task, read, b, grid, shape, params.connectivity, device, labels_path,
                                       key=f"cc-label-{key[:8]}-{b.name}", retries=1, resources=resources) for b in blocks}
     stats = {name: client.submit(_stats_only, f, key=f"cc-stats-{key[:8]}-{name}") for name, f in labelled.items()}
