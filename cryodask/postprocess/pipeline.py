@@ -133,11 +133,29 @@ class MrcTarget:
 
 # ------------------------------------------------------------------ tasks
 
-def _label_task(read, block, grid, shape, connectivity, device, labels_path):
-    import zarr
+def save_block_labels(folder: str, block: Block, labels: np.ndarray, n: int) -> None:
+    """A block's local labels as one zstd file (uint16 when they fit): mostly zeros, they
+    shrink ~100x and encode in milliseconds, where a zarr array write cost 20x longer."""
+    import numcodecs
 
+    dtype = np.uint16 if n < 2**16 else np.uint32
+    path = Path(folder) / f"{block.name}.{np.dtype(dtype).str[1:]}.zst"
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(numcodecs.Zstd(level=1).encode(np.ascontiguousarray(labels, dtype=dtype)))
+    partial.replace(path)
+
+
+def load_block_labels(folder: str, block: Block) -> np.ndarray:
+    import numcodecs
+
+    path = next(Path(folder).glob(f"{block.name}.*.zst"))
+    dtype = np.dtype(path.suffixes[-2][1:])
+    return np.frombuffer(numcodecs.Zstd().decode(path.read_bytes()), dtype=dtype).reshape(block.shape)
+
+
+def _label_task(read, block, grid, shape, connectivity, device, labels_folder):
     labelled, labels = label_pass(read, block, grid, shape, connectivity, device)
-    zarr.open_array(labels_path, mode="r+")[block.region] = labels
+    save_block_labels(labels_folder, block, labels, len(labelled.ids))
     return labelled
 
 
@@ -152,14 +170,12 @@ def _pairs_task(axis, lows, highs, shape, connectivity):
                             axis, shape, connectivity)
 
 
-def _write_task(labels_path: str, block: Block, table: np.ndarray, mask_target, labels_target, marks: DoneMarks):
+def _write_task(labels_folder: str, block: Block, table: np.ndarray, mask_target, labels_target, marks: DoneMarks):
     """Map one block's local labels through its table; write the mask (and labels)."""
-    import zarr
-
     from ..io.mrc import region_stats
 
     fault_injection_delay()
-    local = zarr.open_array(labels_path, mode="r")[block.region]
+    local = load_block_labels(labels_folder, block)
     mask = (table > 0).astype(np.uint8)[local]
     mask_target.write(block.region, mask)
     stats = {"mask": mask_stats(mask)}
@@ -323,7 +339,6 @@ def _block_shape(read, out: Path, shape, chunks) -> tuple[int, ...]:
 
 
 def _run(read, shape, vs, chunks, params, out: Path, work: Path, marks: DoneMarks, key: str, client, device, result):
-    import zarr
     from distributed import wait
 
     clock = time.perf_counter()
@@ -331,11 +346,10 @@ def _run(read, shape, vs, chunks, params, out: Path, work: Path, marks: DoneMark
     if not marks.folder.exists():
         marks.clear_step()  # other parameters' work is of no use now
     marks.folder.mkdir(parents=True, exist_ok=True)
-    labels_path = str(marks.folder / "local_labels.zarr")
+    labels_path = marks.folder / "local_labels"
+    labels_path.mkdir(exist_ok=True)
+    labels_path = str(labels_path)
     blocks, grid = plan(shape, _block_shape(read, out, shape, chunks))
-    # one chunk per block; lz4 at level 1: local labels are mostly zeros and read back once
-    zarr.create_array(labels_path, shape=shape, chunks=blocks[0].shape if blocks else chunks, dtype=np.uint32,
-                      fill_value=0, overwrite=True, compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=1))
     labelled = {b.name: client.submit(_label_task, read, b, grid, shape, params.connectivity, device, labels_path,
                                       key=f"cc-label-{key[:8]}-{b.name}", retries=1, resources=resources) for b in blocks}
     stats = {name: client.submit(_stats_only, f, key=f"cc-stats-{key[:8]}-{name}") for name, f in labelled.items()}
