@@ -24,8 +24,6 @@ serially and ships the whole relabel vector to every block (infra.md §1.1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
 from ..blocks import Block, plan_blocks

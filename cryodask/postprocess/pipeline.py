@@ -198,7 +198,6 @@ def mask_stats(mask: np.ndarray) -> tuple[float, float, float, float, int]:
 def _bridges_task(source_path: str, target, block: Block, max_bridge_len: int, marks: DoneMarks):
     import zarr
 
-    from ..io.mrc import region_stats
     from .bridges import remove_bridges
 
     cleaned = remove_bridges(zarr.open_array(source_path, mode="r")[block.region], max_bridge_len=max_bridge_len)
@@ -244,8 +243,7 @@ def postprocess(mask, out, *, connectivity: int = 26, min_slices: int = 0, min_v
 
     check_output_dir(out.parent)
     key = params_hash({**asdict(params), "mask": str(Path(mask).resolve()), "chunks": block_chunks, "voxel_size": vs})
-    work = out.parent / ".cryodask" / out.name
-    marks = DoneMarks(work, STEP, key)
+    marks = DoneMarks(out.parent / ".cryodask" / out.name, STEP, key)
     result = PostprocessResult(out)
     if _finished(out, key):
         result.status = "skipped"
@@ -255,8 +253,8 @@ def postprocess(mask, out, *, connectivity: int = 26, min_slices: int = 0, min_v
         from ..cluster import connect
 
         with connect("local") as local_client:
-            return _run(read, shape, vs, block_chunks, params, out, work, marks, key, local_client, device, result)
-    return _run(read, shape, vs, block_chunks, params, out, work, marks, key, client, device, result)
+            return _run(read, shape, vs, block_chunks, params, out, marks, key, local_client, device, result)
+    return _run(read, shape, vs, block_chunks, params, out, marks, key, client, device, result)
 
 
 def _finished(out: Path, key: str) -> bool:
@@ -338,7 +336,7 @@ def _block_shape(read, out: Path, shape, chunks) -> tuple[int, ...]:
     return tuple(chunks)
 
 
-def _run(read, shape, vs, chunks, params, out: Path, work: Path, marks: DoneMarks, key: str, client, device, result):
+def _run(read, shape, vs, chunks, params, out: Path, marks: DoneMarks, key: str, client, device, result):
     from distributed import wait
 
     clock = time.perf_counter()
@@ -405,8 +403,6 @@ def _raise_first_error(futures) -> None:
 def _finish(out: Path, params, key: str, marks: DoneMarks, mask_stats, label_stats) -> list[Path]:
     """Mark the OME-Zarr complete, or give the MRC files their names; drop the work files."""
     import zarr
-
-    from ..io.mrc import finish_mrc
 
     if out.suffix.lower() == ".zarr":
         group = zarr.open_group(str(out), mode="r+")
