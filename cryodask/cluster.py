@@ -86,6 +86,16 @@ def jobqueue_cluster(kind: str, options: dict):
         raise InputError(f"--cluster {kind}: invalid configuration ({exc})") from None
 
 
+def current_client():
+    """The ``distributed.Client`` already in use (a notebook's, a caller's), or None."""
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except ValueError:
+        return None
+
+
 @contextlib.contextmanager
 def connect(spec: str = "local", *, timeout: str = "20s", **kwargs):
     """A ``distributed.Client`` for ``spec`` (see :func:`make_cluster`); closes what it started.

@@ -10,7 +10,6 @@ blocks and finished tomograms, and a changed parameter starts that tomogram agai
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
+from .cluster import current_client
+from .io.folders import check_output_dir
 from .errors import CryodaskError, InputError, where
 from .io.omezarr import NGFF, create_image, level_shapes
 from .io.volumes import VolumeSource, find_volumes, open_volume
@@ -243,19 +244,6 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
-def check_output_dir(out) -> Path:
-    """Create ``out`` and prove it is writable, before any cluster starts."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".cryodask-write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as exc:
-        raise where(out, f"output folder is not writable ({exc.strerror or exc})") from None
-    return out
-
-
 @dataclass
 class ConvertPlan:
     """Validated inputs with their stores created (or found finished), before any cluster starts."""
@@ -325,22 +313,13 @@ def convert(inputs, out, *, chunks=(64, 256, 256), levels: int = 3, ngff: str = 
     ['converted']
     """
     plan = plan_conversion(inputs, out, chunks=chunks, levels=levels, ngff=ngff, dtype=dtype, voxel_size=voxel_size)
-    client = client or _default_client()
+    client = client or current_client()
     if client is None and plan.todo:
         from .cluster import connect
 
         with connect("local") as local_client:
             return run_conversion(plan, local_client, block_bytes=block_bytes, progress=progress)
     return run_conversion(plan, client, block_bytes=block_bytes, progress=progress)
-
-
-def _default_client():
-    try:
-        from distributed import get_client
-
-        return get_client()
-    except ValueError:
-        return None
 
 
 def _run(client, jobs: list[_Job], block_bytes: int, report: ConvertReport, progress: bool,
@@ -414,18 +393,3 @@ def _run(client, jobs: list[_Job], block_bytes: int, report: ConvertReport, prog
 def _count_blocks(job: _Job, block_bytes: int) -> int:
     plan = plan_pyramid(job.source.shape, job.params.chunks, job.params.levels, _dtype(job).itemsize, block_bytes)
     return sum(len(blocks) for level, blocks in enumerate(plan) if level != 1)
-
-
-def parse_triple(text: str | None, name: str, cast=int):
-    """``"64,256,256"`` → ``(64, 256, 256)``; one number is used for all three axes."""
-    if text is None:
-        return None
-    try:
-        values = tuple(cast(v) for v in str(text).replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise InputError(f"{name} must be numbers separated by commas, got {text!r}") from None
-    if len(values) == 1:
-        values = values * 3
-    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise InputError(f"{name} must be one or three positive numbers, got {text!r}")
-    return values

@@ -17,6 +17,7 @@ from dask.base import tokenize
 
 from . import viz
 from .errors import InputError, where
+from .io.folders import check_output_dir
 from .io.omezarr import open_image
 from .io.picks import read_picks
 from .io.volumes import open_volume
@@ -61,15 +62,6 @@ def _same_shape(reference, ref_path, other, other_path) -> None:
         raise where(other_path, f"shape {tuple(other.shape)} differs from {ref_path} {tuple(reference.shape)}")
 
 
-def _output_folder(out) -> Path:
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise where(out, f"cannot create the output folder ({exc.strerror})") from None
-    return out
-
-
 def evaluate_membranes(pred, truth, logits=None, out=None, chunks: int = 64, bins: int = 1000) -> dict:
     """Score a membrane mask against ground truth; with ``logits``, also the PR curve and AP.
 
@@ -103,7 +95,7 @@ def evaluate_membranes(pred, truth, logits=None, out=None, chunks: int = 64, bin
         metrics["average_precision"] = curve.average_precision
     files = []
     if out is not None:
-        out = _output_folder(out)
+        out = check_output_dir(out)
         files.append(out / "membranes_metrics.csv")
         pd.DataFrame([{**metrics, "pred": str(pred), "truth": str(truth)}]).to_csv(files[-1], index=False)
         if curve is not None:
@@ -167,7 +159,7 @@ def evaluate_picks(pred, truth, radius: float, unit: str = "px", voxel_size: flo
     metrics = {k: metrics[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn", "radius_px")}
     files = []
     if out is not None:
-        out = _output_folder(out)
+        out = check_output_dir(out)
         files.append(out / "picks_metrics.csv")
         pd.DataFrame([{**metrics, "pred": str(pred), "truth": str(truth)}]).to_csv(files[-1], index=False)
         files.append(out / "picks_matches.csv")

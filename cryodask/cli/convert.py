@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs, parse_triple
 
 
 @app.command()
@@ -24,7 +24,7 @@ def convert(
 ):
     """Convert tomograms to chunked multiscale OME-Zarr (resumable; bad inputs are listed, the rest converted)."""
     from ..cluster import check_spec, connect
-    from ..convert import parse_triple, plan_conversion, run_conversion
+    from ..convert import plan_conversion, run_conversion
 
     check_spec(cluster)
     plan = plan_conversion(inputs, out, chunks=parse_triple(chunks, "--chunks"), levels=levels, ngff=ngff,

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs, parse_triple
 
 
 @app.command()
@@ -20,7 +20,7 @@ def demo(
 ):
     """Synthesise a small collection, convert it on a cluster, evaluate against the truth, write previews."""
     from ..cluster import check_spec, connect
-    from ..convert import check_output_dir, parse_triple
+    from ..io.folders import check_output_dir
     from ..demo import run_demo
 
     check_spec(cluster)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import typer
+
+from ..errors import InputError
 
 CLUSTER = typer.Option("local", "--cluster", help="local | cuda | slurm | pbs | sge | lsf | tcp://host:port")
 WORKERS = typer.Option(None, "--workers", help="Workers (local/cuda) or batch jobs (slurm, pbs, ...).")
@@ -14,3 +18,18 @@ CLUSTER_CONFIG = typer.Option(None, "--cluster-config", help="YAML with options 
 def cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config) -> dict:
     return {"workers": workers, "threads_per_worker": threads_per_worker, "memory_limit": memory_limit,
             "config": cluster_config}
+
+
+def parse_triple(text: str | None, name: str, cast=int):
+    """``"64,256,256"`` → ``(64, 256, 256)``; one number is used for all three axes."""
+    if text is None:
+        return None
+    try:
+        values = tuple(cast(v) for v in str(text).replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{name} must be numbers separated by commas, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"{name} must be one or three positive numbers, got {text!r}")
+    return values

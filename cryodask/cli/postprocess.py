@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs, parse_triple
 
 
 @app.command()
@@ -28,7 +28,6 @@ def postprocess(
 ):
     """Keep the connected components of a mask that pass the filters; identical to scipy on the whole array."""
     from ..cluster import check_spec, connect
-    from ..convert import parse_triple
     from ..errors import InputError, where
     from ..postprocess.pipeline import PostprocessParams, open_mask, postprocess as run
 

@@ -239,7 +239,8 @@ def postprocess(mask, out, *, connectivity: int = 26, min_slices: int = 0, min_v
     if out.suffix.lower() not in (".mrc", ".zarr"):
         raise where(out, "output must end in .mrc or .zarr")
     read, shape, vs, block_chunks = open_mask(mask, voxel_size, chunks)
-    from ..convert import _default_client, check_output_dir
+    from ..cluster import current_client
+    from ..io.folders import check_output_dir
 
     check_output_dir(out.parent)
     key = params_hash({**asdict(params), "mask": str(Path(mask).resolve()), "chunks": block_chunks, "voxel_size": vs})
@@ -248,7 +249,7 @@ def postprocess(mask, out, *, connectivity: int = 26, min_slices: int = 0, min_v
     if _finished(out, key):
         result.status = "skipped"
         return result
-    client = client or _default_client()
+    client = client or current_client()
     if client is None:
         from ..cluster import connect
 
