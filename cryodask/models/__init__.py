@@ -1,0 +1,1 @@
+"""Model weights and builders: resolved offline from local files, loaded once per worker."""
