@@ -26,4 +26,10 @@ fi
 target="$here"
 [ -n "$extras" ] && target="$here[$extras]"
 "${pip[@]}" -c "$constraints" -e "$target"
+if [[ ",$extras," == *",sam2,"* ]]; then
+  # nothing may have swapped torch, and torchvision (a CUDA build on PyPI) must stay out
+  "$venv/bin/python" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' \
+    || { echo "torch was replaced; expected 2.13.0" >&2; exit 1; }
+  "$venv/bin/python" -m pip uninstall -y -q torchvision 2>/dev/null || true
+fi
 echo "cryodask installed in $venv ($("$venv/bin/cryodask" --help >/dev/null && echo ok))"
