@@ -1,7 +1,8 @@
-"""Particle coordinates: RELION STAR (starfile) and CSV, in and out.
+"""Particle coordinates: RELION STAR (starfile), CSV and copick picks JSON, in and out.
 
 Arrays inside cryodask are (z, y, x) in pixels; files keep their own convention: STAR has
-``rlnCoordinateX/Y/Z`` in pixels, CSV has ``x, y[, z]`` columns in pixels.
+``rlnCoordinateX/Y/Z`` in pixels (and an optics block with the pixel size), CSV has
+``x, y[, z]`` columns in pixels, copick JSON has ``location`` x, y, z in Å.
 """
 
 from __future__ import annotations
@@ -45,11 +46,17 @@ def _particles_table(path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     return particles, optics if isinstance(optics, pd.DataFrame) else None
 
 
-def read_picks(path) -> Picks:
-    """Read particle coordinates from a STAR or CSV file."""
+def read_picks(path, voxel_size: float | None = None) -> Picks:
+    """Read particle coordinates from a STAR, CSV or copick JSON file (pixels out).
+
+    copick stores Å: they are divided by ``voxel_size`` (or the file's ``voxel_spacing``)."""
     path = Path(path)
     if not path.is_file():
         raise where(path, "no such file")
+    if path.suffix.lower() == ".json":
+        from .copick import read_copick
+
+        return read_copick(path, voxel_size)
     if path.suffix.lower() == ".csv":
         try:
             table = pd.read_csv(path)
@@ -80,8 +87,10 @@ def read_picks(path) -> Picks:
     return Picks(coords, table, pixel_size)
 
 
-def write_picks(path, coords, columns: dict | None = None) -> Path:
-    """Write (N, 3) z,y,x or (N, 2) y,x pixel coordinates to STAR or CSV, with extra columns."""
+def write_picks(path, coords, columns: dict | None = None, pixel_size: float | None = None) -> Path:
+    """Write (N, 3) z,y,x or (N, 2) y,x pixel coordinates to STAR or CSV, with extra columns.
+
+    With ``pixel_size`` (Å) a STAR file gets RELION's optics block and ``rlnOpticsGroup``."""
     path = Path(path)
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, np.shape(coords)[-1] if np.ndim(coords) == 2 else 3)
     axes = "zyx"[3 - coords.shape[1]:]
@@ -94,7 +103,14 @@ def write_picks(path, coords, columns: dict | None = None) -> Path:
     if star:
         import starfile
 
-        starfile.write({"particles": table}, partial, overwrite=True)
+        blocks = {"particles": table}
+        if pixel_size is not None:
+            column = "rlnTomoTiltSeriesPixelSize" if coords.shape[1] == 3 else "rlnMicrographPixelSize"
+            optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                                   column: [float(pixel_size)], "rlnImagePixelSize": [float(pixel_size)]})
+            table.insert(len(table.columns), "rlnOpticsGroup", 1)
+            blocks = {"optics": optics, "particles": table}
+        starfile.write(blocks, partial, overwrite=True)
     else:
         table.to_csv(partial, index=False)
     partial.replace(path)

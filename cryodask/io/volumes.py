@@ -135,3 +135,51 @@ def find_volumes(inputs) -> list[Path]:
         else:
             found.append(Path(item))
     return list(dict.fromkeys(found))
+
+
+# ------------------------------------------------------------------ region readers for workers
+
+@dataclass(frozen=True)
+class ZarrReader:
+    """Reads regions of a zarr array (e.g. level 0 of an OME-Zarr image) on any worker;
+    ``dtype`` converts them (None keeps the stored type)."""
+
+    path: str
+    dtype: str | None = None
+
+    def __call__(self, region):
+        import zarr
+
+        data = zarr.open_array(self.path, mode="r")[region]
+        return data if self.dtype is None else np.asarray(data, dtype=self.dtype)
+
+
+@dataclass(frozen=True)
+class VolumeReader:
+    """Reads regions of an MRC/TIFF volume (``VolumeSource``) on any worker."""
+
+    source: VolumeSource
+    dtype: str | None = None
+
+    def __call__(self, region):
+        data = self.source.read(region)
+        return data if self.dtype is None else np.asarray(data, dtype=self.dtype)
+
+
+def open_reader(path, voxel_size=None, chunks=(64, 256, 256), dtype: str | None = None):
+    """A picklable ``read(region)``, the shape, the voxel size (z, y, x) and the block chunks of a
+    volume: an MRC/TIFF file, an OME-Zarr image or ``x.zarr/labels/<name>`` (level 0)."""
+    path = Path(path)
+    if voxel_size is not None and np.isscalar(voxel_size):
+        voxel_size = (float(voxel_size),) * 3
+    if path.is_dir():
+        from .omezarr import open_image
+
+        _, arrays, vs, _ = open_image(path)
+        level0 = arrays[0]
+        if level0.ndim != 3:
+            raise where(path, f"not a 3D image (shape {level0.shape})")
+        return ZarrReader(str(path / level0.path.split("/")[-1]), dtype), tuple(level0.shape), \
+            tuple(voxel_size or vs), tuple(level0.chunks)
+    source = open_volume(path, voxel_size)
+    return VolumeReader(source, dtype), source.shape, source.voxel_size, tuple(chunks)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
 from ..errors import InputError, where
+from ..io.volumes import VolumeReader, open_reader
 from ..params import params_hash
 from .components import block_table, boundaries, check_connectivity, equivalence_pass, label_pass, merge, plan
 
@@ -59,46 +60,9 @@ class PostprocessResult:
     status: str = "done"
 
 
-# ------------------------------------------------------------------ reading the mask on workers
-
-@dataclass(frozen=True)
-class ZarrReader:
-    """Reads regions of a zarr array (level 0 of an OME-Zarr image) on any worker."""
-
-    path: str
-
-    def __call__(self, region):
-        import zarr
-
-        return zarr.open_array(self.path, mode="r")[region]
-
-
-@dataclass(frozen=True)
-class VolumeReader:
-    source: object
-
-    def __call__(self, region):
-        return self.source.read(region)
-
-
 def open_mask(path, voxel_size=None, chunks=(64, 256, 256)):
     """A picklable region reader, the shape, the voxel size (z, y, x) and the chunks of a mask."""
-    path = Path(path)
-    if voxel_size is not None and np.isscalar(voxel_size):
-        voxel_size = (float(voxel_size),) * 3
-    if path.is_dir():
-        from ..io.omezarr import open_image
-
-        _, arrays, vs, _ = open_image(path)
-        level0 = arrays[0]
-        if level0.ndim != 3:
-            raise where(path, f"not a 3D image (shape {level0.shape})")
-        return ZarrReader(str(path / level0.path.split("/")[-1])), tuple(level0.shape), \
-            tuple(voxel_size or vs), tuple(level0.chunks)
-    from ..io.volumes import open_volume
-
-    source = open_volume(path, voxel_size)
-    return VolumeReader(source), source.shape, source.voxel_size, tuple(chunks)
+    return open_reader(path, voxel_size, chunks)
 
 
 # ------------------------------------------------------------------ where blocks are written
