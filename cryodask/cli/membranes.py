@@ -1,0 +1,110 @@
+"""``cryodask membranes``: ETSAM (two-stage SAM2) or the classical sheet filter over tomograms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs, parse_triple
+
+
+def parse_pair(text: str | None, name: str) -> tuple[int, int] | None:
+    from ..errors import InputError
+
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{name} must be two integers Y,X, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise InputError(f"{name} must be two positive integers Y,X, got {text!r}")
+    return values
+
+
+@app.command()
+def membranes(
+    inputs: list[str] = typer.Argument(..., help="Tomograms: MRC/REC/MAP files, folders, globs, or OME-Zarr images."),
+    out: Path = typer.Option(..., "--out", help="Output folder (MRC outputs; OME-Zarr for MRC inputs)."),
+    method: str = typer.Option(None, "--method", help="etsam | classical (default: etsam when weights are found, else classical)."),
+    stage1_checkpoint: Path = typer.Option(None, "--stage1-checkpoint", help="ETSAM stage-1 weights (etsam_stage1_v1.pt)."),
+    stage2_checkpoint: Path = typer.Option(None, "--stage2-checkpoint", help="ETSAM stage-2 weights (etsam_stage2_v1.pt)."),
+    weights: Path = typer.Option(None, "--weights", help="Folder holding etsam_stage{1,2}_v1.pt (or CRYODASK_WEIGHTS)."),
+    model_config: str = typer.Option("sam2.1_hiera_b+", "--model-config", help="SAM2 config name (sam2.1_hiera_b+, sam2.1_hiera_t, ...) or YAML path."),
+    image_size: int = typer.Option(None, "--image-size", help="Model input size override (published models: 1024)."),
+    normalize: str = typer.Option("min_max_positive_values", "--normalize", help="min_max_positive_values | softplus_minmax."),
+    stage1_prompt: str = typer.Option("grid_zero", "--stage1-prompt", help="grid_zero | grid | zero."),
+    stage2_prompt: str = typer.Option("zero", "--stage2-prompt", help="zero | grid | grid_zero | etsam_stage1_partial."),
+    grid_interval: int = typer.Option(50, "--grid-interval", help="Grid prompt spacing in pixels and slices (ETSAM: 50, 10 when split)."),
+    logit_threshold: float = typer.Option(-0.25, "--logit-threshold", help="Stage-2 logit threshold (ETSAM v1 used -0.5)."),
+    store_logits: bool = typer.Option(False, "--store-logits", help="Also write <stem>_<method>_predicted_logits.mrc."),
+    post_process: bool = typer.Option(False, "--post-process", help="Remove components spanning fewer than --post-process-min-slices."),
+    min_slices: int = typer.Option(10, "--post-process-min-slices", help="Smallest z extent kept by --post-process."),
+    remove_bridges: bool = typer.Option(False, "--remove-bridges", help="Also remove short bridges between parallel membranes."),
+    max_bridge_len: int = typer.Option(5, "--max-bridge-len", help="Longest bridge removed, in pixels."),
+    tile: str = typer.Option(None, "--tile", help="Y,X: largest slice part per task (very large slices, more parallelism)."),
+    split_processing: bool = typer.Option(False, "--split-processing", help="ETSAM's four quadrants."),
+    thickness: float = typer.Option(None, "--thickness", help="Classical: membrane thickness in Å."),
+    low: float = typer.Option(None, "--low", help="Classical: hysteresis low threshold."),
+    high: float = typer.Option(None, "--high", help="Classical: hysteresis high threshold."),
+    batch: int = typer.Option(8, "--batch", help="Slices per image-encoder call."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (on the workers)."),
+    voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å, if the input has none."),
+    chunks: str = typer.Option("64,256,256", "--chunks", help="Chunks z,y,x of converted OME-Zarr."),
+    cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
+    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
+):
+    """Segment membranes; outputs use ETSAM's names: <stem>_<method>_predicted_{mask,logits,post_processed_mask}.mrc."""
+    from ..cluster import check_spec, connect
+    from ..errors import CryodaskError, InputError
+    from ..membranes.classical import ClassicalParams
+    from ..membranes.pipeline import find_inputs, resolve_checkpoints, resolve_method, segment
+
+    check_spec(cluster)
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
+    method = resolve_method(method, stage1_checkpoint, stage2_checkpoint, weights)
+    classical = None
+    if method == "etsam":
+        from ..membranes.etsam import EtsamParams
+        from ..models.sam2 import config_path
+
+        resolve_checkpoints(stage1_checkpoint, stage2_checkpoint, weights)
+        config_path(model_config)
+        EtsamParams(model_config, image_size=image_size, normalize=normalize, stage1_prompt=stage1_prompt,
+                    stage2_prompt=stage2_prompt, grid_interval=grid_interval, tile=parse_pair(tile, "--tile"))
+    else:
+        given = {k: v for k, v in (("thickness", thickness), ("low", low), ("high", high)) if v is not None}
+        classical = ClassicalParams(**given)
+    vs = parse_triple(voxel_size, "--voxel-size", float)
+    block = parse_triple(chunks, "--chunks")
+    found, failed = find_inputs(inputs, vs)  # every input checked before a cluster starts
+    for bad in failed:
+        typer.echo(f"error: {bad.message}", err=True)
+    if not found:
+        raise CryodaskError("no usable tomogram")
+    with connect(cluster, **cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config)) as client:
+        typer.echo(f"dashboard: {client.dashboard_link}")
+        report = segment([str(p) for _, p in found], out, method=method, stage1_checkpoint=stage1_checkpoint,
+                         stage2_checkpoint=stage2_checkpoint, weights=weights, config=model_config,
+                         image_size=image_size, normalize=normalize, stage1_prompt=stage1_prompt,
+                         stage2_prompt=stage2_prompt, grid_interval=grid_interval, logit_threshold=logit_threshold,
+                         tile=parse_pair(tile, "--tile"), split_processing=split_processing, store_logits=store_logits,
+                         post_process=post_process, min_slices=min_slices, remove_bridges=remove_bridges,
+                         max_bridge_len=max_bridge_len, classical=classical, voxel_size=vs, chunks=block,
+                         batch=batch, device=device, client=client, progress=True)
+    for result in report.results:
+        if result.status == "failed":
+            typer.echo(f"error: {result.message}", err=True)
+            continue
+        seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+        fraction = f", membrane {100 * result.mask_fraction:.2f} %" if result.mask_fraction is not None else ""
+        typer.echo(f"{result.source}: {result.status} ({report.method}{fraction}{', ' + seconds if seconds else ''})")
+        for path in result.files:
+            typer.echo(f"  wrote {path}")
+    if failed or report.failed:
+        raise typer.Exit(2)
