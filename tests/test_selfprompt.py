@@ -1,0 +1,378 @@
+"""Cross-Plane Self-Prompting: the propagation rule on known per-slice masks, the geometry, the
+embedding cache and the whole path on a small random SAM2 (the real model code, random weights:
+masks are arbitrary, so the logic is checked, not the quality)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cryodask.errors import InputError
+from cryodask.prompting.selfprompt import (
+    EmbeddingCache, Instance, SAM2Slices, SelfPromptParams, SliceDecoder, SliceGeometry, instance_ids,
+    instance_labels, query_from_instances, robust_range, segment_instance, segment_instances, self_prompt,
+    semantic_mask, unit_reader,
+)
+
+N = 12  # side of the cube the known-mask tests run on
+
+
+# ------------------------------------------------------------------ a decoder with known masks
+
+def box_mask(r0, r1, c0, c1, n=N):
+    m = np.zeros((n, n), bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+class Known(SliceDecoder):
+    """Per (view, slice) candidates given as (mask, score, peak): logits +1 inside, -1 outside,
+    +2 at ``peak``; identity geometry (low-res grid = slice pixels). Records every call."""
+
+    def __init__(self, table, n=N):
+        self.table, self.n, self.calls, self.needed = table, n, [], []
+
+    def geometry(self, view):
+        return SliceGeometry(self.n, self.n, self.n, self.n)
+
+    def need(self, view, indices):
+        self.needed.append((view, list(indices)))
+
+    def decode(self, view, index, point_rc, mask_input, multimask=True):
+        self.calls.append((view, index, tuple(point_rc), None if mask_input is None else np.array(mask_input)))
+        cands = self.table.get((view, index), [])
+        if not cands:  # one candidate that is empty: never passes
+            return np.full((1, self.n, self.n), -1, np.float32), np.array([0.9], np.float32)
+        logits = []
+        for mask, _, peak in cands:
+            lg = np.where(mask, 1.0, -1.0).astype(np.float32)
+            lg[peak] = 2.0
+            logits.append(lg)
+        return np.stack(logits), np.array([s for _, s, _ in cands], np.float32)
+
+
+def run(table, point=(6, 6, 6), **params):
+    decoder = Known(table)
+    inst = self_prompt(decoder, (N, N, N), point, SelfPromptParams(**{"views": ("z",), "max_area": N * N, **params}))
+    return inst, decoder
+
+
+def full(inst, shape=(N, N, N)):
+    out = np.zeros(shape, bool)
+    out[inst[0]] = inst[1]
+    return out
+
+
+def test_stops_exactly_when_iou_drops_below_threshold():
+    base = box_mask(2, 6, 2, 6)  # 16 px
+    plus16 = base | box_mask(8, 12, 8, 12)  # IoU with base: 16 / 32 = 0.5 exactly: kept
+    part = box_mask(2, 6, 2, 6) & ~box_mask(2, 3, 2, 3)  # 15 px: IoU with plus16 = 15/32 < 0.5: stop
+    table = {("z", 6): [(base, 0.9, (3, 3))], ("z", 7): [(plus16, 0.9, (4, 4))], ("z", 8): [(part, 0.9, (4, 4))],
+             ("z", 9): [(part, 0.9, (4, 4))],
+             ("z", 5): [(box_mask(2, 6, 2, 7), 0.9, (3, 3))],  # 16/20 = 0.8: kept
+             ("z", 4): [(box_mask(2, 6, 5, 12), 0.9, (3, 6))]}  # 8/40 < 0.5: stop
+    inst, decoder = run(table)
+    assert inst.extents == {"z": (5, 8)}
+    assert [c[1] for c in decoder.calls] == [6, 7, 8, 5, 4]  # 9 and 3 are never asked for
+    expected = np.zeros((N, N, N), bool)
+    expected[5], expected[6], expected[7] = box_mask(2, 6, 2, 7), base, plus16
+    assert (full(inst) == expected).all()
+    # a lower threshold lets slice 8 (IoU 15/32) and 9 (IoU 1) through
+    inst, _ = run(table, iou_threshold=0.45)
+    assert inst.extents == {"z": (5, 10)}
+
+
+def test_stops_at_volume_edge_and_at_max_extent():
+    disc = box_mask(3, 8, 3, 8)
+    table = {("z", i): [(disc, 0.8, (5, 5))] for i in range(N)}
+    inst, decoder = run(table, point=(9, 5, 5))
+    assert inst.extents == {"z": (0, N)} and sorted(c[1] for c in decoder.calls) == list(range(N))
+    assert inst[0] == (slice(0, N), slice(3, 8), slice(3, 8)) and inst[1].all()
+    inst, decoder = run(table, point=(9, 5, 5), max_extent=2)
+    assert inst.extents == {"z": (7, N)}  # 2 below; 2 above would pass the edge at 11
+    inst, _ = run(table, point=(6, 5, 5), max_extent=0)
+    assert inst.extents == {"z": (6, 7)}
+    # the derived cap: ceil(diameter) slices per direction
+    inst, _ = run(table, point=(6, 5, 5), diameter=2.5)
+    assert inst.extents == {"z": (3, 10)}
+
+
+def test_next_prompt_is_argmax_of_previous_logits():
+    table = {("z", 6): [(box_mask(2, 9, 2, 9), 0.9, (3, 7))],
+             ("z", 7): [(box_mask(2, 9, 2, 9), 0.9, (8, 2))],
+             ("z", 8): [(box_mask(2, 9, 2, 9), 0.9, (5, 5))]}
+    inst, decoder = run(table, point=(6, 4.2, 5.7), max_extent=2)
+    calls = {c[1]: c for c in decoder.calls}
+    assert calls[6][2] == (4.2, 5.7) and calls[6][3] is None  # the prompted slice: the point alone
+    assert calls[7][2] == (3, 7) and calls[8][2] == (8, 2) and calls[5][2] == (3, 7)
+    first = np.where(box_mask(2, 9, 2, 9), 1.0, -1.0)
+    first[3, 7] = 2.0
+    np.testing.assert_array_equal(calls[7][3], first)  # the previous low-res logits as the mask prompt
+    _, decoder = run(table, point=(6, 4, 5), max_extent=1, mask_prompt="binary")
+    np.testing.assert_array_equal([c for c in decoder.calls if c[1] == 7][0][3], box_mask(2, 9, 2, 9).astype(np.float32))
+
+
+def test_area_and_score_filters_pick_the_best_passing_candidate():
+    big, neg, small, tiny = box_mask(0, 10, 0, 10), box_mask(4, 8, 4, 8), box_mask(5, 8, 5, 8), box_mask(6, 7, 6, 7)
+    table = {("z", 6): [(big, 0.99, (5, 5)), (neg, -0.1, (5, 5)), (tiny, 0.3, (6, 6)), (small, 0.5, (6, 6))]}
+    inst, _ = run(table, max_area=50, max_extent=0)  # big: 100 px, too large; neg: score <= 0
+    assert inst[1].sum() == 9 and inst.score == pytest.approx(0.5)
+    inst, _ = run(table, max_area=9, max_extent=0)  # area must be < max_area: only tiny
+    assert inst[1].sum() == 1
+    inst, _ = run(table, max_area=200, max_extent=0, score_threshold=0.995)  # nothing scores above it
+    assert inst[1].size == 0 and inst[0] == (slice(6, 6), slice(6, 6), slice(6, 6)) and inst.extents == {"z": None}
+    inst, _ = run(table, max_area=200, max_extent=0, score_threshold=-0.5)  # neg passes, big wins
+    assert inst[1].sum() == 100
+    inst, _ = run(table, diameter=5, max_area=None, max_extent=0)  # max_area = ceil((1.2 * 5)^2) = 36: small wins
+    assert inst[1].sum() == 9
+
+
+def test_directions_are_united():
+    z = box_mask(4, 8, 5, 7)  # rows y, columns x
+    y = box_mask(5, 8, 3, 9)  # rows z, columns x
+    x = box_mask(2, 10, 6, 7)  # rows z, columns y
+    table = {("z", 6): [(z, 0.9, (6, 6))], ("z", 7): [(z, 0.9, (6, 6))],
+             ("y", 5): [(y, 0.9, (6, 6))], ("x", 7): [(x, 0.9, (6, 6))], ("x", 6): [(x, 0.9, (6, 6))]}
+    inst, decoder = run(table, point=(6, 5, 7), views=("x", "z", "y"))
+    expected = np.zeros((N, N, N), bool)
+    expected[6] |= z
+    expected[7] |= z
+    expected[:, 5, :] |= y
+    expected[:, :, 7] |= x
+    expected[:, :, 6] |= x
+    assert (full(inst) == expected).all()
+    assert inst.extents == {"z": (6, 8), "y": (5, 6), "x": (6, 8)}
+    assert inst[0] == tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(expected))
+    # each view's slice is prompted at its own in-plane coordinates: (y, x), (z, x), (z, y)
+    firsts = {c[0]: c[2] for c in decoder.calls if c[3] is None}
+    assert firsts == {"z": (5, 7), "y": (6, 7), "x": (6, 5)}
+
+
+def test_geometry_of_non_square_slices():
+    g = SliceGeometry(32, 64, 128, 32)  # stretch: rows x4, columns x2
+    assert g.to_model(0, 0) == (0.5, 1.5) and g.to_model(31, 63) == (127.5 - 1, 127.5 - 2)
+    for r, c in [(0, 0), (10, 20), (31, 63)]:  # low-res pixel under a point maps back next to it
+        x, y = g.to_model(r, c)
+        i, j = int((y + 0.5) // 4), int((x + 0.5) // 4)
+        rr, cc = g.lowres_to_slice(i, j)
+        assert abs(rr - r) <= 1 and abs(cc - c) <= 2
+    assert g.upsample(np.zeros((3, 32, 32))).shape == (3, 32, 64)
+    p = SliceGeometry(32, 64, 128, 32, "pad")  # aspect kept: 64 x 128 of content, rows 64.. padding
+    assert p.content == (64, 128) and p.lowres_content() == (16, 32) and p.scale == (2.0, 2.0)
+    logits = np.zeros((32, 32), np.float32)
+    logits[20, 3] = 9  # in the padding: ignored
+    logits[5, 7] = 1
+    assert p.argmax(logits) == p.lowres_to_slice(5, 7) == (11, 15)
+    images = p.images(np.ones((2, 32, 64), np.float32)).numpy()
+    assert images.shape == (2, 3, 128, 128) and (images[:, :, 64:] == 0).all()
+    np.testing.assert_allclose(images[0, :, 0, 0], (1 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225],
+                               rtol=1e-5)
+    up = p.upsample(np.ones((1, 32, 32)))
+    assert up.shape == (1, 32, 64)
+
+
+def test_params_and_prompts_are_validated_in_one_line():
+    for bad in [dict(iou_threshold=1.5), dict(max_area=0), dict(max_extent=-1), dict(views=("z", "w")),
+                dict(views=()), dict(resize="crop"), dict(mask_prompt="soft"), dict(diameter=0),
+                dict(score_threshold=float("nan"))]:
+        with pytest.raises(InputError):
+            SelfPromptParams(**bad)
+    assert SelfPromptParams(views=("x", "z")).views == ("z", "x")
+    decoder = Known({})
+    for point in [(12, 0, 0), (-1, 3, 3), (0, 0, 12.2), (1, 2), ("a", 1, 2), (np.nan, 1, 1)]:
+        with pytest.raises(InputError) as err:
+            segment_instance(None, None, (N, N, N), point, SelfPromptParams(), decoder=decoder)
+        assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match=r"lies outside the volume of shape \(12, 12, 12\)"):
+        segment_instances(lambda r: None, (N, N, N), [(1, 1, 1), (3, 12, 3)], SelfPromptParams(),
+                          config="sam2.1_hiera_t", checkpoint=None, image_size=128, device="cpu")
+    assert decoder.calls == []
+    assert segment_instances(None, (N, N, N), [], SelfPromptParams(), config="x", checkpoint=None) == []
+    with pytest.raises(InputError, match=r"\(N, 3\) array"):
+        segment_instances(None, (N, N, N), [(1, 2)], SelfPromptParams(), config="x", checkpoint=None)
+
+
+def test_instance_labels_and_semantic_mask_region_wise():
+    rng = np.random.default_rng(1)
+    shape = (10, 12, 14)
+    instances = []
+    for _ in range(6):
+        lo = rng.integers(0, 6, 3)
+        size = rng.integers(1, 6, 3)
+        box = tuple(slice(int(a), int(min(a + s, n))) for a, s, n in zip(lo, size, shape))
+        instances.append((box, rng.random([b.stop - b.start for b in box]) < 0.6))
+    scores = rng.random(6)
+    whole = instance_labels(instances, shape, scores=scores)
+    ids = instance_ids(instances, scores)
+    assert sorted(ids) == list(range(1, 7)) and ids[np.argmax(scores)] == 1
+    expected = np.zeros(shape, np.uint32)  # brute force: highest score wins every voxel
+    best = np.full(shape, -np.inf)
+    for (box, mask), s, i in zip(instances, scores, ids):
+        full_mask = np.zeros(shape, bool)
+        full_mask[box] = mask
+        take = full_mask & (s > best)
+        expected[take], best[take] = i, s
+    assert (whole == expected).all() and whole.dtype == np.uint32
+    for region in [(slice(0, 5), slice(0, 12), slice(7, 14)), (slice(3, 10), slice(4, 8), slice(0, 14))]:
+        assert (instance_labels(instances, region, scores=scores) == whole[region]).all()
+        assert (semantic_mask(instances, region) == (whole[region] > 0)).all()
+    # scores default to the instances' own, else the input order
+    inst = [Instance(b, m, None, s) for (b, m), s in zip(instances, scores)]
+    assert (instance_labels(inst, shape) == whole).all()
+    assert list(instance_ids(instances)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_query_from_instances_is_the_mean_inside_the_masks():
+    rng = np.random.default_rng(2)
+    r, shape = 4, (16, 20, 24)
+    level = rng.normal(size=(4, 5, 6, 7)).astype(np.float32)
+    features = {16: level[::4, ::4, ::4], r: level}
+    instances, painted = [], []
+    for lo, hi in [((1, 2, 3), (10, 13, 9)), ((5, 0, 8), (15, 9, 24))]:
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        mask = rng.random([b - a for a, b in zip(lo, hi)]) < 0.5
+        instances.append((box, mask))
+        vol = np.zeros(shape, bool)
+        vol[box] = mask
+        painted.append(vol)
+    vectors = [level[i, j, k] for vol in painted for i, j, k in np.ndindex(level.shape[:3])
+               if vol[i * r, j * r, k * r]]
+    mean = np.mean(vectors, axis=0)
+    np.testing.assert_allclose(query_from_instances(features, r, instances), mean / np.linalg.norm(mean), rtol=1e-5)
+    # an empty mask falls back to the grid point nearest its prompt
+    empty = Instance((slice(9, 9), slice(9, 9), slice(9, 9)), np.zeros((0, 0, 0), bool), (9.0, 13.9, 1.9))
+    total = np.sum(vectors, axis=0) + level[2, 3, 0]
+    np.testing.assert_allclose(query_from_instances(features, r, instances + [empty]),
+                               total / np.linalg.norm(total), rtol=1e-5)
+    with pytest.raises(InputError, match="no prompt point"):
+        query_from_instances(features, r, [(empty[0], empty[1])])
+    with pytest.raises(InputError, match="level 8"):
+        query_from_instances(features, 8, instances)
+
+
+def test_robust_range_and_unit_reader():
+    v = np.random.default_rng(3).normal(size=(9, 10, 11)).astype(np.float32)
+    lo, hi = robust_range(lambda reg: v[reg], v.shape, slab_voxels=150)
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(v, [0.5, 99.5])))
+    read = unit_reader(lambda reg: v[reg], (lo, hi))
+    out = read((slice(0, 9), slice(0, 10), slice(0, 11)))
+    assert out.min() == 0 and out.max() == 1 and out.dtype == np.float32
+    with pytest.raises(InputError, match="constant"):
+        robust_range(lambda reg: np.ones((2, 2, 2), np.float32)[reg], (2, 2, 2))
+
+
+def test_embedding_cache_is_lru_and_bounded():
+    cache = EmbeddingCache(max_bytes=30)
+    for i in range(4):
+        cache.put(("z", i), i, 10)
+    assert ("z", 0) not in cache and len(cache) == 3 and cache.nbytes == 30
+    assert cache.get(("z", 1)) == 1  # now the most recent
+    cache.put(("z", 9), 9, 10)
+    assert ("z", 2) not in cache and ("z", 1) in cache
+    assert (cache.hits, cache.misses) == (1, 0)
+    cache.bind("a")
+    with pytest.raises(InputError):
+        cache.bind("b")
+
+
+# ------------------------------------------------------------------ the real SAM2 code, random weights
+
+pytest.importorskip("sam2")
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two threads on two shared cores are ~10x slower than one for these tiny models."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def predictor(seed=0):
+    from cryodask.models.sam2 import build_predictor
+
+    torch.manual_seed(seed)
+    return build_predictor("sam2.1_hiera_t", image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def tomo():
+    from cryodask.synth.tomogram import synth_tomogram
+
+    t = synth_tomogram((32, 64, 64), seed=0)
+    lo, hi = robust_range(lambda r: t.volume[r], t.volume.shape)
+    return t, unit_reader(lambda r: t.volume[r], (lo, hi)), (lo, hi)
+
+
+# random weights give masks of about half a slice: allow them, and cap the extent to stay quick
+E2E = SelfPromptParams(max_area=64 * 64, max_extent=3)
+
+
+def test_sam2_end_to_end_is_bounded_and_deterministic(tomo):
+    t, read, _ = tomo
+    point = t.particles[0]
+    model = predictor()
+    inst = segment_instance(model, read, t.volume.shape, point, E2E)
+    box, mask = inst
+    assert mask.dtype == bool and mask.shape == tuple(s.stop - s.start for s in box)
+    assert all(0 <= s.start <= s.stop <= n for s, n in zip(box, t.volume.shape))
+    voxel = np.floor(np.asarray(point) + 0.5).astype(int)
+    for axis, view in enumerate("zyx"):
+        extent = inst.extents[view]
+        if extent is not None:  # never more than max_extent slices either side of the prompt
+            assert voxel[axis] - 3 <= extent[0] <= voxel[axis] < extent[1] <= voxel[axis] + 4
+    if mask.size:  # an accepted view puts its prompted slice in the box
+        assert mask.any()
+        assert all(box[a].start <= voxel[a] < box[a].stop for a, v in enumerate("zyx") if inst.extents[v])
+    else:  # nothing passed the filters on any prompted slice
+        assert all(e is None for e in inst.extents.values())
+    again = segment_instance(predictor(), read, t.volume.shape, point, E2E)
+    assert again[0] == box and (again[1] == mask).all() and again.extents == inst.extents
+    restored = pickle.loads(pickle.dumps(inst))  # instances travel back from Dask workers
+    assert restored[0] == box and (restored[1] == mask).all() and restored.score == inst.score
+
+
+def test_sam2_embedding_cache_is_reused_by_a_neighbour(tomo):
+    t, read, _ = tomo
+    model = predictor()
+    calls = []
+    encoder = model.forward_image
+    model.forward_image = lambda images: calls.append(len(images)) or encoder(images)
+    cache = EmbeddingCache()
+    decoder = SAM2Slices(model, read, t.volume.shape, cache=cache, batch=4)
+    point = np.asarray(t.particles[0])
+    first = segment_instance(model, read, t.volume.shape, point, E2E, decoder=decoder)
+    n_first = sum(calls)
+    assert n_first == decoder.encoded and len(calls) == decoder.calls and max(calls) <= 4
+    accepted = sum(e[1] - e[0] for e in first.extents.values() if e)
+    assert accepted <= n_first == len(cache)  # every accepted slice encoded, none twice
+    second = segment_instance(model, read, t.volume.shape, point + (0, 1, 1), E2E, cache=cache,
+                              decoder=decoder)
+    n_second = sum(calls) - n_first
+    assert n_second < n_first and cache.hits > 0
+    assert second.extents.keys() == first.extents.keys()
+    with pytest.raises(InputError, match="one volume"):
+        SAM2Slices(model, read, (32, 64, 63), cache=cache)
+    with pytest.raises(InputError, match="does not match the predictor's device 'cpu'"):
+        SAM2Slices(model, read, t.volume.shape, device="cuda")
+
+
+def test_segment_instances_one_task(tomo):
+    t, _, value_range = tomo
+    points = [t.particles[0] + (0, 2, 0), t.particles[0]]
+    out = segment_instances(lambda r: t.volume[r], t.volume.shape, points, E2E, config="sam2.1_hiera_t",
+                            checkpoint=None, image_size=SIZE, device="cpu", batch=4, value_range=value_range)
+    assert [tuple(o.point) for o in out] == [tuple(map(float, p)) for p in points]  # input order
+    for inst in out:
+        assert isinstance(inst, Instance) and inst[1].dtype == bool
+    union = np.zeros(t.volume.shape, bool)
+    for box, mask in out:
+        union[box] |= mask
+    assert (semantic_mask(out, t.volume.shape) == union).all()
