@@ -1,0 +1,242 @@
+"""``cryodask pick``: every particle of one kind in a tomogram, as RELION STAR, CSV and copick.
+
+``log``: the LoG blob detector at the particle diameter (no weights, the embedded default).
+``cryosam``: CryoSAM from one or more clicked particles. Cross-Plane Self-Prompting segments
+each prompt with SAM2; the DINOv2 feature inside those masks is the query; Hierarchical
+Feature Matching over the tri-view feature pyramid finds every similar location (NMS, top-K);
+each detection is segmented with SAM2 in turn, batches of detections mapped over the
+workers. Instance labels and their union (the semantic mask) go to ``labels/`` of the
+tomogram's OME-Zarr, so napari shows them over the tomogram.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError, where
+
+SAM2_FILES = {"sam2.1_hiera_t": "sam2.1_hiera_tiny.pt", "sam2.1_hiera_s": "sam2.1_hiera_small.pt",
+              "sam2.1_hiera_b+": "sam2.1_hiera_base_plus.pt", "sam2.1_hiera_l": "sam2.1_hiera_large.pt"}
+STAR_SCORE = "rlnAutopickFigureOfMerit"
+
+
+@dataclass
+class PickResult:
+    picks: pd.DataFrame
+    files: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+    store: str | None = None
+    prompts: int = 0
+
+
+def load_prompts(prompts=None, prompts_file=None, *, shape, voxel_size) -> np.ndarray:
+    """(N, 3) z, y, x prompt voxels from ``--prompt`` triples and/or a STAR/CSV/copick file,
+    all inside the volume; anything else is a one-line error."""
+    from ..io.picks import read_picks
+
+    points = [np.asarray(p, dtype=np.float64).reshape(3) for p in (prompts or [])]
+    if prompts_file is not None:
+        picks = read_picks(prompts_file, voxel_size=voxel_size)
+        if picks.coords.shape[1] != 3:
+            raise where(prompts_file, "prompts for a tomogram need x, y and z")
+        if len(picks.coords) == 0:
+            raise where(prompts_file, "holds no prompt")
+        points += list(picks.coords)
+    if not points:
+        raise InputError("cryosam needs at least one prompt (--prompt z,y,x or --prompts FILE)")
+    points = np.array(points)
+    outside = ~np.all((points >= 0) & (points <= np.array(shape) - 1), axis=1)
+    if outside.any():
+        z, y, x = points[outside][0]
+        raise InputError(f"prompt (z, y, x) = ({z:g}, {y:g}, {x:g}) lies outside the volume of shape {tuple(shape)}")
+    return points
+
+
+def sam2_checkpoint(checkpoint, weights, config: str) -> Path:
+    from ..models.weights import resolve
+
+    name = SAM2_FILES.get(str(config).removesuffix(".yaml"), "sam2.1_hiera_large.pt")
+    return resolve(checkpoint, default_name=name, folder=weights, option="--sam-checkpoint")
+
+
+def write_outputs(out: Path, stem: str, method: str, picks: pd.DataFrame, voxel_size: float,
+                  object_name: str) -> list[Path]:
+    """STAR (pixels, optics block, score as rlnAutopickFigureOfMerit), CSV and copick JSON."""
+    from ..io.copick import copick_name, write_copick
+    from ..io.picks import write_picks
+
+    coords = picks[["z", "y", "x"]].to_numpy(dtype=np.float64)
+    scores = picks["score"].to_numpy(dtype=np.float64)
+    prefix = out / f"{stem}_{method}_picks"
+    files = [write_picks(prefix.with_suffix(".star"), coords, {STAR_SCORE: scores}, pixel_size=voxel_size),
+             write_picks(prefix.with_suffix(".csv"), coords, {"score": scores})]
+    folder = out / "copick" / "ExperimentRuns" / stem / "Picks"
+    folder.mkdir(parents=True, exist_ok=True)
+    files.append(write_copick(folder / copick_name(f"cryodask-{method}", "0", object_name), coords, voxel_size,
+                              scores=scores, object_name=object_name.replace("_", "-"), run_name=stem))
+    return files
+
+
+def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, threshold: float | None = None,
+         min_distance: float | None = None, max_picks: int | None = None, prompts=None, prompts_file=None,
+         sam_checkpoint=None, dinov2_checkpoint=None, weights=None, config: str = "sam2.1_hiera_l",
+         image_size: int | None = None, feature_image_size: int = 518, iou_threshold: float = 0.5,
+         sim_threshold: float = 0.5, top_k: int = 512, matching: str = "hierarchical", object_name: str = "particle",
+         voxel_size=None, chunks=(64, 256, 256), device: str = "auto", batch: int = 8, seed: int = 0,
+         client=None) -> PickResult:
+    """Pick particles in one tomogram (MRC/TIFF or OME-Zarr).
+
+    Parameters
+    ----------
+    method : "log" (needs ``diameter`` in Å) or "cryosam" (needs prompts, SAM2 and DINOv2 weights)
+    diameter, threshold, min_distance, max_picks : the LoG picker's options (Å)
+    prompts, prompts_file : z, y, x voxel triples and/or a STAR, CSV or copick JSON file
+    sam_checkpoint, dinov2_checkpoint, weights, config, image_size : CryoSAM's models
+    iou_threshold, sim_threshold, top_k, matching : CryoSAM's options (matching "naive" for comparison)
+
+    Examples
+    --------
+    >>> result = pick("tomo.mrc", "picks/", method="log", diameter=250)  # doctest: +SKIP
+    >>> result.files                                                     # doctest: +SKIP
+    """
+    from ..io.folders import check_output_dir
+    from ..io.volumes import open_reader
+
+    if method not in ("log", "cryosam"):
+        raise InputError(f"--method must be log or cryosam, got {method!r}")
+    read, shape, vs, _ = open_reader(tomogram, voxel_size, chunks, dtype="float32")
+    out = check_output_dir(out).resolve()
+    stem = Path(tomogram).name.split(".")[0]
+    if method == "log":
+        from .log import LogParams
+
+        if diameter is None:
+            raise InputError("--method log needs --diameter (Å)")
+        params = LogParams(float(diameter), **{k: v for k, v in (("threshold", threshold),
+                           ("min_distance", min_distance), ("max_picks", max_picks)) if v is not None})
+        return _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client)
+    points = load_prompts(prompts, prompts_file, shape=shape, voxel_size=vs[2])
+    from ..models.dinov2 import describe_dinov2, resolve_dinov2
+    from ..models.sam2 import config_path
+
+    config_path(config)
+    sam = sam2_checkpoint(sam_checkpoint, weights, config)
+    dino = resolve_dinov2(dinov2_checkpoint, weights)
+    describe_dinov2(dino)
+    from ..prompting.matching import MatchParams
+    from ..prompting.selfprompt import SelfPromptParams
+
+    diameter_px = float(diameter) / vs[2] if diameter else None
+    sp_params = SelfPromptParams(iou_threshold=float(iou_threshold), diameter=diameter_px)
+    match_params = MatchParams(sim_threshold=float(sim_threshold), top_k=int(top_k), matching=matching)
+    if client is None:
+        from ..cluster import current_client
+
+        client = current_client()
+    if client is None:
+        from ..cluster import connect
+
+        with connect("local") as local:
+            return _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name,
+                                 config, sam, dino, image_size, feature_image_size, device, batch, seed, chunks, local)
+    return _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name, config,
+                         sam, dino, image_size, feature_image_size, device, batch, seed, chunks, client)
+
+
+def _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client) -> PickResult:
+    from .log import log_pick
+
+    clock = time.perf_counter()
+    picks = log_pick(read, shape, vs, params, chunks=chunks, client=client)
+    result = PickResult(picks)
+    result.seconds["log"] = time.perf_counter() - clock
+    result.files = write_outputs(out, stem, "log", picks, vs[2], object_name)
+    return result
+
+
+def _store_of(tomogram, out: Path, vs, chunks, client) -> Path:
+    """The tomogram's OME-Zarr: itself, or converted under ``out``."""
+    from ..convert import convert
+    from ..membranes.pipeline import is_zarr
+
+    if is_zarr(tomogram):
+        return Path(tomogram)
+    report = convert([tomogram], out, chunks=chunks, levels=3, voxel_size=vs, client=client)
+    if report.failed:
+        raise InputError(report.failed[0].message)
+    return Path(report.results[0].store)
+
+
+def _groups(points: np.ndarray, size: int) -> list[np.ndarray]:
+    """Detections in z order, cut into tasks: neighbours share cached slice embeddings."""
+    order = np.lexsort((points[:, 2], points[:, 1], points[:, 0]))
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name, config, sam,
+                  dino, image_size, feature_image_size, device, batch, seed, chunks, client) -> PickResult:
+    from ..prompting.features import FeatureParams, extract_features, open_features
+    from ..prompting.matching import match
+    from ..prompting.selfprompt import query_from_instances, robust_range, segment_instances
+
+    result = PickResult(pd.DataFrame(columns=["z", "y", "x", "score"]), prompts=len(points))
+    clock = time.perf_counter()
+    store = _store_of(tomogram, out, vs, chunks, client)
+    result.store = str(store)
+    features_store = out / f"{stem}_features.zarr"
+    extract_features(store, features_store, checkpoint=dino, params=FeatureParams(image_size=feature_image_size),
+                     client=client, device="gpu" if device == "cuda" else device)
+    result.seconds["features"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    value_range = robust_range(read, shape)
+    options = dict(config=config, checkpoint=str(sam) if sam else None, image_size=image_size, device=device,
+                   batch=batch, seed=seed, value_range=value_range)
+    prompted = client.submit(segment_instances, read, shape, points, sp_params, pure=False, **options).result()
+    features = open_features(features_store)
+    query = query_from_instances(features, min(features), prompted, points=points)
+    detections = match(features, query, match_params, client=client)
+    result.seconds["prompts + matching"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    coords = detections[["z", "y", "x"]].to_numpy(dtype=np.float64)
+    coords = np.minimum(coords, np.array(shape) - 1)
+    instances = [None] * len(coords)
+    futures = [(group, client.submit(segment_instances, read, shape, coords[group], sp_params, pure=False, **options))
+               for group in _groups(coords, 16)] if len(coords) else []
+    for group, future in futures:
+        for i, instance in zip(group, future.result()):
+            instances[i] = instance
+    result.seconds["instances"] = time.perf_counter() - clock
+    result.picks = detections.reset_index(drop=True)
+    result.files = write_outputs(out, stem, "cryosam", result.picks, vs[2], object_name)
+    result.files += _write_labels(store, instances, result.picks["score"].to_numpy())
+    return result
+
+
+def _paint(block_info=None, instances=None, scores=None):
+    from ..prompting.selfprompt import instance_labels
+
+    region = tuple(slice(a, b) for a, b in block_info[None]["array-location"])
+    return instance_labels(instances, region, scores=scores)
+
+
+def _write_labels(store: Path, instances, scores) -> list[Path]:
+    """Instance labels (1 = best score) and the semantic mask, written chunk by chunk."""
+    import dask.array as da
+
+    from ..io.omezarr import open_image, write_labels
+
+    _, arrays, _, _ = open_image(store)
+    level0 = arrays[0]
+    labels = da.map_blocks(_paint, dtype=np.uint32, chunks=da.empty(level0.shape, chunks=level0.chunks).chunks,
+                           instances=list(instances), scores=np.asarray(scores, dtype=np.float64))
+    write_labels(store, "cryosam_instances", labels,
+                 properties=[{"label-value": i + 1, "score": float(s)} for i, s in enumerate(scores)])
+    write_labels(store, "cryosam_semantic", (labels > 0).astype(np.uint8), colors={1: [255, 160, 0, 255]})
+    return [store / "labels" / "cryosam_instances", store / "labels" / "cryosam_semantic"]

@@ -1,0 +1,116 @@
+"""``cryodask pick``: the LoG picker and CryoSAM end to end, with real files in and out.
+
+CryoSAM runs with small random SAM2 (hiera-t) and DINOv2 models saved as the checkpoints a
+user would download, so the loading, the feature pyramid, the matching, the self-prompted
+instances and the label writing are the real code paths (random weights: logic, not quality).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import write_raw_mrc
+from cryodask.cli import main
+from cryodask.evaluate import evaluate_picks
+from cryodask.io.omezarr import open_image
+from cryodask.io.picks import read_picks, write_picks
+from cryodask.synth.tomogram import synth_tomogram, write_tomogram
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synth")
+    return write_tomogram(folder / "tomo.mrc", synth_tomogram((48, 96, 96), voxel_size=10.0, seed=2, snr=0.5))
+
+
+def test_log_pick_command_writes_star_csv_copick_and_scores(synthetic, tmp_path, capsys, client):
+    code, out, err = run(capsys, "pick", synthetic["tomogram"], "--out", tmp_path, "--method", "log",
+                         "--diameter", "250", "--cluster", client.scheduler.address)
+    assert code == 0, err
+    star, csv = tmp_path / "tomo_log_picks.star", tmp_path / "tomo_log_picks.csv"
+    copick = tmp_path / "copick" / "ExperimentRuns" / "tomo" / "Picks" / "cryodask-log_0_particle.json"
+    picks = read_picks(star)
+    assert picks.pixel_size == 10.0 and len(picks.coords) > 0
+    assert np.allclose(read_picks(csv).coords, picks.coords)
+    assert np.allclose(read_picks(copick).coords, picks.coords)
+    assert json.loads(copick.read_text())["points"][0]["location"]["x"] == pytest.approx(picks.coords[0, 2] * 10)
+    truth = read_picks(synthetic["particles"])
+    large = truth.coords[truth.table["rlnClassNumber"].to_numpy() == 1]
+    write_picks(tmp_path / "large.star", large)
+    scores = evaluate_picks(star, tmp_path / "large.star", radius=125, unit="angstrom", voxel_size=10.0)
+    assert scores["f1"] > 0.6, scores
+
+
+@pytest.fixture(scope="module")
+def cryosam_weights(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("sam2")
+    from transformers import Dinov2Config, Dinov2Model
+
+    from cryodask.models.sam2 import build_predictor
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    torch.save({"model": build_predictor("sam2.1_hiera_t", image_size=128).state_dict()},
+               folder / "sam2.1_hiera_tiny.pt")
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             patch_size=14, image_size=56)).save_pretrained(folder / "dinov2-large")
+    return folder
+
+
+def test_cryosam_end_to_end_from_one_prompt(cryosam_weights, tmp_path, client):
+    from cryodask.picking.pipeline import pick
+
+    tomo = synth_tomogram((16, 48, 40), voxel_size=10.0, seed=1, snr=1.0)
+    write_raw_mrc(tmp_path / "t.mrc", tomo.volume, voxel_size=10.0)
+    write_picks(tmp_path / "prompt.star", tomo.particles[:1])
+    result = pick(tmp_path / "t.mrc", tmp_path / "out", method="cryosam", prompts_file=tmp_path / "prompt.star",
+                  weights=cryosam_weights, config="sam2.1_hiera_t", image_size=128, feature_image_size=56,
+                  diameter=250, top_k=4, chunks=(8, 24, 24), client=client)
+    assert result.prompts == 1 and 1 <= len(result.picks) <= 4
+    assert (result.picks["score"].diff().dropna() <= 0).all()
+    picks = read_picks(tmp_path / "out" / "t_cryosam_picks.star")
+    assert np.allclose(picks.coords, result.picks[["z", "y", "x"]].to_numpy())
+    store = tmp_path / "out" / "t.zarr"
+    _, instances, vs, _ = open_image(store / "labels" / "cryosam_instances")
+    _, semantic, _, _ = open_image(store / "labels" / "cryosam_semantic")
+    labels = instances[0][...]
+    assert labels.shape == tomo.volume.shape and vs == (10.0, 10.0, 10.0)
+    assert np.array_equal(semantic[0][...] > 0, labels > 0)
+    assert set(np.unique(labels)) <= set(range(len(result.picks) + 1))
+    assert (tmp_path / "out" / "t_features.zarr").exists()
+
+
+def test_cryosam_prompt_errors_stop_before_any_cluster(cryosam_weights, tmp_path, capsys, monkeypatch):
+    import cryodask.cluster
+
+    monkeypatch.setattr(cryodask.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
+    write_raw_mrc(tmp_path / "t.mrc", np.zeros((16, 16, 16), np.float32), voxel_size=10.0)
+    write_picks(tmp_path / "empty.star", np.zeros((0, 3)))
+    (tmp_path / "broken.star").write_text("data_\nloop_\n_rlnCoordinateX #1\nabc def\n")
+    base = ["pick", tmp_path / "t.mrc", "--out", tmp_path / "out", "--method", "cryosam", "--weights", cryosam_weights,
+            "--model-config", "sam2.1_hiera_t"]
+    cases = [
+        (["--prompt", "3,3,40"], "outside the volume"),
+        (["--prompts", tmp_path / "empty.star"], "no prompt"),
+        (["--prompts", tmp_path / "missing.star"], "no such file"),
+        ([], "at least one prompt"),
+        (["--prompt", "3,3"], "three"),
+        (["--prompt", "3,3,3", "--weights", tmp_path], "sam2.1_hiera_tiny.pt"),
+    ]
+    for extra, words in cases:
+        code, _, err = run(capsys, *base, *extra)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and words in lines[0], (extra, err)
+    code, _, err = run(capsys, "pick", tmp_path / "t.mrc", "--out", tmp_path / "out", "--method", "log")
+    assert code == 2 and "--diameter" in err
