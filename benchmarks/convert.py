@@ -18,13 +18,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from measure import run_child
 
 HERE = Path(__file__).resolve().parent
 
@@ -87,26 +87,10 @@ METHODS = {"raw-copy": run_raw_copy, "ome-zarr": run_ome_zarr, "cryodask": run_c
 
 def measure(method: str, src: Path, out: Path, args) -> dict:
     """Run one method in a child process; sample its process tree's RSS until it exits."""
-    import psutil
-
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, "--child", method, "--input", str(src), "--scratch", str(out),
            "--chunks", args.chunks, "--workers", str(args.workers)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    parent, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            tree = [parent, *parent.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
-    stdout = proc.stdout.read()
-    if proc.returncode:
-        raise RuntimeError(f"{method} failed with exit code {proc.returncode}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_rss_mb"] = peak / 1e6
-    return result
+    return run_child(cmd, method)
 
 
 def main() -> None:

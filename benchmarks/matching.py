@@ -44,7 +44,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ from itertools import product
 from pathlib import Path
 
 import numpy as np
+from measure import run_child as run_measured
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -173,24 +173,9 @@ def run_child(method: str, root: Path, out: Path, block, workers: int) -> dict:
 
 def measure(method: str, root: Path, out: Path, args, workers: int = 0) -> dict:
     """Run one method in a child process; sample the RSS of its process tree until it exits."""
-    import psutil
-
     cmd = [sys.executable, __file__, "--child", method, "--scratch", str(root), "--output", str(out),
            "--block", args.block, "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    root_proc, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, sum(p.memory_info().rss for p in [root_proc, *root_proc.children(recursive=True)]))
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
-    stdout = proc.stdout.read()
-    if proc.returncode:
-        raise RuntimeError(f"{method} failed with exit code {proc.returncode}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_rss_mb"] = peak / 1e6
-    return result
+    return run_measured(cmd, method)
 
 
 # ------------------------------------------------------------------ comparing

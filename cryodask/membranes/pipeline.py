@@ -347,8 +347,6 @@ def _submit(job: _Tomogram, method, params, batch, device, client) -> list:
                               device=device, batch=batch, resources=resources, pure=False,
                               key=f"etsam-{job.stem}-{ys.start}-{xs.start}-{job.key[:8]}")
                 for ys, xs in tiles(job.shape[1], job.shape[2], params.tile, params.split)]
-    from .classical import classical_segment
-
     mean, std = _mean_std(level0, client)
     if not std > 0:
         raise InputError("constant volume: the sheet filter is undefined")
