@@ -88,3 +88,14 @@ def fault_injection_delay() -> None:
     delay = float(os.environ.get("CRYODASK_BLOCK_DELAY", 0) or 0)
     if delay:
         time.sleep(delay)
+
+
+def overlap(region, other) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """Where two boxes (tuples of step-1 slices in one volume) meet: the common part as an index
+    into ``region`` and as an index into ``other``; ``None`` when they do not meet."""
+    lo = [max(a.start, b.start) for a, b in zip(region, other)]
+    hi = [min(a.stop, b.stop) for a, b in zip(region, other)]
+    if any(h <= low for low, h in zip(lo, hi)):
+        return None
+    return (tuple(slice(low - a.start, h - a.start) for low, h, a in zip(lo, hi, region)),
+            tuple(slice(low - b.start, h - b.start) for low, h, b in zip(lo, hi, other)))

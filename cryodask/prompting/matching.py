@@ -66,7 +66,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from ..blocks import plan_blocks
+from ..blocks import overlap, plan_blocks
 from ..errors import InputError
 
 try:  # zarr 3 runs its asyncio API on its own event loop; ``sync`` waits for a coroutine there
@@ -394,12 +394,10 @@ def _nms_block(core, shape, ratio, parent: _Parent | None, neighbours, window: i
     prob, _ = _start(region, ratio, parent)
     cand = np.zeros(prob.shape, bool)
     for other, scores in neighbours:
-        lo = [max(a.start, b.start) for a, b in zip(region, other)]
-        hi = [min(a.stop, b.stop) for a, b in zip(region, other)]
-        if any(h <= l for l, h in zip(lo, hi)):
+        common = overlap(region, other)
+        if common is None:
             continue
-        here = tuple(slice(l - s.start, h - s.start) for l, h, s in zip(lo, hi, region))
-        there = tuple(slice(l - s.start, h - s.start) for l, h, s in zip(lo, hi, other))
+        here, there = common
         values = scores[there]
         scored = ~np.isnan(values)
         prob[here][scored] = values[scored]

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..blocks import overlap
 from ..errors import InputError
 
 VIEWS = ("z", "y", "x")
@@ -821,12 +822,10 @@ def instance_labels(instances, region, *, scores=None, dtype=np.uint32) -> np.nd
     out = np.zeros([r.stop - r.start for r in region], dtype)
     for k in np.argsort(-ids, kind="stable"):  # lowest score first: higher scores paint over it
         box, mask = items[k]
-        lo = [max(b.start, r.start) for b, r in zip(box, region)]
-        hi = [min(b.stop, r.stop) for b, r in zip(box, region)]
-        if any(h <= l for l, h in zip(lo, hi)):
+        common = overlap(region, box)
+        if common is None:
             continue
-        here = tuple(slice(l - r.start, h - r.start) for l, h, r in zip(lo, hi, region))
-        there = tuple(slice(l - b.start, h - b.start) for l, h, b in zip(lo, hi, box))
+        here, there = common
         out[here][mask[there]] = ids[k]
     return out
 
