@@ -1,0 +1,456 @@
+"""The classical membrane filter: Hessian sheet score, ridge thinning, hysteresis. No weights.
+
+In the spirit of TomoSegMemTV (Martinez-Sanchez et al.): a membrane is a thin dark sheet, so
+at the scale of the bilayer one eigenvalue of the Hessian is large and positive (the profile
+across the sheet is a minimum) and the other two are near zero (it is flat along the sheet).
+Where TomoSegMemTV smooths the sheet field with tensor voting and thins it with non-maximum
+suppression, this filter keeps the ridge (local maxima of the score across the sheet) inside a
+hysteresis mask and gives it back the bilayer's thickness, so the output is a full-thickness
+membrane mask whatever the noise level, as the truth masks of MemBrain-seg and ETSAM are.
+
+Whole tomograms run block by block: each block is read with a halo wide enough that its
+score equals the whole-array score, and every write covers whole zarr chunks. Three passes:
+(1) global mean and std of the input (skipped when given); (2) score and ridge of each block,
+plus a histogram of the score; (3) the hysteresis mask. The thresholds come from the summed
+histograms. They are in units of the score's robust spread over the whole volume (its median
+and interquartile range). Seeds must also reach a fraction of the strongest scores (the 99.9th
+percentile). So one default works across noise levels, voxel sizes and tomogram sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..blocks import Block, plan_blocks
+from ..errors import InputError
+
+TRUNCATE = 4.0  # Gaussian kernels reach 4 sigma (scipy's default); the halo follows from it
+EIGH_VOXELS = 2**20  # Hessians decomposed at a time: bounds the 3x3 stacks to ~40 MB
+# The score histogram lives on u = asinh(score / HIST_EPS): ~0.5 % relative bins for any score
+# from 1e-4 to 1e4, with no score range to know in advance, and integer counts that add up to
+# the same totals however the volume is cut into blocks.
+HIST_EPS = 1e-4
+HIST_U = 20.0
+HIST_BINS = 8192
+IQR_TO_SIGMA = 1.349  # interquartile range of a unit normal distribution
+TOP_QUANTILE = 0.999  # "the strongest membranes": 0.995 and 0.9995 gave the same Dice
+
+
+@dataclass(frozen=True)
+class ClassicalParams:
+    """Everything that changes the classical filter's output (its hash keys the done-marks).
+
+    Parameters
+    ----------
+    thickness : membrane (bilayer) thickness in Å. Sets the filter scale and the thickness of
+        the output mask.
+    low, high : hysteresis thresholds on the score, in robust standard deviations above its
+        median over the whole volume. Voxels above ``high`` seed a membrane. Voxels above
+        ``low`` that are connected to a seed are added to it.
+    high_fraction : a seed must also score at least this fraction of the volume's 99.9th
+        percentile score (0 turns this off). This makes ``high`` follow the contrast of the
+        strongest membranes. Then the CTF fringes around particles, which are sheet-like but
+        weaker, cannot seed at high SNR, and one default works at low SNR too.
+    scale : the Gaussian sigma of the Hessian, as a fraction of ``thickness``.
+    reach : how far (Å) a seed's hysteresis region can extend into a neighbouring block. It is
+        also the halo of the mask pass.
+    dark_membranes : True when dense matter is dark (low values), as in reconstructed tomograms.
+
+    Examples
+    --------
+    >>> ClassicalParams(thickness=40.0).high
+    6.0
+    >>> ClassicalParams(low=9.0)
+    Traceback (most recent call last):
+    ...
+    cryodask.errors.InputError: --low (9.0) must not exceed --high (6.0)
+    """
+
+    thickness: float = 45.0
+    # Measured on synthetic tomograms (SNR 0.1-0.5, 10-14 Å voxels, 60° missing wedge, 32x40x40
+    # to 96x160x160). Without high_fraction no pair worked everywhere. High SNR wanted high >= 9:
+    # the fringes around particles score above the noise. Small or membrane-dense volumes wanted
+    # high <= 6: their membranes widen the score's spread, so they score fewer spreads above it.
+    low: float = 2.5
+    high: float = 6.0
+    high_fraction: float = 0.8
+    # sigma = 0.7 x thickness (31.5 Å for a 45 Å bilayer). A Gaussian matched to the bilayer
+    # (a box of width t has std t / (2 sqrt 3) = 0.29 t) is too small for tomograms: at the
+    # SNR of real data the Hessian is mostly noise. A larger sigma averages more of the sheet.
+    # It also merges the two leaflets and the CTF fringes into one dark band. On synthetic data
+    # Dice rises from 0.29 t up to about 0.7 t and falls after that. The ridge step then puts
+    # back the true thickness, so the wider response does not fatten the mask.
+    scale: float = 0.7
+    reach: float = 200.0
+    dark_membranes: bool = True
+
+    def __post_init__(self):
+        for name, minimum, strict in (("thickness", 0.0, True), ("scale", 0.0, True), ("reach", 0.0, False),
+                                      ("high_fraction", 0.0, False), ("low", -math.inf, False),
+                                      ("high", -math.inf, False)):
+            value = getattr(self, name)
+            option = f"--{name.replace('_', '-')}"
+            try:
+                x = float(value)
+            except (TypeError, ValueError):
+                raise InputError(f"{option} must be a number, got {value!r}") from None
+            if isinstance(value, bool) or not math.isfinite(x) or (x <= minimum if strict else x < minimum):
+                rule = "a positive number" if strict else ("a number >= 0" if minimum == 0 else "a finite number")
+                raise InputError(f"{option} must be {rule}, got {value!r}")
+            object.__setattr__(self, name, x)  # 3 and 3.0 are the same parameters (and hash)
+        if self.low > self.high:
+            raise InputError(f"--low ({self.low}) must not exceed --high ({self.high})")
+        if not isinstance(self.dark_membranes, (bool, np.bool_)):
+            raise InputError(f"--dark-membranes must be true or false, got {self.dark_membranes!r}")
+        object.__setattr__(self, "dark_membranes", bool(self.dark_membranes))
+
+    def sigma(self) -> float:
+        """The Gaussian sigma of the Hessian, in Å."""
+        return self.scale * self.thickness
+
+
+# ------------------------------------------------------------------ geometry in voxels
+
+def _spacing(voxel_size) -> tuple[float, float, float]:
+    """(z, y, x) voxel size in Å from a number or a triple; anything else is an InputError."""
+    try:
+        values = (float(voxel_size),) * 3 if np.ndim(voxel_size) == 0 else tuple(float(v) for v in voxel_size)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"--voxel-size must be a positive number or z,y,x triple in Å, got {voxel_size!r}")
+    return values
+
+
+def _sigmas(spacing, params: ClassicalParams) -> tuple[float, ...]:
+    """The Hessian's sigma per axis in voxels: isotropic in Å, so anisotropic voxels work."""
+    return tuple(params.sigma() / s for s in spacing)
+
+
+def halo(voxel_size, params: ClassicalParams) -> tuple[int, int, int]:
+    """Halo in voxels needed so blockwise scoring equals whole-array scoring in the interior.
+
+    A separable Gaussian (derivative) filter along one axis reads ``int(4 sigma + 0.5)`` voxels
+    each side (scipy's kernel radius), and filtering along the other axes does not carry an
+    edge error along this one. So the halo is that radius, per axis.
+
+    Examples
+    --------
+    >>> halo(10.0, ClassicalParams())
+    (13, 13, 13)
+    >>> halo((20.0, 10.0, 10.0), ClassicalParams())
+    (6, 13, 13)
+    """
+    return tuple(int(TRUNCATE * s + 0.5) for s in _sigmas(_spacing(voxel_size), params))
+
+
+def _mask_halo(spacing, params: ClassicalParams) -> tuple[int, ...]:
+    """Halo of the mask pass: the hysteresis reach, plus the radius that gives back the thickness."""
+    return tuple(math.ceil(params.reach / s) + math.ceil(params.thickness / 2 / s) for s in spacing)
+
+
+def _grow(region, margin, shape) -> tuple[slice, ...]:
+    """``region`` grown by ``margin`` voxels per axis, clipped to the volume."""
+    return tuple(slice(max(0, r.start - m), min(n, r.stop + m)) for r, m, n in zip(region, margin, shape))
+
+
+def _within(inner, outer) -> tuple[slice, ...]:
+    """Where ``inner`` lies inside ``outer``, as slices of an array that holds ``outer``."""
+    return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
+
+
+def _ellipsoid(radii) -> np.ndarray:
+    """A boolean ball of the given radius per axis (voxels), for anisotropic voxels."""
+    reach = [int(math.floor(r + 1e-6)) for r in radii]
+    grid = np.ogrid[tuple(slice(-k, k + 1) for k in reach)]
+    return sum((g / r) ** 2 for g, r in zip(grid, radii)) <= 1 + 1e-6
+
+
+# ------------------------------------------------------------------ the score
+
+def _hessian(x: np.ndarray, sigmas) -> dict[tuple[int, int], np.ndarray]:
+    """The six Gaussian second derivatives of ``x`` (voxel units), sharing separable passes."""
+    cache: dict[tuple[int, ...], np.ndarray] = {(): x}
+
+    def filtered(orders):
+        if orders not in cache:
+            axis = len(orders) - 1
+            cache[orders] = ndi.gaussian_filter1d(filtered(orders[:-1]), sigmas[axis], axis=axis, order=orders[-1],
+                                                  mode="reflect", truncate=TRUNCATE)
+        return cache[orders]
+
+    hessian = {}
+    for i in range(3):
+        for j in range(i, 3):
+            orders = [0, 0, 0]
+            orders[i] += 1
+            orders[j] += 1
+            hessian[i, j] = filtered(tuple(orders))
+    return hessian
+
+
+def _eigen(hessian, spacing, sigma: float, region=None):
+    """Sheet score and unit sheet normal ((..., 3), z, y, x components in Å space) over ``region``.
+
+    The Hessian is taken in Å and scaled by sigma² (Lindeberg's scale normalisation), so the
+    score of the same membrane is the same at any voxel size. The score is λ_max - |λ_mid|.
+    For a dark sheet this is λ_max, since the other two are ~0. A dark tube (λ_max = λ_mid)
+    or blob (all equal) scores 0, and bright or flat regions score <= 0. The normal is the
+    eigenvector of λ_max.
+    """
+    region = region or tuple(slice(None) for _ in range(3))
+    first = hessian[0, 0][region]
+    shape = first.shape
+    n = first.size
+    stack = np.empty((n, 3, 3), np.float32)
+    for (i, j), h in hessian.items():
+        column = h[region].reshape(-1) * np.float32(sigma * sigma / (spacing[i] * spacing[j]))
+        stack[:, i, j] = column
+        stack[:, j, i] = column
+    score = np.empty(n, np.float32)
+    normal = np.empty((n, 3), np.float32)
+    for start in range(0, n, EIGH_VOXELS):
+        w, v = np.linalg.eigh(stack[start:start + EIGH_VOXELS])  # eigenvalues ascending
+        score[start:start + EIGH_VOXELS] = w[:, 2] - np.abs(w[:, 1])
+        normal[start:start + EIGH_VOXELS] = v[:, :, 2]
+    return score.reshape(shape), normal.reshape(shape + (3,))
+
+
+def _normalised(block, mean, std, params: ClassicalParams) -> np.ndarray:
+    """``(block - mean) / std`` with the GLOBAL statistics, negated for bright membranes."""
+    std = float(std) if std and math.isfinite(std) else 1.0  # a constant volume scores 0
+    sign = 1.0 if params.dark_membranes else -1.0
+    return ((np.asarray(block, dtype=np.float32) - np.float32(mean)) * np.float32(sign / std)).astype(np.float32)
+
+
+def membrane_score(block: np.ndarray, voxel_size, params: ClassicalParams, *, mean=0.0, std=1.0) -> np.ndarray:
+    """float32 sheet score of a (z, y, x) block. Positive on membranes, ~0 or negative elsewhere.
+
+    The input is normalised with the GLOBAL ``mean`` and ``std`` passed in, so the score never
+    depends on block boundaries. Scored with a halo of :func:`halo` voxels, a block's interior
+    equals the whole array's score there. The score is dimensionless: λ_max - |λ_mid| of the
+    σ²-normalised Hessian of the z-scored volume, at σ = ``params.scale × params.thickness`` Å.
+
+    Parameters
+    ----------
+    block : 3D array, (z, y, x).
+    voxel_size : Å per voxel, one number or (z, y, x).
+    params : the filter's parameters.
+    mean, std : global statistics of the whole tomogram.
+
+    Examples
+    --------
+    >>> z = np.arange(32)[:, None, None] * np.ones((1, 16, 16))
+    >>> sheet = 1.0 - np.exp(-((z - 16) ** 2) / 8.0)  # a dark plane at z = 16
+    >>> s = membrane_score(sheet, 10.0, ClassicalParams(thickness=30.0))
+    >>> int(s[:, 8, 8].argmax()), bool(s[16, 8, 8] > 0.05 > abs(s[2, 8, 8]))
+    (16, True)
+    """
+    spacing = _spacing(voxel_size)
+    block = np.asarray(block)
+    if block.ndim != 3:
+        raise InputError(f"membrane_score needs a 3D (z, y, x) block, got shape {block.shape}")
+    x = _normalised(block, mean, std, params)
+    return _eigen(_hessian(x, _sigmas(spacing, params)), spacing, params.sigma())[0]
+
+
+def _ridge(score: np.ndarray, normal: np.ndarray, inner, spacing) -> np.ndarray:
+    """Non-maximum suppression across the sheet: True where the score is at least its value
+    one step either side along the normal (trilinear interpolation; the step is the smallest
+    voxel size, so at most one voxel along any axis).
+
+    ``score`` covers a region one voxel wider than ``inner`` (clipped at the volume's edges,
+    where the edge value is repeated, as on the whole array); ``normal`` covers ``inner``.
+    """
+    step = min(spacing)
+    grid = np.meshgrid(*(np.arange(s.start, s.stop, dtype=np.float32) for s in inner), indexing="ij")
+    offsets = [normal[..., a] * np.float32(step / spacing[a]) for a in range(3)]
+    centre = score[inner]
+    ridge = np.ones(centre.shape, bool)
+    for sign in (1, -1):
+        coords = np.stack([g + sign * o for g, o in zip(grid, offsets)])
+        ridge &= centre >= ndi.map_coordinates(score, coords, order=1, mode="nearest", prefilter=False)
+    return ridge
+
+
+# ------------------------------------------------------------------ global statistics
+
+def _moments_task(block: Block, read):
+    data = np.asarray(read(block.region), dtype=np.float64)
+    mean = float(data.mean()) if data.size else 0.0
+    return data.size, mean, float(((data - mean) ** 2).sum())
+
+
+def _combine_moments(parts) -> tuple[float, float]:
+    """Global mean and std from per-block (count, mean, sum of squared deviations) (Chan et al.)."""
+    n, mean, m2 = 0, 0.0, 0.0
+    for nb, mb, m2b in parts:
+        if nb:
+            delta = mb - mean
+            total = n + nb
+            mean += delta * nb / total
+            m2 += m2b + delta * delta * n * nb / total
+            n = total
+    return mean, math.sqrt(m2 / n) if n else 0.0
+
+
+def _histogram(score: np.ndarray) -> np.ndarray:
+    u = np.arcsinh(score.astype(np.float64).ravel() / HIST_EPS)
+    index = np.clip(((u + HIST_U) * (HIST_BINS / (2 * HIST_U))).astype(np.int64), 0, HIST_BINS - 1)
+    return np.bincount(index, minlength=HIST_BINS)
+
+
+def _quantile(counts: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of the scores binned by :func:`_histogram` (linear within a bin)."""
+    cumulative = np.cumsum(counts)
+    rank = q * cumulative[-1]
+    k = int(np.searchsorted(cumulative, rank))
+    below = cumulative[k - 1] if k else 0
+    fraction = (rank - below) / counts[k] if counts[k] else 0.0
+    u = -HIST_U + (k + fraction) * (2 * HIST_U / HIST_BINS)
+    return float(HIST_EPS * np.sinh(u))
+
+
+def robust_stats(counts: np.ndarray) -> tuple[float, float]:
+    """Median and robust standard deviation (IQR / 1.349) of the scores behind a histogram."""
+    q25, median, q75 = (_quantile(counts, q) for q in (0.25, 0.5, 0.75))
+    return median, (q75 - q25) / IQR_TO_SIGMA
+
+
+# ------------------------------------------------------------------ block tasks
+
+def _score_task(block: Block, read, shape, spacing, params: ClassicalParams, mean: float, std: float,
+                score_path: str, ridge_path: str) -> np.ndarray:
+    """Score and ridge of one block, written as whole chunks; returns the score histogram."""
+    import zarr
+
+    grown = _grow(block.region, halo(spacing, params), shape)  # what the Hessian needs
+    near = _grow(block.region, (1, 1, 1), shape)  # what the ridge test needs
+    x = _normalised(read(grown), mean, std, params)
+    hessian = _hessian(x, _sigmas(spacing, params))
+    score, normal = _eigen(hessian, spacing, params.sigma(), _within(near, grown))
+    inner = _within(block.region, near)
+    ridge = _ridge(score, normal[inner], inner, spacing)
+    zarr.open_array(score_path, mode="r+")[block.region] = score[inner]
+    zarr.open_array(ridge_path, mode="r+")[block.region] = ridge.astype(np.uint8)
+    return _histogram(score[inner])
+
+
+def _mask_task(block: Block, shape, spacing, params: ClassicalParams, low: float, high: float,
+               score_path: str, ridge_path: str, mask_path: str) -> int:
+    """Hysteresis on the score around one block, ridge kept, thickness given back; whole chunks."""
+    import zarr
+    from skimage.filters import apply_hysteresis_threshold
+
+    grown = _grow(block.region, _mask_halo(spacing, params), shape)
+    radii = tuple(params.thickness / 2 / s for s in spacing)
+    near = _grow(block.region, tuple(math.ceil(r) for r in radii), shape)
+    score = zarr.open_array(score_path, mode="r")[grown]
+    ridge = zarr.open_array(ridge_path, mode="r")[grown].astype(bool)
+    centres = apply_hysteresis_threshold(score, low, high) & ridge
+    mask = ndi.binary_dilation(centres[_within(near, grown)], _ellipsoid(radii))[_within(block.region, near)]
+    zarr.open_array(mask_path, mode="r+")[block.region] = mask.astype(np.uint8)
+    return int(np.count_nonzero(mask))
+
+
+def _run(client, fn, blocks, **kwargs) -> list:
+    """``fn(block, **kwargs)`` for every block: on the cluster if there is one, else here."""
+    if client is None:
+        return [fn(block=b, **kwargs) for b in blocks]
+    futures = client.map(fn, blocks, pure=False, **kwargs)
+    try:
+        return client.gather(futures)
+    except BaseException:
+        client.cancel(futures)  # the other blocks' work is of no use now
+        raise
+
+
+# ------------------------------------------------------------------ the step
+
+def classical_segment(read, shape, voxel_size, chunks, params: ClassicalParams, score_path: str, mask_path: str, *,
+                      client=None, mean=None, std=None) -> dict:
+    """Segment membranes in a whole tomogram with the classical sheet filter, block by block.
+
+    Writes the sheet score (:func:`membrane_score`, float32) to a zarr array at ``score_path``
+    and the membrane mask (uint8 0/1) to one at ``mask_path``. Both are created here, chunked by
+    ``chunks``, and every task writes whole chunks with its halo trimmed. The mask keeps the
+    score's ridge (its maximum across the sheet) where the hysteresis mask holds it, and gives
+    it back ``params.thickness``.
+
+    Hysteresis is local to a halo of ``params.reach`` Å. A voxel above ``low`` joins the mask
+    only if it connects to a voxel above ``high`` within that distance of its block. On a whole
+    array it could connect through any path, so a weak membrane stretch longer than the reach
+    on both sides may be kept whole on the array and only partly here. The score is exact.
+
+    Parameters
+    ----------
+    read : picklable callable; ``read(region)`` returns the float32 data of a tuple of slices.
+    shape : (z, y, x) of the volume.
+    voxel_size : Å per voxel, one number or (z, y, x).
+    chunks : (z, y, x) chunks of both outputs, and the blocks' grid.
+    params : :class:`ClassicalParams`.
+    score_path, mask_path : where the two zarr arrays go (overwritten).
+    client : a ``distributed.Client`` to run the block tasks on. Without one they run here.
+    mean, std : global statistics of the input; one reduction pass computes them if None.
+
+    Returns
+    -------
+    dict with ``mean``, ``std`` (of the input), ``median``, ``spread``, ``top`` (the score's
+    median, robust std and 99.9th percentile), ``low``, ``high`` (the thresholds in score
+    units), ``mask_fraction``, ``blocks`` and ``seconds`` per pass.
+
+    Examples
+    --------
+    >>> from cryodask.synth import synth_tomogram
+    >>> t = synth_tomogram((32, 64, 64), seed=1)
+    >>> stats = classical_segment(lambda r: t.volume[r], t.volume.shape, 10.0, (32, 32, 32), ClassicalParams(),
+    ...                           "score.zarr", "mask.zarr")  # doctest: +SKIP
+    >>> stats["mask_fraction"]  # doctest: +SKIP
+    0.09...
+    """
+    import zarr
+
+    spacing = _spacing(voxel_size)
+    shape, chunks = tuple(int(n) for n in shape), tuple(int(c) for c in chunks)
+    if len(shape) != 3 or len(chunks) != 3 or min(shape) < 1 or min(chunks) < 1:
+        raise InputError(f"the classical filter needs a non-empty 3D volume and 3 positive chunks, got {shape}, {chunks}")
+    if not isinstance(params, ClassicalParams):
+        raise InputError(f"params must be ClassicalParams, got {type(params).__name__}")
+    blocks = plan_blocks(shape, chunks)
+    seconds = {}
+
+    clock = time.perf_counter()
+    if mean is None or std is None:
+        mean, std = _combine_moments(_run(client, _moments_task, blocks, read=read))
+    mean, std = float(mean), float(std)
+    seconds["moments"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    mask_path = str(mask_path)
+    ridge_path = str(Path(mask_path).with_name(f".{Path(mask_path).name}.ridge"))
+    for path, dtype in ((score_path, np.float32), (mask_path, np.uint8), (ridge_path, np.uint8)):
+        zarr.create_array(str(path), shape=shape, chunks=chunks, dtype=dtype, fill_value=0, overwrite=True)
+    counts = sum(_run(client, _score_task, blocks, read=read, shape=shape, spacing=spacing, params=params,
+                      mean=mean, std=std, score_path=str(score_path), ridge_path=ridge_path))
+    median, spread = robust_stats(counts)
+    spread = max(spread, np.finfo(np.float32).tiny)  # a constant score: nothing passes the thresholds
+    top = _quantile(counts, TOP_QUANTILE)
+    # A membrane's score is positive (a dark sheet): nothing at or below 0 passes.
+    low = max(median + params.low * spread, 0.0)
+    high = max(median + params.high * spread, params.high_fraction * top, low)
+    seconds["score"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    ones = sum(_run(client, _mask_task, blocks, shape=shape, spacing=spacing, params=params, low=low, high=high,
+                    score_path=str(score_path), ridge_path=ridge_path, mask_path=mask_path))
+    shutil.rmtree(ridge_path, ignore_errors=True)
+    seconds["mask"] = time.perf_counter() - clock
+    return {"mean": mean, "std": std, "median": median, "spread": spread, "top": top, "low": low, "high": high,
+            "mask_fraction": ones / math.prod(shape), "blocks": len(blocks), "seconds": seconds}
