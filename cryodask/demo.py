@@ -2,10 +2,10 @@
 
 Synthesises a small collection with ground truth, converts it on the cluster, stores the
 truth as OME-Zarr label images (so napari shows them as overlays), round-trips image and
-labels back through MRC export and scores them with the evaluation code, cleans a speckled
-copy of the membrane truth with ``postprocess`` (ETSAM's component filter) and scores it
-before and after, and writes PNG previews. Segmentation and picking methods add their rows as they land; the demo is
-resumable like every step (a rerun skips finished tomograms).
+labels back through MRC export, segments the membranes with the classical sheet filter (no
+weights) and post-processes them with ETSAM's component filter, picks the large particles
+with the LoG picker, scores all of it against the truth (Dice, F1) and writes PNG previews.
+The demo is resumable like every step (a rerun skips finished tomograms).
 """
 
 from __future__ import annotations
@@ -44,32 +44,22 @@ def _synthesise(data: Path, tomograms: int, shape, voxel_size: float) -> tuple[l
     return written, micrograph_paths
 
 
-def _with_specks(mask: np.ndarray, seed: int) -> np.ndarray:
-    """The mask plus small blobs a few slices thick: the false positives a segmentation makes."""
-    from scipy import ndimage
-
-    rng = np.random.default_rng(seed)
-    seeds = rng.random(mask.shape) < 4e-4
-    return (mask.astype(bool) | ndimage.binary_dilation(seeds, iterations=2)).astype(np.uint8)
-
-
 def run_demo(out="cryodask-demo", *, tomograms: int = 3, shape=(64, 128, 128), voxel_size: float = 10.0,
              client=None, progress: bool = False) -> DemoResult:
     """Run the demo into ``out``; returns one summary row per tomogram and the files written.
 
     >>> result = run_demo("cryodask-demo", tomograms=2)  # doctest: +SKIP
-    >>> [row["labels dice"] for row in result.rows]     # doctest: +SKIP
-    [1.0, 1.0]
+    >>> [row["membranes dice"] for row in result.rows]  # doctest: +SKIP
     """
     from .convert import convert
-    from .evaluate import evaluate_membranes
+    from .evaluate import evaluate_membranes, evaluate_picks
     from .export import export
     from .io.mrc import read_region
     from .io.omezarr import open_image, write_labels
-    from .io.picks import read_picks
-    from .io.mrc import write_mrc
+    from .io.picks import read_picks, write_picks
     from .io.volumes import open_volume
-    from .postprocess.pipeline import postprocess
+    from .membranes.pipeline import segment
+    from .picking.pipeline import pick
     from .viz import orthoslices
 
     out = Path(out)
@@ -89,11 +79,21 @@ def run_demo(out="cryodask-demo", *, tomograms: int = 3, shape=(64, 128, 128), v
         raise CryodaskError("demo conversion failed: " + "; ".join(failed))
 
     clock = time.perf_counter()
+    membranes = segment([r.store for r in report.results], out / "membranes", method="classical", post_process=True,
+                        min_slices=10, client=client)
+    failed = [r.message for r in membranes.failed]
+    if failed:
+        from .errors import CryodaskError
+
+        raise CryodaskError("demo membrane segmentation failed: " + "; ".join(failed))
+    result.seconds["membranes (classical)"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
     for paths, converted in zip(truth, report.results):
         stem = paths["tomogram"].stem
         store = Path(converted.store)
-        membranes = np.asarray(read_region(paths["membranes"], np.s_[:, :, :]))
-        write_labels(store, "truth_membranes", membranes.astype(np.uint32), colors={1: [255, 200, 0, 255]},
+        truth_mask = np.asarray(read_region(paths["membranes"], np.s_[:, :, :]))
+        write_labels(store, "truth_membranes", truth_mask.astype(np.uint32), colors={1: [255, 200, 0, 255]},
                      properties=[{"label-value": 1, "class": "membrane (ground truth)"}])
         exports = out / "exports"
         exports.mkdir(exist_ok=True)
@@ -102,32 +102,38 @@ def run_demo(out="cryodask-demo", *, tomograms: int = 3, shape=(64, 128, 128), v
         source = open_volume(paths["tomogram"])
         exact = np.array_equal(read_region(image_back, np.s_[:, :, :]), read_region(paths["tomogram"], np.s_[:, :, :]))
         scores = evaluate_membranes(labels_back, paths["membranes"], out=out / "evaluation" / stem)
-        # a segmentation with false-positive specks, cleaned by ETSAM's component filter
-        noisy_path = write_mrc(exports / f"{stem}_noisy_membranes.mrc", _with_specks(membranes, seed=len(result.rows)),
-                               source.voxel_size)
-        post = postprocess(noisy_path, exports / f"{stem}_postprocessed.mrc", min_slices=10, chunks=(32, 64, 64),
-                           client=client)
-        noisy = evaluate_membranes(noisy_path, paths["membranes"], out=out / "evaluation" / stem / "noisy")
-        cleaned = evaluate_membranes(post.out, paths["membranes"], out=out / "evaluation" / stem / "postprocessed")
+        predicted = out / "membranes" / f"{stem}_classical_predicted_mask.mrc"
+        cleaned_path = out / "membranes" / f"{stem}_classical_predicted_post_processed_mask.mrc"
+        raw = evaluate_membranes(predicted, paths["membranes"], out=out / "evaluation" / stem / "classical")
+        cleaned = evaluate_membranes(cleaned_path, paths["membranes"],
+                                     out=out / "evaluation" / stem / "classical_post_processed")
         picks = read_picks(paths["particles"])
         kinds = picks.table["rlnClassNumber"].value_counts().sort_index()
+        large = picks.coords[picks.table["rlnClassNumber"].to_numpy() == 1]
+        write_picks(out / "evaluation" / stem / "truth_large.star", large)
+        picked = pick(paths["tomogram"], out / "picks", method="log", diameter=250.0, client=client)
+        picking = evaluate_picks(out / "picks" / f"{stem}_log_picks.star", out / "evaluation" / stem / "truth_large.star",
+                                 radius=125.0, unit="angstrom", voxel_size=voxel_size,
+                                 out=out / "evaluation" / stem / "log_picks")
         _, arrays, _, _ = open_image(store)
-        _, label_arrays, _, _ = open_image(store / "labels" / "truth_membranes")
+        _, label_arrays, _, _ = open_image(store / "labels" / "classical_predicted_post_processed_mask")
         preview = orthoslices(arrays[0], out / "previews" / f"{stem}.png", overlay=label_arrays[0],
-                              points=picks.coords, title=f"{stem}: membranes (truth) and particles")
+                              points=picked.picks[["z", "y", "x"]].to_numpy(),
+                              title=f"{stem}: membranes (classical) and LoG picks")
         result.files += [store, preview, *scores["files"]]
         result.rows.append({
             "tomogram": stem, "shape": "x".join(map(str, source.shape)), "voxel Å": source.voxel_size[0],
             "convert": converted.status, "MB": round(converted.nbytes / 1e6, 1),
-            "membrane %": round(100 * float(membranes.mean()), 2),
+            "membrane %": round(100 * float(truth_mask.mean()), 2),
             "particles": ", ".join(f"kind {k}: {n}" for k, n in kinds.items()),
             "level-0 exact": exact, "labels dice": round(scores["dice"], 4),
-            "noisy dice": round(noisy["dice"], 3), "postprocessed dice": round(cleaned["dice"], 3),
+            "membranes dice": round(raw["dice"], 3), "post-processed dice": round(cleaned["dice"], 3),
+            "LoG picks": len(picked.picks), "picks F1": round(picking["f1"], 3),
         })
     mic = read_picks(micrograph["particles"])
     image = read_region(micrograph["micrograph"], np.s_[:, :])
     result.files.append(orthoslices(image, out / "previews" / "micrograph.png",
                                     overlay=read_region(micrograph["mask"], np.s_[:, :]),
                                     points=mic.coords, title="micrograph: particles (truth)"))
-    result.seconds["labels, export, evaluate, previews"] = time.perf_counter() - clock
+    result.seconds["labels, export, picks, evaluate, previews"] = time.perf_counter() - clock
     return result

@@ -7,15 +7,17 @@ from cryodask.demo import run_demo
 
 
 def test_demo_end_to_end_and_rerun(tmp_path, client):
-    result = run_demo(tmp_path, tomograms=2, shape=(32, 64, 64), client=client)
+    result = run_demo(tmp_path, tomograms=2, shape=(48, 96, 96), client=client)
     assert [row["convert"] for row in result.rows] == ["converted", "converted"]
     assert all(row["level-0 exact"] is True and row["labels dice"] == 1.0 for row in result.rows)
     assert all(0 < row["membrane %"] < 50 for row in result.rows)
-    assert all(row["postprocessed dice"] > row["noisy dice"] for row in result.rows)
+    # the classical membrane filter and the LoG picker, scored against the truth
+    assert all(row["membranes dice"] > 0.5 and row["post-processed dice"] > 0.5 for row in result.rows), result.rows
+    assert all(row["LoG picks"] > 0 and row["picks F1"] > 0.5 for row in result.rows), result.rows
     previews = sorted(p.name for p in (tmp_path / "previews").glob("*.png"))
     assert previews == ["micrograph.png", "tomo_00.png", "tomo_01.png"]
     assert all((tmp_path / "previews" / p).stat().st_size > 10_000 for p in previews)
-    again = run_demo(tmp_path, tomograms=2, shape=(32, 64, 64), client=client)
+    again = run_demo(tmp_path, tomograms=2, shape=(48, 96, 96), client=client)
     assert [row["convert"] for row in again.rows] == ["skipped", "skipped"]
 
 
