@@ -114,3 +114,16 @@ def test_cryosam_prompt_errors_stop_before_any_cluster(cryosam_weights, tmp_path
         assert code == 2 and len(lines) == 1 and words in lines[0], (extra, err)
     code, _, err = run(capsys, "pick", tmp_path / "t.mrc", "--out", tmp_path / "out", "--method", "log")
     assert code == 2 and "--diameter" in err
+
+
+def test_features_command_builds_the_pyramid_and_refuses_a_missing_model(cryosam_weights, tmp_path, capsys, client):
+    from cryodask.prompting.features import open_features
+
+    write_raw_mrc(tmp_path / "t.mrc", np.random.default_rng(0).normal(size=(16, 20, 24)).astype(np.float32), 10.0)
+    code, out, err = run(capsys, "features", tmp_path / "t.mrc", "--out", tmp_path, "--checkpoint",
+                         cryosam_weights / "dinov2-large", "--image-size", "56", "--cluster", client.scheduler.address)
+    assert code == 0, err
+    levels = open_features(tmp_path / "t_features.zarr")
+    assert sorted(levels) == [4, 8, 16] and levels[4].shape == (4, 5, 6, 96)
+    code, _, err = run(capsys, "features", tmp_path / "t.mrc", "--out", tmp_path, "--checkpoint", tmp_path / "nothing")
+    assert code == 2 and "nothing" in err and len(err.strip().splitlines()) == 1

@@ -51,7 +51,7 @@ def membranes(
     thickness: float = typer.Option(None, "--thickness", help="Classical: membrane thickness in Å."),
     low: float = typer.Option(None, "--low", help="Classical: hysteresis low threshold."),
     high: float = typer.Option(None, "--high", help="Classical: hysteresis high threshold."),
-    batch: int = typer.Option(8, "--batch", help="Slices per image-encoder call."),
+    batch: int = typer.Option(None, "--batch", help="Slices per image-encoder call (default 8 on CUDA, 1 on CPU)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (on the workers)."),
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å, if the input has none."),
     chunks: str = typer.Option("64,256,256", "--chunks", help="Chunks z,y,x of converted OME-Zarr."),

@@ -147,11 +147,13 @@ def _set_threads() -> None:
 
 
 def two_stage_column(read_raw, norm: norm_mod.Normalization, n_slices: int, ys: slice, xs: slice,
-                     params: EtsamParams, folder: str, marks, *, device: str = "cpu", batch: int = 8,
+                     params: EtsamParams, folder: str, marks, *, device: str = "cpu", batch: int | None = None,
                      seed: int = 0) -> str:
     """Run both stages on one column; logits go to ``<folder>/<tile>/stage{1,2}.zarr``.
 
     ``read_raw(region)`` reads the raw tomogram; ``marks`` (``DoneMarks``) records finished stages.
+    ``batch`` slices go through the encoder per call: by default 8 on CUDA, 1 on CPU, where a
+    batch saves no time but costs activation memory (benchmarks/results/README.md).
     Returns the tile name.
     """
     from ..blocks import fault_injection_delay
@@ -159,6 +161,7 @@ def two_stage_column(read_raw, norm: norm_mod.Normalization, n_slices: int, ys: 
 
     _set_threads()
     device = pick_device(device)
+    batch = batch or (8 if device == "cuda" else 1)
     name = tile_name(ys, xs)
     shape = (n_slices, ys.stop - ys.start, xs.stop - xs.start)
     stage1_path, stage2_path = f"{folder}/{name}/stage1.zarr", f"{folder}/{name}/stage2.zarr"

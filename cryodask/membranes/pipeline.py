@@ -167,7 +167,7 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
             stage2_prompt: str = "zero", grid_interval: int = 50, logit_threshold: float = -0.25,
             tile: tuple[int, int] | None = None, split_processing: bool = False, store_logits: bool = False, post_process: bool = False,
             min_slices: int = 10, remove_bridges: bool = False, max_bridge_len: int = 5, classical=None,
-            voxel_size=None, chunks=(64, 256, 256), levels: int = 3, batch: int = 8, device: str = "auto",
+            voxel_size=None, chunks=(64, 256, 256), levels: int = 3, batch: int | None = None, device: str = "auto",
             random_weights: bool = False, client=None, progress: bool = False) -> MembraneReport:
     """Segment membranes in tomograms (MRC files, folders, globs, or OME-Zarr images).
 
@@ -183,7 +183,7 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
     split_processing : ETSAM's four quadrants (use ``grid_interval=10`` as ETSAM does then).
     store_logits, post_process, min_slices, remove_bridges, max_bridge_len : outputs, as ETSAM.
     classical : ``ClassicalParams`` for the classical method.
-    batch : slices per encoder call; device : "auto", "cpu" or "cuda" on the workers.
+    batch : slices per encoder call (default 8 on CUDA, 1 on CPU); device : "auto", "cpu" or "cuda".
     random_weights : run ETSAM with seeded random SAM2 weights (tests, benchmarks only).
 
     Returns
@@ -212,7 +212,7 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
         method_params = EtsamParams(config, *(str(c) if c else None for c in ckpts), ids, image_size, normalize,
                                     stage1_prompt, stage2_prompt, int(grid_interval),
                                     tuple(int(t) for t in tile) if tile else None, bool(split_processing))
-        if batch < 1:
+        if batch is not None and batch < 1:
             raise InputError(f"--batch must be >= 1, got {batch}")
     else:
         from .classical import ClassicalParams

@@ -57,7 +57,9 @@ class FeatureParams:
     ratios : grid spacings in voxels (CryoSAM's ``down_sample_ratios``)
     batch : slices per DINOv2 forward pass
     slab : voxels along a view's slice axis per task; a multiple of every ratio
-    tile : in-plane chunk size of the stored arrays, in grid points
+    tile : in-plane chunk size of the stored arrays, in grid points; small, because hierarchical
+        matching reads only the chunks that hold candidates (benchmarks/matching.py: with
+        32-point chunks nearly every chunk holds one and the pruning saves little)
     dtype : stored precision, float16 or float32
     """
 
@@ -65,7 +67,7 @@ class FeatureParams:
     ratios: tuple[int, ...] = (4, 8, 16)
     batch: int = 8
     slab: int = 64
-    tile: int = 32
+    tile: int = 8
     dtype: str = "float16"
 
     def __post_init__(self):
