@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs, parse_triple
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_session, parse_triple
 
 
 @app.command()
@@ -23,18 +23,20 @@ def convert(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
 ):
     """Convert tomograms to chunked multiscale OME-Zarr (resumable; bad inputs are listed, the rest converted)."""
-    from ..cluster import check_spec, connect
+    from ..cluster import check_spec
     from ..convert import plan_conversion, run_conversion
+    from ..io.folders import check_output_dir
+    from ..lock import output_lock
 
     check_spec(cluster)
-    plan = plan_conversion(inputs, out, chunks=parse_triple(chunks, "--chunks"), levels=levels, ngff=ngff,
-                           dtype=dtype, voxel_size=parse_triple(voxel_size, "--voxel-size", float))
-    if plan.todo:
-        with connect(cluster, **cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config)) as client:
-            typer.echo(f"dashboard: {client.dashboard_link}")
-            report = run_conversion(plan, client, progress=True)
-    else:
-        report = run_conversion(plan, None)
+    with output_lock(check_output_dir(out), "convert"):
+        plan = plan_conversion(inputs, out, chunks=parse_triple(chunks, "--chunks"), levels=levels, ngff=ngff,
+                               dtype=dtype, voxel_size=parse_triple(voxel_size, "--voxel-size", float))
+        if plan.todo:
+            with cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
+                report = run_conversion(plan, client, progress=True)
+        else:
+            report = run_conversion(plan, None)
     for r in report.results:
         extra = f"{r.nbytes / 1e6:8.1f} MB {r.seconds:6.1f} s  blocks {r.blocks_written} written, {r.blocks_skipped} skipped" \
             if r.status != "failed" else r.message

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs, parse_triple
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_session, parse_triple
 
 
 @app.command()
@@ -19,15 +19,16 @@ def demo(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
 ):
     """Synthesise a small collection, convert it on a cluster, evaluate against the truth, write previews."""
-    from ..cluster import check_spec, connect
+    from ..cluster import check_spec
+    from ..lock import output_lock
     from ..io.folders import check_output_dir
     from ..demo import run_demo
 
     check_spec(cluster)
     zyx = parse_triple(shape, "--shape")
     check_output_dir(out)
-    with connect(cluster, **cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config)) as client:
-        typer.echo(f"dashboard: {client.dashboard_link}")
+    with output_lock(out, "demo"), \
+            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
         result = run_demo(out, tomograms=tomograms, shape=zyx, client=client, progress=True)
     columns = list(result.rows[0])
     widths = [max(len(c), *(len(str(r[c])) for r in result.rows)) for c in columns]

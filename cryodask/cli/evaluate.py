@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_session
 
 evaluate_app = typer.Typer(help="Score predictions against ground truth.", no_args_is_help=True)
 app.add_typer(evaluate_app, name="evaluate")
@@ -32,15 +32,14 @@ def membranes(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
 ):
     """Voxel-wise Dice, IoU, precision, recall (and AP with --logits), block by block on a cluster."""
-    from ..cluster import check_spec, connect
+    from ..cluster import check_spec
     from ..evaluate import evaluate_membranes, load_volume
 
     check_spec(cluster)
     for path in (pred, truth, logits):
         if path is not None:
             load_volume(path)  # validate every input before a cluster starts
-    with connect(cluster, **cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config)) as client:
-        typer.echo(f"dashboard: {client.dashboard_link}")
+    with cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config):
         _report(evaluate_membranes(pred, truth, logits=logits, out=out, bins=bins))
 
 

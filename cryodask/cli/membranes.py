@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs, parse_triple
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_session, parse_triple
 
 
 def parse_pair(text: str | None, name: str) -> tuple[int, int] | None:
@@ -59,7 +59,8 @@ def membranes(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
 ):
     """Segment membranes; outputs use ETSAM's names: <stem>_<method>_predicted_{mask,logits,post_processed_mask}.mrc."""
-    from ..cluster import check_spec, connect
+    from ..cluster import check_spec
+    from ..lock import output_lock
     from ..errors import CryodaskError, InputError
     from ..membranes.classical import ClassicalParams
     from ..membranes.pipeline import find_inputs, resolve_checkpoints, resolve_method, segment
@@ -87,8 +88,8 @@ def membranes(
         typer.echo(f"error: {bad.message}", err=True)
     if not found:
         raise CryodaskError("no usable tomogram")
-    with connect(cluster, **cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config)) as client:
-        typer.echo(f"dashboard: {client.dashboard_link}")
+    with output_lock(out, "membranes"), \
+            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
         report = segment([str(p) for _, p in found], out, method=method, stage1_checkpoint=stage1_checkpoint,
                          stage2_checkpoint=stage2_checkpoint, weights=weights, config=model_config,
                          image_size=image_size, normalize=normalize, stage1_prompt=stage1_prompt,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import typer
 
@@ -18,6 +19,16 @@ CLUSTER_CONFIG = typer.Option(None, "--cluster-config", help="YAML with options 
 def cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config) -> dict:
     return {"workers": workers, "threads_per_worker": threads_per_worker, "memory_limit": memory_limit,
             "config": cluster_config}
+
+
+@contextmanager
+def cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config):
+    """Start (or reach) the cluster for a command and print its dashboard link."""
+    from ..cluster import connect
+
+    with connect(cluster, **cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config)) as client:
+        typer.echo(f"dashboard: {client.dashboard_link}")
+        yield client
 
 
 def parse_triple(text: str | None, name: str, cast=int):

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs, parse_triple
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_session, parse_triple
 
 
 @app.command()
@@ -24,7 +24,8 @@ def features(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
 ):
     """Per-slice DINOv2 features of the z, y and x views, stored as a float16 pyramid at ratios 4, 8, 16."""
-    from ..cluster import check_spec, connect
+    from ..cluster import check_spec
+    from ..lock import output_lock
     from ..io.folders import check_output_dir
     from ..io.volumes import open_reader
     from ..models.dinov2 import describe_dinov2, resolve_dinov2
@@ -37,8 +38,8 @@ def features(
     open_reader(tomogram, vs)
     out = check_output_dir(out)
     store = out / f"{tomogram.name.split('.')[0]}_features.zarr"
-    with connect(cluster, **cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config)) as client:
-        typer.echo(f"dashboard: {client.dashboard_link}")
+    with output_lock(out, "features"), \
+            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
         path = extract_features(tomogram, store, checkpoint=checkpoint, weights=weights, params=params, client=client,
                                 device=device, voxel_size=vs)
     typer.echo(f"wrote {path}")
@@ -73,7 +74,8 @@ def pick(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
 ):
     """Pick particles; writes <stem>_<method>_picks.star/.csv and copick/ExperimentRuns/<stem>/Picks/*.json."""
-    from ..cluster import check_spec, connect
+    from ..cluster import check_spec
+    from ..lock import output_lock
     from ..errors import InputError
     from ..io.folders import check_output_dir
     from ..io.volumes import open_reader
@@ -104,8 +106,8 @@ def pick(
         sam2_checkpoint(sam_checkpoint, weights, model_config)
         describe_dinov2(resolve_dinov2(dinov2_checkpoint, weights))
     check_output_dir(out)
-    with connect(cluster, **cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config)) as client:
-        typer.echo(f"dashboard: {client.dashboard_link}")
+    with output_lock(out, "pick"), \
+            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
         result = run(tomogram, out, method=method, diameter=diameter, threshold=threshold, min_distance=min_distance,
                      max_picks=max_picks, prompts=points, prompts_file=prompts, sam_checkpoint=sam_checkpoint,
                      dinov2_checkpoint=dinov2_checkpoint, weights=weights, config=model_config, image_size=image_size,

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_kwargs, parse_triple
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_session, parse_triple
 
 
 @app.command()
@@ -27,7 +27,8 @@ def postprocess(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
 ):
     """Keep the connected components of a mask that pass the filters; identical to scipy on the whole array."""
-    from ..cluster import check_spec, connect
+    from ..cluster import check_spec
+    from ..lock import output_lock
     from ..errors import InputError, where
     from ..postprocess.pipeline import PostprocessParams, open_mask, postprocess as run
 
@@ -40,8 +41,8 @@ def postprocess(
     block = parse_triple(chunks, "--chunks")
     vs = parse_triple(voxel_size, "--voxel-size", float)
     open_mask(mask, vs, block)  # validate the input before a cluster starts
-    with connect(cluster, **cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config)) as client:
-        typer.echo(f"dashboard: {client.dashboard_link}")
+    with output_lock(out.parent, "postprocess"), \
+            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
         result = run(mask, out, connectivity=connectivity, min_slices=min_slices, min_voxels=min_voxels,
                      remove_bridges=remove_bridges, max_bridge_len=max_bridge_len, labels=labels, chunks=block,
                      voxel_size=vs, client=client, device=device)
