@@ -32,3 +32,5 @@ def export(store, out, *, level: int = 0, labels: str | None = None) -> Path:
         return write_mrc(out, array, tuple(v * 2**level for v in voxel_size), slab=max(1, array.chunks[0]))
     except OSError as exc:
         raise where(out, f"cannot write ({exc.strerror or exc})") from None
+    except (ValueError, RuntimeError) as exc:  # e.g. chunks that do not decode to the array's shape and dtype
+        raise where(image, f"cannot export level {level} ({str(exc).splitlines()[0]})") from None

@@ -33,12 +33,14 @@ def membranes(
 ):
     """Voxel-wise Dice, IoU, precision, recall (and AP with --logits), block by block on a cluster."""
     from ..cluster import check_spec
+    from ..errors import where
     from ..evaluate import evaluate_membranes, load_volume
 
     check_spec(cluster)
-    for path in (pred, truth, logits):
-        if path is not None:
-            load_volume(path)  # validate every input before a cluster starts
+    shapes = {path: tuple(load_volume(path).shape) for path in (pred, truth, logits) if path is not None}
+    for path, shape in shapes.items():  # every input checked before a cluster starts
+        if shape != shapes[pred]:
+            raise where(path, f"shape {shape} differs from {pred} {shapes[pred]}")
     with cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config):
         _report(evaluate_membranes(pred, truth, logits=logits, out=out, bins=bins))
 

@@ -61,7 +61,7 @@ def membranes(
     """Segment membranes; outputs use ETSAM's names: <stem>_<method>_predicted_{mask,logits,post_processed_mask}.mrc."""
     from ..cluster import check_spec
     from ..lock import output_lock
-    from ..errors import CryodaskError, InputError
+    from ..errors import InputError
     from ..membranes.classical import ClassicalParams
     from ..membranes.pipeline import find_inputs, resolve_checkpoints, resolve_method, segment
 
@@ -74,7 +74,7 @@ def membranes(
         from ..membranes.etsam import EtsamParams
         from ..models.sam2 import config_path
 
-        resolve_checkpoints(stage1_checkpoint, stage2_checkpoint, weights)
+        resolve_checkpoints(stage1_checkpoint, stage2_checkpoint, weights, model_config)
         config_path(model_config)
         EtsamParams(model_config, image_size=image_size, normalize=normalize, stage1_prompt=stage1_prompt,
                     stage2_prompt=stage2_prompt, grid_interval=grid_interval, tile=parse_pair(tile, "--tile"))
@@ -87,7 +87,7 @@ def membranes(
     for bad in failed:
         typer.echo(f"error: {bad.message}", err=True)
     if not found:
-        raise CryodaskError("no usable tomogram")
+        raise typer.Exit(2)  # every input was bad, and each has had its one line
     with output_lock(out, "membranes"), \
             cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
         report = segment([str(p) for _, p in found], out, method=method, stage1_checkpoint=stage1_checkpoint,

@@ -10,6 +10,22 @@ from . import app
 from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_session, parse_triple
 
 
+def parse_prompt(text: str) -> tuple[float, float, float]:
+    """``"0,12.5,40"`` → ``(0.0, 12.5, 40.0)``: any three finite voxel coordinates (0 is a voxel;
+    whether the point lies in the volume is checked against its shape)."""
+    import math
+
+    from ..errors import InputError
+
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise InputError(f"--prompt must be three numbers z,y,x (voxels), got {text!r}")
+    return values
+
+
 @app.command()
 def features(
     tomogram: Path = typer.Argument(..., help="Tomogram: MRC/TIFF or OME-Zarr image."),
@@ -87,9 +103,7 @@ def pick(
     if method not in ("log", "cryosam"):
         raise InputError(f"--method must be log or cryosam, got {method!r}")
     _, shape, tomo_vs, _ = open_reader(tomogram, vs, block)
-    points = [parse_triple(p, "--prompt", float) if "," in p else None for p in (prompt or [])]
-    if any(p is None for p in points):
-        raise InputError("--prompt must be z,y,x")
+    points = [parse_prompt(p) for p in (prompt or [])]
     if method == "log":
         from ..picking.log import LogParams
 

@@ -6,6 +6,7 @@ what actually stops a read — a truncated data block, an unknown mode — is a 
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from pathlib import Path
@@ -22,7 +23,7 @@ def _open(path):
         try:
             mrc = mrcfile.mmap(path, mode="r", permissive=True)
         except (ValueError, OSError, EOFError) as exc:
-            raise where(path, f"not a readable MRC file ({exc})") from None
+            raise where(path, _negative_sizes(path) or f"not a readable MRC file ({exc})") from None
     if mrc.data is None:
         mrc.close()
         raise where(path, _why_unreadable(path, caught))
@@ -30,20 +31,44 @@ def _open(path):
 
 
 def _why_unreadable(path, caught) -> str:
+    negative = _negative_sizes(path)
+    if negative:
+        return negative
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with mrcfile.open(path, header_only=True, permissive=True) as mrc:
             header = mrc.header.copy()
+    dims = {name: int(header[name]) for name in ("nx", "ny", "nz")}
     try:
         dtype = mrcfile.utils.dtype_from_mode(header.mode)
     except ValueError:
-        return f"not a readable MRC file (unknown mode {int(header.mode)})"
-    expected = 1024 + int(header.nsymbt) + int(header.nx) * int(header.ny) * int(header.nz) * dtype.itemsize
+        return f"not a readable MRC file (unsupported mode {int(header.mode)}; modes 0, 1, 2, 6 and 12 are read)"
+    expected = 1024 + int(header.nsymbt) + dims["nx"] * dims["ny"] * dims["nz"] * dtype.itemsize
     size = os.path.getsize(path)
     if size < expected:
-        return f"truncated MRC file: header promises {expected} bytes, the file has {size}"
+        return (f"truncated MRC file: header promises {expected} bytes (nx, ny, nz = {dims['nx']}, {dims['ny']}, "
+                f"{dims['nz']}), the file has {size}")
     messages = [str(w.message) for w in caught]
     return "not a readable MRC file (" + (messages[-1] if messages else "invalid header") + ")"
+
+
+def _negative_sizes(path) -> str | None:
+    """The problem with a header whose dimensions or extended-header size are negative, if any."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1024)
+    except OSError:
+        return None
+    if len(raw) < 1024:
+        return None
+    header = np.frombuffer(raw, mrcfile.dtypes.HEADER_DTYPE)[0]
+    try:  # read as mrcfile would, which stops at a negative size before saying so
+        order = mrcfile.utils.byte_order_from_machine_stamp(header["machst"])
+    except ValueError:
+        order = "<"
+    header = np.frombuffer(raw, mrcfile.dtypes.HEADER_DTYPE.newbyteorder(order))[0]
+    negative = [f"{name} = {int(header[name])}" for name in ("nx", "ny", "nz", "nsymbt") if int(header[name]) < 0]
+    return f"invalid MRC header: {', '.join(negative)} (sizes cannot be negative)" if negative else None
 
 
 def header_dict(header) -> dict:
@@ -67,7 +92,13 @@ def describe(path):
     (including ``data_offset``, where the voxels start, for :func:`read_region`)."""
     mrc = _open(path)
     try:
-        vs = mrc.voxel_size
+        axes = tuple(int(mrc.header[name]) for name in ("mapc", "mapr", "maps"))
+        if axes != (1, 2, 3):  # mrcfile would give the data transposed, without a word
+            problem = ("is not a permutation of 1, 2, 3" if sorted(axes) != [1, 2, 3] else
+                       "is not supported (only 1, 2, 3: x fastest, then y, then z); the data would come out transposed")
+            raise where(path, f"axis order mapc, mapr, maps = {', '.join(map(str, axes))} {problem}")
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero sampling mx/my/mz is a missing voxel size
+            vs = mrc.voxel_size
         voxel = (float(vs.z), float(vs.y), float(vs.x))
         metadata = {"header": header_dict(mrc.header), "extended_header_type": mrc.header.exttyp.tobytes().decode("ascii", "replace").strip(),
                     "data_offset": 1024 + int(mrc.header.nsymbt)}
@@ -151,16 +182,35 @@ def write_mrc(path, data, voxel_size, *, slab: int = 64) -> Path:
     partial = path.with_name(path.name + ".partial")
     vs = (voxel_size,) * 3 if np.isscalar(voxel_size) else tuple(voxel_size)
     stats = []
-    with mrcfile.new_mmap(partial, shape=shape, mrc_mode=mrcfile.utils.mode_from_dtype(dtype), overwrite=True) as mrc:
-        for z0 in range(0, shape[0] if len(shape) == 3 else 1, slab):
-            region = np.s_[z0:z0 + slab] if len(shape) == 3 else np.s_[:]
-            block = np.asarray(data[region]).astype(dtype, copy=False)
-            mrc.data[region] = block
-            stats.append(region_stats(block))
-        set_stats(mrc.header, stats)
-        mrc.voxel_size = (vs[2], vs[1], vs[0])
+    try:
+        mode = mrcfile.utils.mode_from_dtype(dtype)
+        with mrcfile.new_mmap(partial, shape=shape, mrc_mode=mode, overwrite=True) as mrc:
+            _reserve(partial)
+            for z0 in range(0, shape[0] if len(shape) == 3 else 1, slab):
+                region = np.s_[z0:z0 + slab] if len(shape) == 3 else np.s_[:]
+                block = np.asarray(data[region]).astype(dtype, copy=False)
+                mrc.data[region] = block
+                stats.append(region_stats(block))
+            set_stats(mrc.header, stats)
+            mrc.voxel_size = (vs[2], vs[1], vs[0])
+    except Exception:  # a full disk, an unreadable source: no half-written file stays behind
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, path)
     return path
+
+
+def _reserve(path) -> None:
+    """Allocate a new file's blocks before writing it through a memory map: on a full disk the
+    map would kill the process with SIGBUS, where this fails with ENOSPC (an ``OSError``)."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
 
 
 def region_stats(block: np.ndarray) -> tuple[float, float, float, float, int]:

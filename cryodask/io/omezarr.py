@@ -69,13 +69,25 @@ def open_image(path, mode: str = "r"):
     multiscales = (attrs.get("ome", attrs)).get("multiscales")
     if not multiscales:
         raise where(path, "no OME-NGFF multiscales metadata")
-    datasets = multiscales[0]["datasets"]
     try:
-        arrays = [group[d["path"]] for d in datasets]
-    except KeyError as exc:
-        raise where(path, f"multiscales metadata names a missing array {exc}") from None
-    scale = next(t["scale"] for t in datasets[0]["coordinateTransformations"] if t["type"] == "scale")
-    return group, arrays, tuple(float(v) for v in scale[-3:]), ngff
+        datasets = multiscales[0]["datasets"]
+        names = [str(d["path"]) for d in datasets]
+        scale = next(t["scale"] for t in datasets[0]["coordinateTransformations"] if t["type"] == "scale")
+        voxel_size = tuple(float(v) for v in scale[-3:])
+    except (KeyError, IndexError, TypeError, ValueError, StopIteration) as exc:
+        raise where(path, f"malformed OME-NGFF multiscales metadata ({type(exc).__name__}: {exc})") from None
+    arrays = []
+    for name in names:
+        try:
+            array = group[name]
+        except KeyError as exc:
+            raise where(path, f"multiscales metadata names a missing array {exc}") from None
+        except (ValueError, TypeError) as exc:  # a .zarray / zarr.json that zarr cannot read
+            raise where(path, f"level {name} is not a readable zarr array ({str(exc).splitlines()[0]})") from None
+        if not isinstance(array, zarr.Array):
+            raise where(path, f"level {name} is not a zarr array")
+        arrays.append(array)
+    return group, arrays, voxel_size, ngff
 
 
 def create_labels(image_path, name: str, dtype, *, colors: dict[int, list[int]] | None = None,

@@ -6,6 +6,8 @@ is in nm, µm or Å; otherwise it must be given with ``--voxel-size``.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import tifffile
 
@@ -16,15 +18,22 @@ UNIT_TO_ANGSTROM = {"nm": 10.0, "nanometer": 10.0, "um": 1e4, "µm": 1e4, "micro
 
 
 def _open(path):
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its warning about a broken file would be a second line; ours says it
     try:
         return tifffile.TiffFile(path)
     except (tifffile.TiffFileError, OSError, ValueError) as exc:
         raise where(path, f"not a readable TIFF file ({exc})") from None
+    finally:
+        log.setLevel(level)
 
 
 def describe(path):
     """Shape (z, y, x), dtype, voxel size (z, y, x) in Å or None, and metadata."""
     with _open(path) as tif:
+        if not tif.series:
+            raise where(path, "not a readable TIFF file (no image in it)")
         series = tif.series[0]
         shape = tuple(series.shape)
         if len(shape) == 2:

@@ -74,6 +74,32 @@ def load_state_dict(checkpoint) -> dict:
     return payload["model"]
 
 
+def check_checkpoint(config: str, checkpoint) -> Path:
+    """What :func:`build_predictor` refuses, found without building the model, so the client can
+    check before a cluster starts: the file is a SAM2 checkpoint and its image encoder has the
+    config's width and number of blocks (hiera-t weights under a hiera-s config fail here)."""
+    import torch
+
+    path = Path(checkpoint)
+    try:  # memory-mapped: only the tensors' descriptions are read
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["model"]
+    except Exception:  # noqa: BLE001  (not a zip checkpoint, or not SAM2's: the full load says which)
+        state = None
+    if not isinstance(state, dict):
+        state = load_state_dict(path)
+    trunk = _model_config(config, None).get("image_encoder", {}).get("trunk", {})
+    if not str(trunk.get("_target_", "")).endswith("hieradet.Hiera"):
+        return path  # another encoder: build_predictor checks it on the worker
+    expected = (int(trunk.get("embed_dim", 96)), sum(trunk.get("stages", (2, 3, 16, 3))))  # Hiera's defaults
+    proj = state.get("image_encoder.trunk.patch_embed.proj.weight")
+    blocks = {k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")}
+    found = (int(proj.shape[0]) if hasattr(proj, "shape") else 0, len(blocks))
+    if found != expected:
+        raise where(path, f"does not match config {config}: its image encoder has width {found[0]} and "
+                          f"{found[1]} blocks, the config's has {expected[0]} and {expected[1]}")
+    return path
+
+
 def build_predictor(config: str = "sam2.1_hiera_b+", checkpoint=None, *, device: str = "cpu",
                     image_size: int | None = None):
     """A ``SAM2VideoPredictor`` in eval mode, as ETSAM builds it.
