@@ -82,9 +82,14 @@ class DoneMarks:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def fault_injection_delay() -> None:
+def fault_injection_delay(label: str = "") -> None:
     """``CRYODASK_BLOCK_DELAY`` seconds of sleep per block task: lets crash tests kill a run
-    mid-way at a predictable point."""
+    mid-way at a predictable point. With ``CRYODASK_BLOCK_LOG`` set to a file, each call first
+    appends one line, ``label``, to it, so tests can count the block tasks a run executed."""
+    log = os.environ.get("CRYODASK_BLOCK_LOG")
+    if log:
+        with open(log, "a") as f:  # one short append per call: atomic between processes
+            f.write(f"{label}\n")
     delay = float(os.environ.get("CRYODASK_BLOCK_DELAY", 0) or 0)
     if delay:
         time.sleep(delay)

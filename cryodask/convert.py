@@ -10,6 +10,7 @@ blocks and finished tomograms, and a changed parameter starts that tomogram agai
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -104,7 +105,7 @@ def _write_source_block(source: VolumeSource, store: str, block: Block, dtype: s
     data (the block spans two level-1 chunks per axis, so both writes are whole chunks)."""
     import zarr
 
-    fault_injection_delay()
+    fault_injection_delay(f"{STEP} {Path(store).stem} 0/{block.name}")
     data = source.read(block.region).astype(dtype, copy=False)
     zarr.open_array(f"{store}/0", mode="r+")[block.region] = data
     if level1 is not None:
@@ -116,7 +117,7 @@ def _write_source_block(source: VolumeSource, store: str, block: Block, dtype: s
 def _write_level_block(store: str, level: int, block: Block, marks: DoneMarks, *deps):
     import zarr
 
-    fault_injection_delay()
+    fault_injection_delay(f"{STEP} {Path(store).stem} {level}/{block.name}")
     parent = zarr.open_array(f"{store}/{level - 1}", mode="r")
     target = zarr.open_array(f"{store}/{level}", mode="r+")
     region = tuple(slice(2 * s.start, min(2 * s.stop, n)) for s, n in zip(block.region, parent.shape))
@@ -367,7 +368,10 @@ def _run(client, jobs: list[_Job], block_bytes: int, report: ConvertReport, prog
                                 blocks_skipped=totals[i] - len(done), nbytes=job.source.nbytes,
                                 seconds=time.perf_counter() - started[i])
         if errors:
-            message = _one_line(next((e for e in errors if isinstance(e, CryodaskError)), errors[0]))
+            error = next((e for e in errors if isinstance(e, CryodaskError)), errors[0])
+            message = _one_line(error)
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk
+                message = f"cannot write {job.store} ({error.strerror})"
             result.status = "failed"
             result.message = message if message.startswith(job.source.path) else f"{job.source.path}: {message}"
         else:

@@ -113,7 +113,9 @@ def open_volume(path, voxel_size: float | tuple[float, float, float] | None = No
     else:
         vs = header_voxel
         if vs is None or not all(np.isfinite(v) and v > 0 for v in vs):
-            raise where(path, "voxel size is missing or 0 in the header; pass --voxel-size (Å)")
+            given = vs is not None and any(np.isfinite(v) and v != 0 for v in vs)
+            raise where(path, (f"voxel size {tuple(float(v) for v in vs)} Å in the header is not positive"
+                               if given else "voxel size is missing or 0 in the header") + "; pass --voxel-size (Å)")
     return VolumeSource(str(path), fmt, tuple(int(s) for s in shape), dtype.str,
                         tuple(round(float(v), 4) for v in vs), metadata)
 
@@ -164,6 +166,19 @@ class VolumeReader:
     def __call__(self, region):
         data = self.source.read(region)
         return data if self.dtype is None else np.asarray(data, dtype=self.dtype)
+
+
+def source_identity(read) -> list[int]:
+    """Size and modification time (ns) of what a reader reads: the MRC/TIFF file, or the metadata
+    of the zarr array (written anew with every new array, as ``write_labels`` does). Part of a
+    done-mark key, so a new input under the same name is never taken for a finished one."""
+    import os
+
+    if isinstance(read, VolumeReader):
+        stat = os.stat(read.source.path)
+    else:
+        stat = next(os.stat(p) for p in (Path(read.path) / ".zarray", Path(read.path) / "zarr.json") if p.exists())
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def open_reader(path, voxel_size=None, chunks=(64, 256, 256), dtype: str | None = None):

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..blocks import Block, plan_blocks
+from ..blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
 from ..errors import InputError
 
 TRUNCATE = 4.0  # Gaussian kernels reach 4 sigma (scipy's default); the halo follows from it
@@ -326,11 +326,19 @@ def robust_stats(counts: np.ndarray) -> tuple[float, float]:
 
 # ------------------------------------------------------------------ block tasks
 
+def _histogram_path(marks: DoneMarks, block: Block) -> Path:
+    return marks.folder / "histograms" / f"{block.name}.npy"
+
+
 def _score_task(block: Block, read, shape, spacing, params: ClassicalParams, mean: float, std: float,
-                score_path: str, ridge_path: str) -> np.ndarray:
-    """Score and ridge of one block, written as whole chunks; returns the score histogram."""
+                score_path: str, ridge_path: str, marks: DoneMarks | None = None) -> np.ndarray:
+    """Score and ridge of one block, written as whole chunks; returns the score histogram
+    (with ``marks``, also kept on disk and marked done, so a rerun reads it back)."""
     import zarr
 
+    if marks is not None and marks.done(f"score/{block.name}"):
+        return np.load(_histogram_path(marks, block))
+    fault_injection_delay(f"classical {Path(score_path).parent} score/{block.name}")
     grown = _grow(block.region, halo(spacing, params), shape)  # what the Hessian needs
     near = _grow(block.region, (1, 1, 1), shape)  # what the ridge test needs
     x = _normalised(read(grown), mean, std, params)
@@ -340,15 +348,26 @@ def _score_task(block: Block, read, shape, spacing, params: ClassicalParams, mea
     ridge = _ridge(score, normal[inner], inner, spacing)
     zarr.open_array(score_path, mode="r+")[block.region] = score[inner]
     zarr.open_array(ridge_path, mode="r+")[block.region] = ridge.astype(np.uint8)
-    return _histogram(score[inner])
+    counts = _histogram(score[inner])
+    if marks is not None:
+        path = _histogram_path(marks, block)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".partial"), "wb") as f:
+            np.save(f, counts)
+        path.with_name(path.name + ".partial").replace(path)
+        marks.mark(f"score/{block.name}")
+    return counts
 
 
 def _mask_task(block: Block, shape, spacing, params: ClassicalParams, low: float, high: float,
-               score_path: str, ridge_path: str, mask_path: str) -> int:
+               score_path: str, ridge_path: str, mask_path: str, marks: DoneMarks | None = None) -> int:
     """Hysteresis on the score around one block, ridge kept, thickness given back; whole chunks."""
     import zarr
     from skimage.filters import apply_hysteresis_threshold
 
+    if marks is not None and marks.done(f"mask/{block.name}"):
+        return int(np.count_nonzero(zarr.open_array(mask_path, mode="r")[block.region]))
+    fault_injection_delay(f"classical {Path(score_path).parent} mask/{block.name}")
     grown = _grow(block.region, _mask_halo(spacing, params), shape)
     radii = tuple(params.thickness / 2 / s for s in spacing)
     near = _grow(block.region, tuple(math.ceil(r) for r in radii), shape)
@@ -357,6 +376,8 @@ def _mask_task(block: Block, shape, spacing, params: ClassicalParams, low: float
     centres = apply_hysteresis_threshold(score, low, high) & ridge
     mask = ndi.binary_dilation(centres[_within(near, grown)], _ellipsoid(radii))[_within(block.region, near)]
     zarr.open_array(mask_path, mode="r+")[block.region] = mask.astype(np.uint8)
+    if marks is not None:
+        marks.mark(f"mask/{block.name}")
     return int(np.count_nonzero(mask))
 
 
@@ -375,7 +396,7 @@ def _run(client, fn, blocks, **kwargs) -> list:
 # ------------------------------------------------------------------ the step
 
 def classical_segment(read, shape, voxel_size, chunks, params: ClassicalParams, score_path: str, mask_path: str, *,
-                      client=None, mean=None, std=None) -> dict:
+                      client=None, mean=None, std=None, marks: DoneMarks | None = None) -> dict:
     """Segment membranes in a whole tomogram with the classical sheet filter, block by block.
 
     Writes the sheet score (:func:`membrane_score`, float32) to a zarr array at ``score_path``
@@ -399,6 +420,8 @@ def classical_segment(read, shape, voxel_size, chunks, params: ClassicalParams, 
     score_path, mask_path : where the two zarr arrays go (overwritten).
     client : a ``distributed.Client`` to run the block tasks on. Without one they run here.
     mean, std : global statistics of the input; one reduction pass computes them if None.
+    marks : ``DoneMarks`` for the block tasks (keyed by the parameters): with them, a rerun keeps
+        the arrays and skips every block already marked; without them, everything is redone.
 
     Returns
     -------
@@ -435,10 +458,11 @@ def classical_segment(read, shape, voxel_size, chunks, params: ClassicalParams, 
     clock = time.perf_counter()
     mask_path = str(mask_path)
     ridge_path = str(Path(mask_path).with_name(f".{Path(mask_path).name}.ridge"))
-    for path, dtype in ((score_path, np.float32), (mask_path, np.uint8), (ridge_path, np.uint8)):
-        zarr.create_array(str(path), shape=shape, chunks=chunks, dtype=dtype, fill_value=0, overwrite=True)
+    if marks is None or not any(marks.done(f"score/{b.name}") for b in blocks):  # else resume in them
+        for path, dtype in ((score_path, np.float32), (mask_path, np.uint8), (ridge_path, np.uint8)):
+            zarr.create_array(str(path), shape=shape, chunks=chunks, dtype=dtype, fill_value=0, overwrite=True)
     counts = sum(_run(client, _score_task, blocks, read=read, shape=shape, spacing=spacing, params=params,
-                      mean=mean, std=std, score_path=str(score_path), ridge_path=ridge_path))
+                      mean=mean, std=std, score_path=str(score_path), ridge_path=ridge_path, marks=marks))
     median, spread = robust_stats(counts)
     spread = max(spread, np.finfo(np.float32).tiny)  # a constant score: nothing passes the thresholds
     top = _quantile(counts, TOP_QUANTILE)
@@ -449,7 +473,7 @@ def classical_segment(read, shape, voxel_size, chunks, params: ClassicalParams, 
 
     clock = time.perf_counter()
     ones = sum(_run(client, _mask_task, blocks, shape=shape, spacing=spacing, params=params, low=low, high=high,
-                    score_path=str(score_path), ridge_path=ridge_path, mask_path=mask_path))
+                    score_path=str(score_path), ridge_path=ridge_path, mask_path=mask_path, marks=marks))
     shutil.rmtree(ridge_path, ignore_errors=True)
     seconds["mask"] = time.perf_counter() - clock
     return {"mean": mean, "std": std, "median": median, "spread": spread, "top": top, "low": low, "high": high,

@@ -176,8 +176,8 @@ def two_stage_column(read_raw, norm: norm_mod.Normalization, n_slices: int, ys: 
                                  image_size=params.image_size, seed=seed)
         prompts = prompt_mod.prompt_masks(params.stage1_prompt, shape[0], shape[1], shape[2], params.grid_interval)
         low, high = _run_stage(model, read_normalised, shape, prompts, stage1_path, device, batch)
+        fault_injection_delay(f"etsam {folder} stage1-{name}")
         marks.mark(f"stage1-{name}")
-    fault_injection_delay()
     if marks.done(f"stage2-{name}"):
         return name
 
@@ -197,6 +197,7 @@ def two_stage_column(read_raw, norm: norm_mod.Normalization, n_slices: int, ys: 
     prompts = prompt_mod.prompt_masks(params.stage2_prompt, shape[0], shape[1], shape[2], params.grid_interval,
                                       stage1_mask=lambda z: first[z] > STAGE1_THRESHOLD)
     _run_stage(model, read_fused, shape, prompts, stage2_path, device, batch)
+    fault_injection_delay(f"etsam {folder} stage2-{name}")
     marks.mark(f"stage2-{name}")
     return name
 

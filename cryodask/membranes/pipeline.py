@@ -91,11 +91,19 @@ def resolve_method(method: str | None, stage1_checkpoint, stage2_checkpoint, wei
     return "etsam" if folder and all((folder / f).exists() for f in ETSAM_FILES) else "classical"
 
 
-def resolve_checkpoints(stage1, stage2, weights) -> tuple[Path, Path]:
+def resolve_checkpoints(stage1, stage2, weights, config: str | None = None) -> tuple[Path, Path]:
+    """ETSAM's two checkpoint files; with ``config``, also checked to be SAM2 weights of that
+    architecture (cheaply, on the client, before any cluster starts)."""
     from ..models.weights import resolve
 
-    return (resolve(stage1, default_name=ETSAM_FILES[0], folder=weights, option="--stage1-checkpoint"),
-            resolve(stage2, default_name=ETSAM_FILES[1], folder=weights, option="--stage2-checkpoint"))
+    paths = (resolve(stage1, default_name=ETSAM_FILES[0], folder=weights, option="--stage1-checkpoint"),
+             resolve(stage2, default_name=ETSAM_FILES[1], folder=weights, option="--stage2-checkpoint"))
+    if config is not None:
+        from ..models.sam2 import check_checkpoint
+
+        for path in paths:
+            check_checkpoint(config, path)
+    return paths
 
 
 def is_zarr(path) -> bool:
@@ -153,7 +161,12 @@ def _extremes(level0_path: str, client) -> tuple[float, float]:
 def _mean_std(level0_path: str, client) -> tuple[float, float]:
     import dask.array as da
 
-    data = da.from_zarr(level0_path).astype(np.float64)
+    data = da.from_zarr(level0_path)
+    if data.dtype.kind == "f":  # checked first: NaN/Inf would pass as a "constant volume", with warnings
+        finite = da.isfinite(data).all()
+        if not (client.compute(finite, sync=True) if client is not None else finite.compute()):
+            raise InputError("contains NaN or Inf values")
+    data = data.astype(np.float64)
     mean, std = da.mean(data), da.std(data)
     mean, std = client.compute([mean, std], sync=True) if client is not None else da.compute(mean, std)
     return float(mean), float(std)
@@ -206,7 +219,7 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
         else:
             from ..models.sam2 import checkpoint_identity, config_path
 
-            ckpts = resolve_checkpoints(stage1_checkpoint, stage2_checkpoint, weights)
+            ckpts = resolve_checkpoints(stage1_checkpoint, stage2_checkpoint, weights, config)
             ids = tuple(checkpoint_identity(c) for c in ckpts)
             config_path(config)
         method_params = EtsamParams(config, *(str(c) if c else None for c in ckpts), ids, image_size, normalize,
@@ -277,11 +290,15 @@ def _run(found, out: Path, method, method_params, outputs: OutputParams, voxel_s
 
     from ..io.omezarr import open_image
 
-    key = params_hash({"method": method, "params": method_params.key_fields() if method == "etsam"
-                       else asdict(method_params), "outputs": asdict(outputs)})
+    from ..io.volumes import source_identity
+
+    params_key = params_hash({"method": method, "params": method_params.key_fields() if method == "etsam"
+                              else asdict(method_params), "outputs": asdict(outputs)})
     jobs: list[_Tomogram] = []
     for source, store in _stores(found, out, voxel_size, chunks, levels, client, report):
         stem = etsam_stem(source)
+        # the tomogram's identity too: a reconverted or replaced image is new work, not done work
+        key = params_hash({"params": params_key, "image": source_identity(ZarrReader(str(store / "0")))})
         job = _Tomogram(source, store, stem, key, DoneMarks(out / ".cryodask" / stem, f"{STEP}-{method}", key))
         _, arrays, vs, _ = open_image(store)
         job.shape, job.voxel_size = tuple(arrays[0].shape), vs
@@ -317,7 +334,15 @@ def _run(found, out: Path, method, method_params, outputs: OutputParams, voxel_s
             continue
         pending[id(job)] -= 1
         if pending[id(job)] == 0:
-            job.result = _finish(job, out, method, method_params, outputs, client)
+            try:
+                job.result = _finish(job, out, method, method_params, outputs, client)
+            except (CryodaskError, OSError) as exc:  # e.g. the disk filled while exporting: not marked complete,
+                for kind in ("mask", "logits", "post_processed_mask"):  # and no output of it left to look done
+                    (out / f"{job.stem}_{method}_predicted_{kind}.mrc").unlink(missing_ok=True)
+                message = (str(exc) if isinstance(exc, CryodaskError)
+                           else f"cannot write its outputs in {out} ({exc.strerror or exc})")
+                job.result = MembraneResult(str(job.source), "failed", str(job.store),
+                                            message=f"{job.source}: {message}")
             report.results.append(job.result)
     bar.close()
     return report
@@ -353,11 +378,12 @@ def _submit(job: _Tomogram, method, params, batch, device, client) -> list:
     work = job.marks.folder / "classical"
     work.mkdir(parents=True, exist_ok=True)
     return [client.submit(_classical_task, reader, job.shape, job.voxel_size, params, str(work), mean, std,
-                          pure=False, key=f"classical-{job.stem}-{job.key[:8]}")]
+                          job.marks, pure=False, key=f"classical-{job.stem}-{job.key[:8]}")]
 
 
-def _classical_task(reader, shape, voxel_size, params, work: str, mean: float, std: float):
-    """The classical filter of one tomogram, driven from a worker (it fans out its own blocks)."""
+def _classical_task(reader, shape, voxel_size, params, work: str, mean: float, std: float, marks: DoneMarks):
+    """The classical filter of one tomogram, driven from a worker (it fans out its own blocks,
+    each marked done in ``marks``, so a rerun resumes block by block)."""
     from distributed import worker_client
 
     from .classical import classical_segment
@@ -365,7 +391,7 @@ def _classical_task(reader, shape, voxel_size, params, work: str, mean: float, s
     chunks = (64, 128, 128)
     with worker_client() as client:
         return classical_segment(reader, shape, voxel_size, chunks, params, f"{work}/score.zarr",
-                                 f"{work}/mask.zarr", client=client, mean=mean, std=std)
+                                 f"{work}/mask.zarr", client=client, mean=mean, std=std, marks=marks)
 
 
 def _finish(job: _Tomogram, out: Path, method, method_params, outputs: OutputParams, client) -> MembraneResult:
@@ -391,8 +417,10 @@ def _finish(job: _Tomogram, out: Path, method, method_params, outputs: OutputPar
         logits = zarr.open_array(str(job.marks.folder / "classical" / "score.zarr"), mode="r")
         mask = da.from_zarr(str(job.marks.folder / "classical" / "mask.zarr")) > 0
     colors = {1: [64, 160, 255, 255]}
-    write_labels(job.store, f"{method}_predicted_mask", mask.astype(np.uint8), colors=colors,
-                 properties=[{"label-value": 1, "class": f"membrane ({method})"}])
+    if not job.marks.done("outputs/labels"):  # written once: a rewrite would restart the post-processing
+        write_labels(job.store, f"{method}_predicted_mask", mask.astype(np.uint8), colors=colors,
+                     properties=[{"label-value": 1, "class": f"membrane ({method})"}])
+        job.marks.mark("outputs/labels")
     result.mask_fraction = float(da.from_zarr(str(job.store / "labels" / f"{method}_predicted_mask" / "0")).mean().compute())
     result.files.append(export(job.store, out / f"{prefix}_mask.mrc", labels=f"{method}_predicted_mask"))
     if outputs.store_logits:

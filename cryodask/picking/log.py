@@ -41,7 +41,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from ..blocks import Block, plan_blocks
+from ..blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
 from ..errors import InputError
 
 SIGMA_PER_RADIUS = 1 / math.sqrt(3)  # where the normalised LoG of a solid ball peaks
@@ -376,6 +376,29 @@ def volume_stats(read, shape, *, chunks=(64, 256, 256), client=None) -> tuple[fl
     return _mean_std(_map(client, _block_stats, read, [(b,) for b in blocks], {}, "log-stats"))
 
 
+def _pick_task(read, block: Block, shape, voxel_size, params: LogParams, *, mean: float, std: float,
+               floor: float | None = None, marks: DoneMarks | None = None, step: str = "pick") -> BlockPicks:
+    """:func:`pick_block` as a block task; with ``marks``, its picks are kept on disk
+    (``<marks>/<step>-picks/<block>.npz``) and the block marked, so a rerun reads them back."""
+    path = marks.folder / f"{step}-picks" / f"{block.name}.npz" if marks is not None else None
+    if marks is not None and marks.done(f"{step}/{block.name}"):
+        with np.load(path) as saved:
+            total, squares = saved["sums"].tolist()
+            return BlockPicks(saved["coords"], saved["response"], (total, squares, int(saved["count"])),
+                              float(saved["floor"]))
+    fault_injection_delay(f"log {step}/{block.name}")
+    result = pick_block(read, block, shape, voxel_size, params, mean=mean, std=std, floor=floor)
+    if marks is not None:
+        partial = path.with_name(path.name + ".partial")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as f:
+            np.savez(f, coords=result.coords, response=result.response, floor=result.floor,
+                     sums=np.array(result.stats[:2], dtype=np.float64), count=result.stats[2])
+        partial.replace(path)
+        marks.mark(f"{step}/{block.name}")
+    return result
+
+
 def _map(client, func, read, items: list[tuple], kwargs: dict, name: str) -> list:
     """``func(read, *item, **kwargs)`` for each item: block tasks on the cluster, or a plain loop.
 
@@ -399,7 +422,7 @@ def empty_picks() -> pd.DataFrame:
 
 
 def log_pick(read, shape, voxel_size, params: LogParams, *, chunks=(64, 256, 256), client=None,
-             mean=None, std=None) -> pd.DataFrame:
+             mean=None, std=None, marks: DoneMarks | None = None) -> pd.DataFrame:
     """Pick every particle of ``params.diameter`` in a tomogram with the LoG blob detector.
 
     Parameters
@@ -412,6 +435,8 @@ def log_pick(read, shape, voxel_size, params: LogParams, *, chunks=(64, 256, 256
     chunks : block shape (voxels); each block is read with a halo (``Geometry.halo``).
     client : a ``distributed.Client`` to run the block tasks on; ``None`` runs them here.
     mean, std : the volume's statistics when known (skips the reduction pass).
+    marks : ``DoneMarks`` keyed by everything that changes the picks (parameters, chunks, the
+        input): each block's picks are kept and marked, so a rerun picks only unfinished blocks.
 
     Returns
     -------
@@ -445,16 +470,16 @@ def log_pick(read, shape, voxel_size, params: LogParams, *, chunks=(64, 256, 256
         raise InputError(f"the volume has non-finite values (mean {mean}, std {std})")
     if std <= 0 or not blocks:
         return empty_picks()  # a constant volume has no blobs
-    common = dict(mean=float(mean), std=float(std))
-    results = _map(client, pick_block, read, [(b, shape, voxel_size, params) for b in blocks], common, "log-pick")
+    common = dict(mean=float(mean), std=float(std), marks=marks)
+    results = _map(client, _pick_task, read, [(b, shape, voxel_size, params) for b in blocks], common, "log-pick")
     _, spread = _mean_std([r.stats for r in results])
     if spread <= 0:
         return empty_picks()
     cut = params.threshold * spread
     redo = [i for i, r in enumerate(results) if r.floor > cut]
     if redo:  # a block's own floor was above the global threshold: pick it again down to the threshold
-        again = _map(client, pick_block, read, [(blocks[i], shape, voxel_size, params) for i in redo],
-                     {**common, "floor": cut}, "log-pick-again")
+        again = _map(client, _pick_task, read, [(blocks[i], shape, voxel_size, params) for i in redo],
+                     {**common, "floor": cut, "step": "again"}, "log-pick-again")
         for i, r in zip(redo, again):
             results[i] = r
     coords = np.concatenate([r.coords for r in results])

@@ -40,6 +40,7 @@ def load_prompts(prompts=None, prompts_file=None, *, shape, voxel_size) -> np.nd
     from ..io.picks import read_picks
 
     points = [np.asarray(p, dtype=np.float64).reshape(3) for p in (prompts or [])]
+    given = len(points)  # the first ones come from --prompt, the rest from the file
     if prompts_file is not None:
         picks = read_picks(prompts_file, voxel_size=voxel_size)
         if picks.coords.shape[1] != 3:
@@ -52,16 +53,20 @@ def load_prompts(prompts=None, prompts_file=None, *, shape, voxel_size) -> np.nd
     points = np.array(points)
     outside = ~np.all((points >= 0) & (points <= np.array(shape) - 1), axis=1)
     if outside.any():
-        z, y, x = points[outside][0]
-        raise InputError(f"prompt (z, y, x) = ({z:g}, {y:g}, {x:g}) lies outside the volume of shape {tuple(shape)}")
+        i = int(np.argmax(outside))
+        z, y, x = points[i]
+        raise where("--prompt" if i < given else prompts_file,
+                    f"prompt (z, y, x) = ({z:g}, {y:g}, {x:g}) lies outside the volume of shape {tuple(shape)}")
     return points
 
 
 def sam2_checkpoint(checkpoint, weights, config: str) -> Path:
+    """The SAM2 checkpoint for ``config``, checked to be SAM2 weights of that architecture."""
+    from ..models.sam2 import check_checkpoint
     from ..models.weights import resolve
 
     name = SAM2_FILES.get(str(config).removesuffix(".yaml"), "sam2.1_hiera_large.pt")
-    return resolve(checkpoint, default_name=name, folder=weights, option="--sam-checkpoint")
+    return check_checkpoint(config, resolve(checkpoint, default_name=name, folder=weights, option="--sam-checkpoint"))
 
 
 def write_outputs(out: Path, stem: str, method: str, picks: pd.DataFrame, voxel_size: float,
@@ -149,13 +154,27 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
 
 
 def _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client) -> PickResult:
+    """LoG picks with per-block done-marks under ``<out>/.cryodask/<stem>/pick-log-<key>/``:
+    a killed run resumes at its unfinished blocks; the marks go once the files are written."""
+    import shutil
+    from dataclasses import asdict
+
+    from ..blocks import DoneMarks
+    from ..io.volumes import source_identity
+    from ..params import params_hash
     from .log import log_pick
 
     clock = time.perf_counter()
-    picks = log_pick(read, shape, vs, params, chunks=chunks, client=client)
+    key = params_hash({**asdict(params), "chunks": list(chunks), "voxel_size": list(vs),
+                       "source": source_identity(read)})
+    marks = DoneMarks(out / ".cryodask" / stem, "pick-log", key)
+    if not marks.folder.exists():
+        marks.clear_step()  # other parameters' or inputs' blocks are of no use now
+    picks = log_pick(read, shape, vs, params, chunks=chunks, client=client, marks=marks)
     result = PickResult(picks)
     result.seconds["log"] = time.perf_counter() - clock
     result.files = write_outputs(out, stem, "log", picks, vs[2], object_name)
+    shutil.rmtree(marks.folder, ignore_errors=True)
     return result
 
 

@@ -6,8 +6,9 @@ per-slice bridge removal on whole z-slabs. Input: an MRC mask or an OME-Zarr ima
 image; output by suffix: ``.mrc`` (plus ``<stem>_labels.mrc`` with ``labels=True``) or an
 OME-Zarr image (plus ``labels/components``). Memory per task is one block.
 
-Resumable like every step: the write pass marks each block after writing it, and a finished
-output records its parameter hash, so a rerun skips it.
+Resumable like every step: the label and write passes mark each block after writing it (the
+label pass keeps each block's local labels, statistics and faces), and a finished output
+records its parameter hash (which covers the mask file's size and mtime), so a rerun skips it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from ..blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
 from ..errors import InputError, where
-from ..io.volumes import VolumeReader, open_reader
+from ..io.volumes import VolumeReader, open_reader, source_identity
 from ..params import params_hash
 from .components import block_table, boundaries, check_connectivity, equivalence_pass, label_pass, merge, plan
 
@@ -117,9 +118,21 @@ def load_block_labels(folder: str, block: Block) -> np.ndarray:
     return np.frombuffer(numcodecs.Zstd().decode(path.read_bytes()), dtype=dtype).reshape(block.shape)
 
 
-def _label_task(read, block, grid, shape, connectivity, device, labels_folder):
+def _label_task(read, block, grid, shape, connectivity, device, labels_folder, marks: DoneMarks):
+    """Label one block; its local labels and its ``BlockLabels`` (statistics and faces) are kept
+    in ``labels_folder`` and the block marked, so a rerun reads them back instead."""
+    import pickle
+
+    path = Path(labels_folder) / f"{block.name}.faces.pkl"
+    if marks.done(f"label/{block.name}"):
+        return pickle.loads(path.read_bytes())
+    fault_injection_delay(f"{STEP} label/{block.name}")
     labelled, labels = label_pass(read, block, grid, shape, connectivity, device)
     save_block_labels(labels_folder, block, labels, len(labelled.ids))
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(pickle.dumps(labelled, protocol=pickle.HIGHEST_PROTOCOL))
+    partial.replace(path)
+    marks.mark(f"label/{block.name}")
     return labelled
 
 
@@ -138,7 +151,7 @@ def _write_task(labels_folder: str, block: Block, table: np.ndarray, mask_target
     """Map one block's local labels through its table; write the mask (and labels)."""
     from ..io.mrc import region_stats
 
-    fault_injection_delay()
+    fault_injection_delay(f"{STEP} write/{block.name}")
     local = load_block_labels(labels_folder, block)
     mask = (table > 0).astype(np.uint8)[local]
     mask_target.write(block.region, mask)
@@ -207,19 +220,23 @@ def postprocess(mask, out, *, connectivity: int = 26, min_slices: int = 0, min_v
     from ..io.folders import check_output_dir
 
     check_output_dir(out.parent)
-    key = params_hash({**asdict(params), "mask": str(Path(mask).resolve()), "chunks": block_chunks, "voxel_size": vs})
+    key = params_hash({**asdict(params), "mask": str(Path(mask).resolve()), "source": source_identity(read),
+                       "chunks": block_chunks, "voxel_size": vs})
     marks = DoneMarks(out.parent / ".cryodask" / out.name, STEP, key)
     result = PostprocessResult(out)
     if _finished(out, key):
         result.status = "skipped"
         return result
     client = client or current_client()
-    if client is None:
-        from ..cluster import connect
+    try:
+        if client is None:
+            from ..cluster import connect
 
-        with connect("local") as local_client:
-            return _run(read, shape, vs, block_chunks, params, out, marks, key, local_client, device, result)
-    return _run(read, shape, vs, block_chunks, params, out, marks, key, client, device, result)
+            with connect("local") as local_client:
+                return _run(read, shape, vs, block_chunks, params, out, marks, key, local_client, device, result)
+        return _run(read, shape, vs, block_chunks, params, out, marks, key, client, device, result)
+    except OSError as exc:  # a full disk, on the client or on a worker; nothing is marked complete
+        raise where(exc.filename or out, exc.strerror or str(exc)) from None
 
 
 def _finished(out: Path, key: str) -> bool:
@@ -314,7 +331,7 @@ def _run(read, shape, vs, chunks, params, out: Path, marks: DoneMarks, key: str,
     labels_path = str(labels_path)
     blocks, grid = plan(shape, _block_shape(read, out, shape, chunks))
     labelled = {b.name: client.submit(_label_task, read, b, grid, shape, params.connectivity, device, labels_path,
-                                      key=f"cc-label-{key[:8]}-{b.name}", retries=1, resources=resources) for b in blocks}
+                                      marks, key=f"cc-label-{key[:8]}-{b.name}", retries=1, resources=resources) for b in blocks}
     stats = {name: client.submit(_stats_only, f, key=f"cc-stats-{key[:8]}-{name}") for name, f in labelled.items()}
     pair_futures = [client.submit(_pairs_task, axis, [(b, labelled[b.name]) for b in lows], [(b, labelled[b.name]) for b in highs],
                                   shape, params.connectivity, key=f"cc-pairs-{key[:8]}-{axis}-{i}", retries=1)
