@@ -85,15 +85,17 @@ def test_picks_round_trip(tmp_path, suffix):
     assert read_picks(tmp_path / f"q{suffix}").coords.shape == (25, 2)
 
 
-def test_real_star_and_cryoppp_files(data_dir):
+def test_real_star_and_cryoppp_files(data_dir, tmp_path):
     one_loop = read_picks(data_dir / "star" / "starfile" / "one_loop.star")
     assert one_loop.coords.shape == (16, 3) and one_loop.pixel_size == 5.0
     star = read_picks(data_dir / "empiar10017" / "cryoppp" / "Falcon_2012_06_12-14_33_35_0.star")
     csv = read_picks(data_dir / "empiar10017" / "cryoppp" / "Falcon_2012_06_12-14_33_35_0.csv")
     assert star.coords.shape == (629, 2)
     np.testing.assert_allclose(np.sort(csv.coords, axis=0), np.sort(star.coords, axis=0))
+    alone = tmp_path / "particles.star"  # RELION 5 centred Å, with no tomograms.star to place them
+    alone.write_bytes((data_dir / "star" / "relion-tomo-cylindra" / "Picks" / "job_picks" / "particles.star").read_bytes())
     with pytest.raises(InputError, match="RELION 5 centred"):
-        read_picks(data_dir / "star" / "relion-tomo-cylindra" / "Picks" / "job_picks" / "particles.star")
+        read_picks(alone)
     with pytest.raises(InputError, match="no table with rlnCoordinateX"):
         read_picks(data_dir / "star" / "starfile" / "postprocess.star")
 
