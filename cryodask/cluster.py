@@ -4,18 +4,35 @@
 (one worker per GPU, each with the resource ``GPU=1``); ``slurm``/``pbs``/``sge``/``lsf`` are
 dask-jobqueue clusters configured by the standard jobqueue config or a cryodask YAML file;
 anything with ``://`` is the address of a running scheduler.
+
+A cryodask cluster YAML holds one mapping per kind (plus ``jobs``), or named ``profiles`` of
+such mappings, picked with ``--cluster-config FILE:PROFILE`` (``deploy/slurm/cluster.yaml:gpu``).
+A batch-system configuration is checked before any job is submitted: unknown keys, a worker
+``--lifetime`` that reaches the walltime, a GPU job without the ``GPU=1`` worker resource (or
+the reverse) are one-line errors, because on the cluster they fail late, or silently.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+import re
+import shlex
 from pathlib import Path
 
 from .errors import InputError
 
 JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
 KINDS = ("local", "cuda", *JOBQUEUE)
+SUBMIT = {"slurm": "sbatch", "pbs": "qsub", "sge": "qsub", "lsf": "bsub"}
+JOB_ID = {"slurm": "${SLURM_JOB_ID}", "pbs": "${PBS_JOBID}", "sge": "${JOB_ID}", "lsf": "${LSB_JOBID}"}
+PLACEHOLDER_SCHEDULER = "tcp://<scheduler-address>:8786"
+# JobQueueCluster arguments that are not job options but still belong in a config file
+CLUSTER_ONLY = ("scheduler_options", "shared_temp_directory", "silence_logs", "name")
+# list-valued job options: a YAML string here would be spliced into the script character by character
+LIST_OPTIONS = ("worker_extra_args", "job_extra_directives", "job_script_prologue", "job_directives_skip",
+                "extra", "job_extra", "env_extra", "header_skip")
 
 
 def check_spec(spec: str) -> str:
@@ -25,28 +42,101 @@ def check_spec(spec: str) -> str:
     raise InputError(f"--cluster {spec}: expected one of {', '.join(KINDS)} or a scheduler address tcp://host:port")
 
 
-def load_config(path) -> dict:
+def split_profile(path) -> tuple[Path, str | None]:
+    """``deploy/slurm/cluster.yaml:gpu`` → (the file, ``"gpu"``); a plain path has no profile."""
+    text = str(path)
+    head, sep, tail = text.rpartition(":")
+    if sep and head and tail and "/" not in tail and not Path(text).exists():
+        return Path(head), tail
+    return Path(text), None
+
+
+def load_config(path, profile: str | None = None) -> dict:
     """Keyword arguments for a cluster class from a cryodask cluster YAML file.
 
     The file holds one mapping per kind, e.g. ``slurm: {cores: 8, memory: 32GB}``;
-    a top-level ``jobs: N`` sets how many batch jobs to start.
+    a top-level ``jobs: N`` sets how many batch jobs to start. Or it holds
+    ``profiles: {gpu: {...}, cpu: {...}}`` of such mappings (and optionally ``default: gpu``);
+    the profile is ``profile`` or the ``:NAME`` suffix of ``path``.
     """
+    return read_config(path, profile)[2]
+
+
+def read_config(path, profile: str | None = None) -> tuple[Path, str | None, dict]:
+    """(the file, the profile chosen or None, its checked mapping): see :func:`load_config`."""
     import yaml
 
+    path, suffix = split_profile(path)
+    if profile and suffix and profile != suffix:
+        raise InputError(f"{path}: two profiles asked for ({suffix!r} and {profile!r})")
+    profile = profile or suffix
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise InputError(f"{path}: cannot read cluster config ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: cluster config must be a mapping of kind -> options")
-    return data
+    if "profiles" in data:
+        profile, data = _profile(path, data, profile)
+    elif profile:
+        raise InputError(f"{path}: has no profiles, so profile {profile!r} cannot be chosen "
+                         "(write 'profiles: {name: {...}}', see deploy/slurm/cluster.yaml)")
+    unknown = sorted(map(str, set(data) - {"jobs", *KINDS}))
+    if unknown:
+        raise InputError(f"{path}{_named(profile)}: unknown key(s) {', '.join(unknown)} "
+                         f"(expected jobs, {', '.join(KINDS)})")
+    jobs = data.get("jobs", 1)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise InputError(f"{path}{_named(profile)}: jobs must be a positive integer, got {jobs!r}")
+    for kind in KINDS:
+        if not isinstance(data.get(kind, {}), dict):
+            raise InputError(f"{path}{_named(profile)}: {kind} must be a mapping of options, got {data[kind]!r}")
+    if profile:
+        _check_profile_role(path, profile, data)
+    return path, profile, data
+
+
+def _named(profile) -> str:
+    return f" (profile {profile})" if profile else ""
+
+
+def _profile(path: Path, data: dict, name: str | None) -> tuple[str, dict]:
+    profiles = data["profiles"]
+    extra = sorted(map(str, set(data) - {"profiles", "default"}))
+    if extra:
+        raise InputError(f"{path}: unknown top-level key(s) {', '.join(extra)} next to profiles "
+                         "(put them inside a profile)")
+    if not isinstance(profiles, dict) or not profiles or not all(isinstance(v, dict) for v in profiles.values()):
+        raise InputError(f"{path}: profiles must map each profile name to a mapping of kind -> options")
+    names = ", ".join(map(str, profiles))
+    name = name or data.get("default")
+    if name is None:
+        raise InputError(f"{path}: choose a profile with --cluster-config {path}:NAME (profiles: {names})")
+    if name not in profiles:
+        raise InputError(f"{path}: unknown profile {name!r} (profiles: {names})")
+    return str(name), profiles[name]
+
+
+def _check_profile_role(path: Path, profile: str, data: dict) -> None:
+    """A profile named for GPUs must give its batch workers the GPU resource, one for CPUs must not."""
+    for kind in JOBQUEUE:
+        if kind not in data:
+            continue
+        has_gpu = "GPU" in worker_resources(setting(kind, data[kind], "worker_extra_args") or [])
+        if "gpu" in profile.lower() and not has_gpu:
+            raise InputError(f"{path} (profile {profile}): {kind} workers have no '--resources GPU=1', so no GPU "
+                             "task would ever run on them (add it to worker_extra_args)")
+        if "cpu" in profile.lower() and has_gpu:
+            raise InputError(f"{path} (profile {profile}): {kind} workers advertise GPU=1 in a CPU profile; "
+                             "GPU tasks would be sent to them")
 
 
 def make_cluster(spec: str = "local", *, workers: int | None = None, threads_per_worker: int | None = None,
                  memory_limit: str | int | None = "auto", config: str | os.PathLike | None = None):
     """Start the cluster named by ``spec`` and return it (``None`` for a scheduler address)."""
     spec = check_spec(spec)
-    options = load_config(config).get(spec, {}) if config else {}
+    loaded = load_config(config) if config else {}
+    options = loaded.get(spec, {})
     if spec == "local":
         import logging
 
@@ -68,22 +158,272 @@ def make_cluster(spec: str = "local", *, workers: int | None = None, threads_per
             kwargs["memory_limit"] = memory_limit
         return LocalCUDACluster(**kwargs)
     if spec in JOBQUEUE:
-        cluster = jobqueue_cluster(spec, options)
-        cluster.scale(jobs=workers or (load_config(config).get("jobs", 1) if config else 1))
+        cluster = jobqueue_cluster(spec, options, source=split_profile(config)[0] if config else None)
+        jobs = workers or loaded.get("jobs", 1)
+        cluster.scale(jobs=jobs)
+        if worker_lifetime(spec, options)[0]:
+            replace_retired_jobs(cluster, jobs)
         return cluster
     return None
 
 
-def jobqueue_cluster(kind: str, options: dict):
-    """A dask-jobqueue cluster (no job submitted yet); options override the jobqueue config."""
+def jobqueue_cluster(kind: str, options: dict, *, source=None):
+    """A dask-jobqueue cluster (no job submitted yet); options override the jobqueue config.
+
+    The options are checked first (:func:`check_jobqueue`): nothing starts for a bad one."""
+    dask_jobqueue = _dask_jobqueue(kind)
+    check_jobqueue(kind, options, source=source)
+    try:
+        return getattr(dask_jobqueue, JOBQUEUE[kind])(**options)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"--cluster {kind}: invalid configuration ({str(exc).splitlines()[0]})") from None
+
+
+def _dask_jobqueue(kind: str):
     try:
         import dask_jobqueue
     except ImportError:
         raise InputError(f"--cluster {kind} needs dask-jobqueue; install cryodask[jobqueue]") from None
+    return dask_jobqueue
+
+
+def job_script(kind: str, options: dict, *, scheduler: str | None = None, name: str | None = None,
+               source=None) -> str:
+    """The batch script ``--cluster kind`` would submit, rendered without a scheduler or a job.
+
+    dask-jobqueue's ``cluster.job_script()`` needs a cluster, which starts a scheduler; here
+    the job class is built directly, with the same arguments the cluster would give it, so
+    nothing listens and nothing is submitted. ``scheduler`` is the address the workers will
+    join (a placeholder by default); ``name`` the worker name."""
+    import dask
+
+    dask_jobqueue = _dask_jobqueue(kind)
+    check_jobqueue(kind, options, source=source)
+    job_cls = getattr(dask_jobqueue, JOBQUEUE[kind]).job_cls
+    kwargs = {k: v for k, v in options.items() if k not in CLUSTER_ONLY}
+    config_name = kwargs.get("config_name") or job_cls.config_name
+    kwargs.update(config_name=config_name, protocol=kwargs.get("protocol"), security=kwargs.get("security"))
+    if kwargs.get("interface") is None:
+        kwargs["interface"] = dask.config.get(f"jobqueue.{config_name}.interface", None)
     try:
-        return getattr(dask_jobqueue, JOBQUEUE[kind])(**options)
+        return job_cls(scheduler or PLACEHOLDER_SCHEDULER, name=name or "dummy-name", **kwargs).job_script()
     except (TypeError, ValueError) as exc:
+        raise InputError(f"--cluster {kind}: invalid configuration ({str(exc).splitlines()[0]})") from None
+
+
+def check_jobqueue(kind: str, options: dict, *, source=None) -> None:
+    """Raise a one-line ``InputError`` for job options that dask-jobqueue would reject, or accept
+    and then fail on the cluster: unknown keys, a missing ``jobqueue.<config_name>`` section,
+    list options given as strings, cores/memory unset, a worker ``--lifetime`` that dask cannot
+    parse or that does not end before the walltime, a GPU request without the ``GPU=1`` worker
+    resource (or the resource without a GPU), more than one GPU or worker process per GPU job."""
+    import dask
+    from dask.utils import parse_bytes
+
+    dask_jobqueue = _dask_jobqueue(kind)
+    cluster_cls = getattr(dask_jobqueue, JOBQUEUE[kind])
+
+    def bad(problem: str) -> InputError:
+        return InputError(f"{source}: {kind}: invalid configuration ({problem})" if source
+                          else f"--cluster {kind}: invalid configuration ({problem})")
+
+    if not isinstance(options, dict):
+        raise bad(f"expected a mapping of options, got {options!r}")
+    allowed = _job_keys(cluster_cls.job_cls) | set(CLUSTER_ONLY) | {"interface", "protocol", "config_name"}
+    for key in sorted(map(str, set(options) - allowed)):
+        hint = (f"; put it in scheduler_options: {{{key}: ...}}" if key in ("dashboard_address", "host") else
+                f"; did you mean {key.replace('-', '_')}?" if key.replace("-", "_") in allowed else "")
+        raise bad(f"unknown option {key!r} for {cluster_cls.__name__}{hint}")
+    config_name = options.get("config_name") or kind
+    if dask.config.get(f"jobqueue.{config_name}", None) is None:
+        raise bad(f"config_name {config_name!r}: no jobqueue.{config_name} section in the dask configuration "
+                  f"(copy deploy/{kind}/jobqueue.yaml to ~/.config/dask/)")
+    for key in LIST_OPTIONS:
+        if key in options and options[key] is not None and not isinstance(options[key], list):
+            raise bad(f"{key} must be a list, e.g. ['--resources', 'GPU=1'], got {options[key]!r}")
+    cores, memory = setting(kind, options, "cores"), setting(kind, options, "memory")
+    if cores is None or memory is None:
+        raise bad("cores and memory per job are required")
+    if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+        raise bad(f"cores must be a positive integer, got {cores!r}")
+    try:
+        parse_bytes(memory)
+    except (ValueError, TypeError):
+        raise bad(f"memory {memory!r} is not a size like 64GB") from None
+    processes = setting(kind, options, "processes")
+    if processes is None:  # dask-jobqueue's default: about sqrt(cores) worker processes
+        from distributed.deploy.local import nprocesses_nthreads
+
+        processes = nprocesses_nthreads(cores)[0]
+    if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= cores:
+        raise bad(f"processes must be an integer from 1 to cores ({cores}), got {processes!r}")
+    args = setting(kind, options, "worker_extra_args") or []
+    try:
+        lifetime, stagger, restart = _lifetime(args)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    walltime = setting(kind, options, "walltime")
+    if lifetime and walltime:
+        seconds = walltime_seconds(kind, walltime)
+        if seconds is None:
+            raise bad(f"walltime {walltime!r} is not a time like 04:00:00")
+        if lifetime + stagger >= seconds:
+            raise bad(f"worker --lifetime {_arg(args, '--lifetime')}"
+                      + (f" + --lifetime-stagger {_arg(args, '--lifetime-stagger')}" if stagger else "")
+                      + f" does not end before the walltime {walltime}: the batch system would kill workers "
+                        "instead of letting them retire; use a lifetime a few minutes shorter")
+    if restart and walltime:
+        raise bad("--lifetime-restart restarts the worker inside the same job, which still ends at the walltime; "
+                  "drop it (cryodask submits a new job for a retired worker)")
+    requests = " ".join(map(str, [*(setting(kind, options, "job_extra_directives") or []),
+                                  setting(kind, options, "resource_spec") or ""]))
+    gpus = requested_gpus(requests)
+    resources = worker_resources(args)
+    if gpus and "GPU" not in resources:
+        raise bad("the job requests a GPU but its worker has no '--resources GPU=1' in worker_extra_args, "
+                  "so cryodask's GPU tasks would never run on it")
+    if "GPU" in resources and not gpus:
+        raise bad("the worker advertises GPU=1 but the job requests no GPU "
+                  + {"slurm": "(add '--gres=gpu:1' to job_extra_directives)",
+                     "pbs": "(add ':ngpus=1' to resource_spec)"}.get(kind, "(request one GPU per job)"))
+    if gpus:
+        if gpus > 1 or resources["GPU"] != 1:
+            raise bad(f"one GPU per job: the job requests {gpus} and the worker advertises GPU={resources['GPU']:g}; "
+                      "request 1 and use --resources GPU=1 (more GPUs: more jobs)")
+        if processes != 1:
+            raise bad(f"a GPU job runs one worker process (processes: 1), not {processes}: "
+                      "they would share its one GPU")
+
+
+def setting(kind: str, options: dict, key: str):
+    """A job option as the job will see it: the options' value, else the jobqueue config's
+    (``jobqueue.<config_name>.<key>``), else None."""
+    import dask
+
+    value = options.get(key)
+    if value is not None:
+        return value
+    return dask.config.get(f"jobqueue.{options.get('config_name') or kind}.{key}", None)
+
+
+def _job_keys(job_cls) -> set[str]:
+    keys = set()
+    for cls in job_cls.__mro__:
+        if "__init__" in vars(cls):
+            keys |= {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                     if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return keys - {"self", "scheduler", "name"}
+
+
+def _words(args) -> list[str]:
+    """Worker arguments as the shell will split them (``["--resources GPU=1"]`` is two words)."""
+    if isinstance(args, str):
+        args = [args]
+    try:
+        return shlex.split(" ".join(map(str, args)))
+    except ValueError:
+        return [str(a) for a in args]
+
+
+def _arg(args, flag: str) -> str | None:
+    words = _words(args)
+    for i, word in enumerate(words):
+        if word == flag and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith(flag + "="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def worker_resources(args) -> dict[str, float]:
+    """``--resources "GPU=1 MEM=4e9"`` (or comma-separated) in worker arguments → ``{"GPU": 1.0, ...}``."""
+    text = _arg(args, "--resources") or ""
+    out = {}
+    for item in re.split(r"[\s,]+", text.strip()):
+        name, sep, value = item.partition("=")
+        if sep:
+            try:
+                out[name] = float(value)
+            except ValueError:
+                out[name] = float("nan")
+    return out
+
+
+def worker_lifetime(kind: str, options: dict) -> tuple[float, float, bool]:
+    """(lifetime, stagger) in seconds and whether ``--lifetime-restart`` is set, from the worker
+    arguments (the options', else the jobqueue config's)."""
+    try:
+        return _lifetime(setting(kind, options, "worker_extra_args") or [])
+    except ValueError as exc:
         raise InputError(f"--cluster {kind}: invalid configuration ({exc})") from None
+
+
+def _lifetime(args) -> tuple[float, float, bool]:
+    """dask's own parser, so a value it cannot read (``3h50m``: one unit only) is an error here
+    rather than a crash of every worker on the cluster."""
+    from dask.utils import parse_timedelta
+
+    values = []
+    for flag in ("--lifetime", "--lifetime-stagger"):
+        text = _arg(args, flag)
+        try:
+            values.append(float(parse_timedelta(text)) if text else 0.0)
+        except (ValueError, TypeError, KeyError):
+            raise ValueError(f"{flag} {text!r} is not a duration dask can read; use one unit, e.g. 230m or 13800s") from None
+    return values[0], values[1], "--lifetime-restart" in _words(args)
+
+
+def walltime_seconds(kind: str, text) -> float | None:
+    """A batch walltime in seconds: ``[D-]HH:MM:SS``; two fields are MM:SS, or HH:MM for LSF;
+    one field is minutes (SLURM, LSF) or seconds (PBS, SGE)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text) * (60 if kind in ("slurm", "lsf") else 1)
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", str(text).strip())
+    if not match:
+        return None
+    days = int(match.group(1) or 0)
+    fields = [int(v) for v in match.group(2).split(":")]
+    if len(fields) == 3:
+        h, m, s = fields
+    elif len(fields) == 2:
+        (h, m), s = (fields, 0) if kind == "lsf" or match.group(1) else ((0, fields[0]), fields[1])
+    else:
+        h, m, s = (fields[0], 0, 0) if match.group(1) else (
+            (0, fields[0], 0) if kind in ("slurm", "lsf") else (0, 0, fields[0]))
+    return float(days * 86400 + h * 3600 + m * 60 + s)
+
+
+def requested_gpus(directives: str) -> int:
+    """GPUs that a job's directives request: SLURM ``--gres=gpu[:type]:N``, ``--gpus[-per-*]=N``,
+    PBS ``ngpus=N``, SGE ``gpu=N``, LSF ``-gpu "num=N"``; 0 when none (a partition or queue
+    named gpu is not a request)."""
+    text = directives.lower()
+    counts = []
+    for spec in re.findall(r"gres[=\s]+(\S+)", text):
+        for item in spec.strip("'\"").split(","):
+            fields = item.split(":")
+            if fields[0] == "gpu":
+                counts.append(int(fields[-1]) if fields[-1].isdigit() and len(fields) > 1 else 1)
+    counts += [int(n) for n in re.findall(r"--gpus(?:-per-[a-z]+)?[=\s]+(?:[\w.-]+:)?(\d+)", text)]
+    counts += [int(n) for n in re.findall(r"(?<![\w-])n?gpus?=(\d+)", text)]
+    counts += [int(n) if n else 1 for n in re.findall(r"(?<![\w-])-gpu\s+[\"']?(?:num=(\d+)|-)", text)]
+    return max(counts, default=0)
+
+
+def replace_retired_jobs(cluster, jobs: int, interval: float = 30.0) -> None:
+    """Keep ``jobs`` batch jobs running: a worker retired at its ``--lifetime`` ends its job, and
+    dask-jobqueue does not submit a new one (dask-jobqueue #691); re-asserting the job count
+    every ``interval`` s does. Stopped with the cluster (a periodic callback of it)."""
+    from distributed.core import Status
+    from tornado.ioloop import PeriodicCallback
+
+    def keep():
+        if cluster.status == Status.running:
+            cluster.scale(jobs=jobs)
+
+    callback = PeriodicCallback(keep, interval * 1000)
+    cluster.periodic_callbacks["cryodask-replace-retired-jobs"] = callback
+    cluster.loop.add_callback(callback.start)
 
 
 def current_client():

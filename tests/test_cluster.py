@@ -24,7 +24,7 @@ def test_local_cluster_options():
 
 def test_slurm_job_script_from_a_cryodask_config(tmp_path):
     config = tmp_path / "cluster.yaml"
-    config.write_text("jobs: 4\nslurm:\n  cores: 8\n  memory: 32GB\n  walltime: '02:00:00'\n"
+    config.write_text("jobs: 4\nslurm:\n  cores: 8\n  processes: 1\n  memory: 32GB\n  walltime: '02:00:00'\n"
                       "  job_extra_directives: ['--gres=gpu:1']\n  worker_extra_args: ['--resources', 'GPU=1']\n")
     options = load_config(config)
     assert options["jobs"] == 4
@@ -83,5 +83,5 @@ def test_the_shipped_example_config_renders(kind, expected):
         script = cluster.job_script()
     finally:
         cluster.close()
-    assert expected in script and "--resources GPU=1" in script and "--lifetime 3h50m" in script
+    assert expected in script and "--resources GPU=1" in script and "--lifetime 230m" in script
     assert "--local-directory $TMPDIR" in script
