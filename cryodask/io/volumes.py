@@ -120,9 +120,21 @@ def open_volume(path, voxel_size: float | tuple[float, float, float] | None = No
                         tuple(round(float(v), 4) for v in vs), metadata)
 
 
-def find_volumes(inputs) -> list[Path]:
-    """Expand files, folders and glob patterns into a sorted list of volume files."""
+def is_zarr(path) -> bool:
+    """A zarr group or array on disk (v2 or v3 metadata)."""
+    path = Path(path)
+    return path.is_dir() and any((path / n).exists() for n in (".zattrs", "zarr.json", ".zgroup", ".zarray"))
+
+
+def find_volumes(inputs, *, stores: bool = False) -> list[Path]:
+    """Expand files, folders and glob patterns into a sorted list of volume files.
+
+    With ``stores``, OME-Zarr stores count as volumes too (a folder of ``.zarr`` stores, or a
+    glob matching them), for commands that read either."""
     import glob
+
+    def wanted(p: Path) -> bool:
+        return (stores and is_zarr(p)) or (p.is_file() and p.suffix.lower() in SUFFIXES)
 
     found: list[Path] = []
     for item in inputs:
@@ -131,9 +143,9 @@ def find_volumes(inputs) -> list[Path]:
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise where(item, "the pattern matches no file")
-            found += [Path(m) for m in matches if Path(m).suffix.lower() in SUFFIXES]
-        elif Path(item).is_dir():
-            found += sorted(p for p in Path(item).iterdir() if p.suffix.lower() in SUFFIXES)
+            found += [Path(m) for m in matches if wanted(Path(m))]
+        elif Path(item).is_dir() and not (stores and is_zarr(item)):
+            found += sorted(p for p in Path(item).iterdir() if wanted(p))
         else:
             found.append(Path(item))
     return list(dict.fromkeys(found))

@@ -106,18 +106,14 @@ def resolve_checkpoints(stage1, stage2, weights, config: str | None = None) -> t
     return paths
 
 
-def is_zarr(path) -> bool:
-    path = Path(path)
-    return path.is_dir() and any((path / n).exists() for n in (".zattrs", "zarr.json", ".zgroup"))
-
-
 def find_inputs(inputs, voxel_size=None) -> tuple[list, list[MembraneResult]]:
     """(valid inputs as ("zarr"|"volume", path), failures): every input checked before any cluster."""
     from ..io.omezarr import open_image
-    from ..io.volumes import find_volumes, open_volume
+    from ..io.volumes import find_volumes, is_zarr, open_volume
 
-    zarrs = [Path(i) for i in inputs if is_zarr(i)]
-    others = [i for i in inputs if not is_zarr(i)]
+    everything = find_volumes(inputs, stores=True)
+    zarrs = [p for p in everything if is_zarr(p)]
+    others = [p for p in everything if not is_zarr(p)]
     found, failed = [], []
     for path in zarrs:
         try:
@@ -127,7 +123,7 @@ def find_inputs(inputs, voxel_size=None) -> tuple[list, list[MembraneResult]]:
             found.append(("zarr", path))
         except InputError as exc:
             failed.append(MembraneResult(str(path), "failed", message=str(exc)))
-    for path in find_volumes(others) if others else []:
+    for path in others:
         try:
             open_volume(path, voxel_size)
             found.append(("volume", Path(path)))

@@ -181,7 +181,7 @@ def _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client) -
 def _store_of(tomogram, out: Path, vs, chunks, client) -> Path:
     """The tomogram's OME-Zarr: itself, or converted under ``out``."""
     from ..convert import convert
-    from ..membranes.pipeline import is_zarr
+    from ..io.volumes import is_zarr
 
     if is_zarr(tomogram):
         return Path(tomogram)
