@@ -1,0 +1,130 @@
+"""``cryodask crisp train|predict``: CRISP micrograph segmentation, dense-CRF refinement and
+particle extraction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_session
+
+crisp_app = typer.Typer(help="CRISP: segment particles in micrographs (network + loss of your choice), "
+                             "refine with a dense CRF, extract particle coordinates.", no_args_is_help=True)
+app.add_typer(crisp_app, name="crisp")
+
+
+def _widths(text: str | None):
+    from ..errors import InputError
+
+    if text is None:
+        return None
+    try:
+        widths = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise InputError(f"--widths must be positive integers separated by commas, got {text!r}")
+    return widths
+
+
+@crisp_app.command("train")
+def train_command(
+    micrographs: list[Path] = typer.Option(..., "--micrographs", help="Micrograph files, folders, globs or a STAR listing them (repeatable)."),
+    out: Path = typer.Option(..., "--out", help="Model folder: model.pt, config.json, training_log.json, loss_curve.png."),
+    particles: Path = typer.Option(None, "--particles", help="Coordinates (STAR/.box/.coords/.csv file or folder); labels are disks of --diameter."),
+    diameter: float = typer.Option(None, "--diameter", help="Particle diameter in full-resolution pixels (with --particles)."),
+    masks: Path = typer.Option(None, "--masks", help="Folder of <name>_mask.png/.jpg/.mrc label masks (instead of --particles)."),
+    flip_y: bool = typer.Option(False, "--flip-y", help="The coordinates' y counts from the bottom (CryoPPP STAR, autopick-bc .box)."),
+    model: str = typer.Option("unet", "--model", help="unet | deeplab (DeepLabV3+-style ASPP network)."),
+    loss: str = typer.Option("dice", "--loss", help="dice | ce (label smoothing 0.1) | jaccard | tversky (focal) | lovasz."),
+    widths: str = typer.Option(None, "--widths", help="Channels per level, e.g. 16,32,64,128 (default per model)."),
+    bin: int = typer.Option(1, "--bin", help="Bin micrographs (and labels) by this integer factor first."),
+    epochs: int = typer.Option(50, "--epochs"),
+    crop: int = typer.Option(256, "--crop", help="Random square crop side, binned pixels."),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of the one-cycle schedule (Adam)."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(None, "--threads", help="Torch threads (default: one per core; 1 is faster on a busy machine)."),
+):
+    """Train a segmentation network from particle coordinates or masks."""
+    from ..errors import InputError
+    from ..io.folders import check_output_dir
+    from ..lock import output_lock
+    from ..micrographs.crisp.train import TrainParams, check_labels, train
+
+    params = TrainParams(model=model, loss=loss, widths=_widths(widths), bin=bin, epochs=epochs, crop=crop,
+                         batch_size=batch_size, lr=lr, seed=seed)
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
+    check_labels(micrographs, particles=particles, masks=masks, diameter=diameter, flip_y=flip_y)
+    out = check_output_dir(out)
+    with output_lock(out, "crisp train"):
+        result = train(micrographs, out, particles=particles, masks=masks, diameter=diameter, flip_y=flip_y,
+                       params=params, threads=threads, log=typer.echo)
+    typer.echo(f"trained {model} + {loss} on {result.micrographs} micrograph(s) in {result.seconds:.1f} s; "
+               f"final loss {result.losses[-1]:.4f}")
+    typer.echo(f"wrote {result.model_dir}")
+
+
+@crisp_app.command("predict")
+def predict_command(
+    model: Path = typer.Option(..., "--model", help="Model folder written by cryodask crisp train."),
+    micrographs: list[Path] = typer.Option(..., "--micrographs", help="Micrograph files, folders, globs or a STAR listing them (repeatable)."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    crf: bool = typer.Option(True, "--crf/--no-crf", help="Refine the network's mask with a dense CRF."),
+    crf_features: str = typer.Option("image", "--crf-features", help="image | logits: the bilateral kernel's feature."),
+    crf_iterations: int = typer.Option(5, "--crf-iterations", help="Mean-field iterations."),
+    crf_sxy: float = typer.Option(None, "--crf-sxy", help="Bilateral spatial std, pixels of the binned grid [160, CRISP]."),
+    crf_srgb: float = typer.Option(None, "--crf-srgb", help="Bilateral feature std, feature scaled to 0–255 by its 1–99th percentiles [13]."),
+    crf_compat: float = typer.Option(None, "--crf-compat", help="Bilateral Potts weight [1]."),
+    crf_gaussian_sxy: float = typer.Option(None, "--crf-gaussian-sxy", help="Smoothness kernel spatial std, binned pixels [3]."),
+    crf_gaussian_compat: float = typer.Option(None, "--crf-gaussian-compat", help="Smoothness kernel Potts weight [1]."),
+    extract: str = typer.Option("peaks", "--extract", help="components (centroids, area filter) | peaks (distance-transform maxima)."),
+    diameter: float = typer.Option(None, "--diameter", help="Particle diameter, full-resolution pixels (default: the model's)."),
+    probability: bool = typer.Option(False, "--probability", help="Also write <name>_probability.mrc (binned grid)."),
+    tile: int = typer.Option(512, "--tile", help="Inference tile side, binned pixels."),
+    overlap: int = typer.Option(64, "--overlap", help="Tile overlap, binned pixels."),
+    truth_masks: Path = typer.Option(None, "--truth-masks", help="Folder of <name>_mask.* truth masks: pixel scores."),
+    truth_particles: Path = typer.Option(None, "--truth-particles", help="Truth coordinates (file or folder): picking scores."),
+    truth_flip_y: bool = typer.Option(False, "--truth-flip-y", help="The truth coordinates' y counts from the bottom."),
+    cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
+    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
+):
+    """Segment micrographs: <name>_mask.png, <name>_particles.star; metrics.csv/json with truth."""
+    from dataclasses import fields
+
+    from ..cluster import check_spec
+    from ..lock import output_lock
+    from ..micrographs.crisp.crf import CRFParams
+    from ..micrographs.crisp.predict import PredictParams, plan_prediction, run_prediction
+
+    check_spec(cluster)
+    given = {"features": crf_features, "iterations": crf_iterations, "sxy": crf_sxy, "srgb": crf_srgb,
+             "compat": crf_compat, "gaussian_sxy": crf_gaussian_sxy, "gaussian_compat": crf_gaussian_compat}
+    crf_params = CRFParams(**{f.name: given[f.name] for f in fields(CRFParams) if given.get(f.name) is not None})
+    params = PredictParams(crf=crf, crf_params=crf_params, extract=extract, diameter=diameter, tile=tile,
+                           overlap=overlap, probability=probability)
+    plan = plan_prediction(micrographs, model, out, params=params, truth_masks=truth_masks,
+                           truth_particles=truth_particles, truth_flip_y=truth_flip_y)
+    if plan.done:
+        typer.echo(f"{len(plan.done)} micrograph(s) already done, {len(plan.jobs)} to do")
+    with output_lock(plan.out, "crisp predict"):
+        if plan.jobs:
+            with cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
+                report = run_prediction(plan, client)
+        else:
+            report = run_prediction(plan, None)
+    typer.echo(f"{len(report.results)} micrograph(s) segmented, {sum(r['picks'] for r in report.results)} particles")
+    for variant, entry in report.summary.items():
+        pooled = entry.get("pooled", {})
+        typer.echo(f"{variant}: " + ", ".join(f"{k} {pooled[k]:.3f}" for k in
+                                             ("iou", "f1", "precision", "recall", "pixel_accuracy", "pick_f1")
+                                             if k in pooled))
+    for path in report.files:
+        typer.echo(f"wrote {path}")
+    for message in report.failed:
+        typer.echo(f"failed: {message}", err=True)
+    if report.failed:
+        raise typer.Exit(1)

@@ -1,0 +1,1 @@
+"""CRISP: micrograph segmentation (choice of network and loss), dense-CRF refinement, particle extraction."""

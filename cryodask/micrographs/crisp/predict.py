@@ -1,0 +1,341 @@
+"""Segment micrographs with a trained CRISP model, refine with a dense CRF, extract particles.
+
+One task per micrograph on the Dask cluster; each worker loads the model once and keeps it.
+A task bins and standardises the micrograph as in training, runs the network over
+overlapping tiles, thresholds the particle probability at 0.5 (the raw mask), refines it with
+the dense CRF (the CRF mask), extracts particles from the final mask and writes, atomically:
+
+- ``<name>_mask.png``: the final mask at full micrograph resolution (0/255, 8-bit PNG);
+  with the CRF on, ``<name>_mask_nocrf.png`` is the network's own mask beside it;
+- ``<name>_probability.mrc`` (optional): the particle probability at the binned resolution;
+- ``<name>_particles.star``: ``rlnMicrographName``, ``rlnCoordinateX/Y`` at full resolution,
+  ``rlnAutopickFigureOfMerit`` (component area or distance-transform depth, binned pixels).
+
+A micrograph is done when its record ``.cryodask/crisp-predict/<name>.json`` (written last)
+holds the key of this model, these parameters and these inputs; a rerun skips it. With truth
+masks or coordinates the records hold per-micrograph scores of both masks, and
+``metrics.csv``/``metrics.json`` gather them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import CryodaskError, InputError, where
+from .crf import CRFParams
+from .extract import METHODS
+
+STEP = "crisp-predict"
+_MODELS: dict = {}  # per worker process: model path + identity → (network, config)
+
+
+@dataclass(frozen=True)
+class PredictParams:
+    """Everything that changes a micrograph's outputs."""
+
+    crf: bool = True
+    crf_params: CRFParams = CRFParams()
+    extract: str = "peaks"
+    diameter: float | None = None  # full-resolution pixels; default: the model's
+    threshold: float = 0.5
+    tile: int = 512
+    overlap: int = 64
+    probability: bool = False
+
+    def __post_init__(self):
+        if self.extract not in METHODS:
+            raise InputError(f"--extract must be one of {', '.join(METHODS)}, got {self.extract!r}")
+        if self.diameter is not None and not self.diameter > 0:
+            raise InputError(f"--diameter must be positive, got {self.diameter}")
+        if not 0 < self.threshold < 1:
+            raise InputError(f"--threshold must be between 0 and 1, got {self.threshold}")
+        if self.tile < 16 or not 0 <= self.overlap < self.tile // 2:
+            raise InputError(f"--tile must be ≥ 16 and --overlap from 0 to under half the tile, "
+                             f"got {self.tile} and {self.overlap}")
+
+
+@dataclass
+class PredictReport:
+    results: list[dict] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+
+def _identity(path) -> list:
+    stat = os.stat(path)
+    return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+
+
+def cached_model(model_dir: str):
+    """The model of ``model_dir``, loaded once per worker process (reloaded if the file changes)."""
+    from .train import MODEL_FILE, load_model
+
+    key = (os.path.abspath(model_dir), *_identity(Path(model_dir) / MODEL_FILE)[1:])
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = load_model(model_dir)
+    return _MODELS[key]
+
+
+def _write_png(path: Path, mask: np.ndarray) -> Path:
+    from PIL import Image
+
+    partial = path.with_name(path.name + ".partial")
+    Image.fromarray((np.asarray(mask) != 0).astype(np.uint8) * 255).save(partial, format="PNG")
+    os.replace(partial, path)
+    return path
+
+
+def _write_json(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(partial, path)
+    return path
+
+
+def segment(network, config, image: np.ndarray, params: PredictParams) -> dict:
+    """Binned probability, raw mask and (with ``params.crf``) CRF mask of one full-resolution
+    image, as arrays at the model's binning."""
+    from ...io.micrographs import bin_image
+    from .crf import refine
+    from .tiles import predict_tiled
+    from .train import standardise
+
+    binned = standardise(bin_image(image, config["bin"]))
+    logits = predict_tiled(network, binned, tile=params.tile, overlap=params.overlap)
+    logits = logits - logits.max(axis=0, keepdims=True)
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=0, keepdims=True)
+    out = {"image": binned, "probability": probabilities[1], "nocrf": probabilities[1] > params.threshold}
+    if params.crf:
+        refined = refine(probabilities, image=binned, logits=logits, params=params.crf_params)
+        out["crf"] = refined[1] > params.threshold
+    return out
+
+
+def mask_scores(pred: np.ndarray, truth: np.ndarray) -> dict:
+    """Pixel accuracy, precision, recall, IoU, F1 (= Dice) and the counts."""
+    from ...metrics.segmentation import segmentation_scores
+
+    s = segmentation_scores(pred, truth)
+    return {"pixel_accuracy": (s["tp"] + s["tn"]) / max(1, pred.size), "precision": s["precision"],
+            "recall": s["recall"], "iou": s["iou"], "f1": s["dice"],
+            "tp": s["tp"], "fp": s["fp"], "fn": s["fn"], "tn": s["tn"]}
+
+
+def predict_one(path: str, model_dir: str, out: str, params: PredictParams, diameter: float, key: str,
+                truth_mask: str | None = None, truth_particles: np.ndarray | None = None) -> dict:
+    """The task for one micrograph (runs on a worker): segment, refine, extract, write, score."""
+    from ...io.micrographs import read_micrograph
+    from ...io.mrc import write_mrc
+    from ...io.particles import write_particles_star
+    from ...metrics.picking import picking_scores
+    from .extract import extract
+    from .labels import to_full_resolution, unbin_mask
+    from .train import read_mask
+
+    clock = time.perf_counter()
+    out = Path(out)
+    network, config = cached_model(model_dir)
+    micrograph = read_micrograph(path)
+    factor = int(config["bin"])
+    parts = segment(network, config, micrograph.image, params)
+    variants = ["nocrf", "crf"] if params.crf else ["nocrf"]
+    final = variants[-1]
+    shape = micrograph.image.shape
+    picks = {}
+    for variant in variants:
+        centres, scores = extract(parts[variant], diameter / factor, params.extract)
+        picks[variant] = (to_full_resolution(centres, factor), scores)
+    name = micrograph.name
+    files = [_write_png(out / f"{name}_mask.png", unbin_mask(parts[final], factor, shape))]
+    if params.crf:
+        files.append(_write_png(out / f"{name}_mask_nocrf.png", unbin_mask(parts["nocrf"], factor, shape)))
+    if params.probability:
+        pixel = (micrograph.pixel_size or 1.0) * factor
+        files.append(write_mrc(out / f"{name}_probability.mrc", parts["probability"].astype(np.float32), pixel))
+    files.append(write_particles_star(out / f"{name}_particles.star", {micrograph.path.name: picks[final][0]},
+                                      scores={micrograph.path.name: picks[final][1]},
+                                      pixel_size=micrograph.pixel_size))
+    record = {"name": name, "path": str(path), "key": key, "picks": int(len(picks[final][0])),
+              "files": [str(f) for f in files], "metrics": {}}
+    truth = read_mask(truth_mask, shape) if truth_mask is not None else None
+    for variant in variants:
+        row = {}
+        if truth is not None:
+            row.update(mask_scores(unbin_mask(parts[variant], factor, shape), truth))
+        if truth_particles is not None:
+            scored = picking_scores(picks[variant][0], truth_particles, radius=diameter / 2)
+            row.update({f"pick_{k}": v for k, v in scored.items()})
+            row.update(n_picks=int(len(picks[variant][0])), n_truth=int(len(truth_particles)))
+        if row:
+            record["metrics"][variant] = row
+    record["seconds"] = time.perf_counter() - clock
+    _write_json(out / ".cryodask" / STEP / f"{name}.json", record)
+    return record
+
+
+def _check_truth_masks(folder, names, shapes) -> dict[str, Path]:
+    from ...io.micrographs import micrograph_shape
+    from .train import find_masks
+
+    masks = find_masks(folder, names)
+    for name, path in masks.items():
+        if micrograph_shape(path) != shapes[name]:
+            raise where(path, f"mask is {micrograph_shape(path)} px but micrograph {name} is {shapes[name]} px")
+    return masks
+
+
+def summarise(records: list[dict]) -> dict:
+    """Scores of all micrographs together (pixel counts and pick counts pooled) and the mean of
+    the per-micrograph scores, for each variant (``nocrf``, ``crf``)."""
+    from ...metrics.segmentation import scores
+
+    summary = {}
+    for variant in ("nocrf", "crf"):
+        rows = [r["metrics"][variant] for r in records if variant in r.get("metrics", {})]
+        if not rows:
+            continue
+        entry = {"micrographs": len(rows)}
+        if "tp" in rows[0]:
+            counts = {k: sum(r[k] for r in rows) for k in ("tp", "fp", "fn", "tn")}
+            s = scores(**counts)
+            entry["pooled"] = {"pixel_accuracy": (counts["tp"] + counts["tn"]) / sum(counts.values()),
+                               "precision": s["precision"], "recall": s["recall"], "iou": s["iou"], "f1": s["dice"]}
+        if "pick_tp" in rows[0]:
+            tp, fp, fn = (sum(r[f"pick_{k}"] for r in rows) for k in ("tp", "fp", "fn"))
+            p = tp / (tp + fp) if tp + fp else float(tp + fn == 0)
+            rc = tp / (tp + fn) if tp + fn else float(tp + fp == 0)
+            entry.setdefault("pooled", {}).update(pick_precision=p, pick_recall=rc,
+                                                  pick_f1=2 * p * rc / (p + rc) if p + rc else 0.0,
+                                                  pick_tp=tp, pick_fp=fp, pick_fn=fn)
+        keys = [k for k in rows[0] if k not in ("tp", "fp", "fn", "tn", "pick_tp", "pick_fp", "pick_fn")]
+        entry["mean"] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+        summary[variant] = entry
+    return summary
+
+
+def _write_metrics(out: Path, records: list[dict], summary: dict) -> list[Path]:
+    import pandas as pd
+
+    rows = [{"micrograph": r["name"], "variant": v, **m} for r in records for v, m in r.get("metrics", {}).items()]
+    if not rows:
+        return []
+    csv = out / "metrics.csv"
+    partial = csv.with_name(csv.name + ".partial")
+    pd.DataFrame(rows).to_csv(partial, index=False)
+    os.replace(partial, csv)
+    return [csv, _write_json(out / "metrics.json", {"summary": summary, "micrographs": rows})]
+
+
+@dataclass
+class PredictPlan:
+    """Validated inputs (before any cluster): what to run and what is already done."""
+
+    jobs: list[dict]
+    done: list[dict]
+    out: Path
+    params: PredictParams
+    model_dir: Path
+    diameter: float
+
+
+def plan_prediction(micrographs, model_dir, out, *, params: PredictParams = PredictParams(), truth_masks=None,
+                    truth_particles=None, truth_flip_y: bool = False) -> PredictPlan:
+    """Check the model, micrographs and truth files; find what earlier runs finished."""
+    from ...io.folders import check_output_dir
+    from ...io.micrographs import find_micrographs, micrograph_name, micrograph_shape
+    from ...params import params_hash
+    from .train import MODEL_FILE, load_model
+
+    _, config = load_model(model_dir)
+    diameter = params.diameter or config.get("diameter")
+    if not diameter:
+        raise InputError("--diameter is needed: the model does not record a particle diameter")
+    paths = find_micrographs(micrographs)
+    names = [micrograph_name(p) for p in paths]
+    shapes = {n: micrograph_shape(p) for n, p in zip(names, paths)}
+    small = [n for n in names if min(shapes[n]) < config["bin"]]
+    if small:
+        raise where(paths[names.index(small[0])], f"is smaller than the model's bin factor {config['bin']}")
+    masks = _check_truth_masks(truth_masks, names, shapes) if truth_masks is not None else {}
+    coords = {}
+    if truth_particles is not None:
+        from ...io.particles import read_particles
+
+        coords = read_particles(truth_particles, names, shapes=shapes, flip_y=truth_flip_y)
+    out = check_output_dir(out).resolve()
+    model = _identity(Path(model_dir) / MODEL_FILE)
+    jobs, done = [], []
+    for path, name in zip(paths, names):
+        truth = {"mask": _identity(masks[name]) if name in masks else None,
+                 "particles": np.round(coords[name], 3).tolist() if name in coords else None}
+        key = params_hash({"params": asdict(params), "diameter": diameter, "model": model,
+                           "source": _identity(path), "truth": truth})
+        record = _read_record(out / ".cryodask" / STEP / f"{name}.json")
+        if record.get("key") == key and all(Path(f).exists() for f in record.get("files", [])):
+            done.append(record)
+            continue
+        jobs.append({"path": str(path), "key": key, "truth_mask": str(masks[name]) if name in masks else None,
+                     "truth_particles": coords.get(name) if truth_particles is not None else None})
+    return PredictPlan(jobs, done, out, params, Path(model_dir).resolve(), float(diameter))
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_prediction(plan: PredictPlan, client) -> PredictReport:
+    """Run the plan's micrograph tasks on ``client``; gather records, write metrics."""
+    from distributed import as_completed
+
+    report = PredictReport(results=list(plan.done))
+    futures = {} if not plan.jobs else {client.submit(predict_one, job["path"], str(plan.model_dir), str(plan.out), plan.params,
+                             plan.diameter, job["key"], job["truth_mask"], job["truth_particles"],
+                             pure=False, retries=1): job for job in plan.jobs}
+    for future in as_completed(futures) if futures else ():
+        job = futures[future]
+        if future.status == "finished":
+            report.results.append(future.result())
+        else:
+            exc = future.exception()
+            message = str(exc) if isinstance(exc, CryodaskError) else f"{type(exc).__name__}: {exc}"
+            report.failed.append(message if message.startswith(job["path"]) else f"{job['path']}: {message}")
+    order = {Path(j["path"]).stem: i for i, j in enumerate(plan.jobs)}
+    report.results.sort(key=lambda r: (order.get(r["name"], -1), r["name"]))
+    report.summary = summarise(report.results)
+    report.files = _write_metrics(plan.out, report.results, report.summary)
+    return report
+
+
+def predict(micrographs, model_dir, out, *, params: PredictParams = PredictParams(), truth_masks=None,
+            truth_particles=None, truth_flip_y: bool = False, client=None) -> PredictReport:
+    """Segment micrographs with a CRISP model folder; masks, STAR picks and (with truth) metrics in ``out``.
+
+    Examples
+    --------
+    >>> report = predict(["test/"], "model/", "pred/", params=PredictParams(extract="components"),
+    ...                  truth_masks="masks/")  # doctest: +SKIP
+    >>> report.summary["crf"]["pooled"]["iou"]  # doctest: +SKIP
+    """
+    from ...cluster import current_client
+
+    plan = plan_prediction(micrographs, model_dir, out, params=params, truth_masks=truth_masks,
+                           truth_particles=truth_particles, truth_flip_y=truth_flip_y)
+    client = client or current_client()
+    if client is None and plan.jobs:
+        from ...cluster import connect
+
+        with connect("local") as local:
+            return run_prediction(plan, local)
+    return run_prediction(plan, client)
