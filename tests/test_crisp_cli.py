@@ -111,7 +111,7 @@ def test_bad_input_is_one_line(synthetic, trained, tmp_path, capsys):
     assert "exactly one" in _error(capsys, base)
     assert "--threads" in _error(capsys, base + ["--particles", stars, "--diameter", "20", "--threads", "0"])
     # the test micrographs' coordinates name micrographs that are not given
-    assert "not among the micrographs" in _error(capsys, base + ["--particles", str(synthetic / "test" / "stars"),
+    assert "matches no micrograph given" in _error(capsys, base + ["--particles", str(synthetic / "test" / "stars"),
                                                                  "--diameter", "20"])
     outside = tmp_path / "outside.star"
     starfile.write(pd.DataFrame({"rlnMicrographName": ["m0.mrc"], "rlnCoordinateX": [500.0],

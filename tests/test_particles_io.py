@@ -9,7 +9,7 @@ import starfile
 from scipy.spatial import cKDTree
 
 from cryodask.errors import InputError
-from cryodask.io.particles import (match_name, read_box, read_particles, write_box, write_coords, write_csv,
+from cryodask.io.particles import (match_name, note_skipped, read_box, read_particles, write_box, write_coords, write_csv,
                                    write_particles_star)
 from cryodask.io.picks import read_picks
 
@@ -133,16 +133,29 @@ def test_eman_box_convention_against_cryoppp(data_dir):
     assert near("neg", True) <= 0.02
 
 
-def test_bad_coordinate_inputs_are_one_line_errors(tmp_path):
+def test_bad_coordinate_inputs_are_one_line_errors(tmp_path, capsys):
     write_box(tmp_path / "other_pos.box", random_centres(3, 4), 50)
     message = one_line_error(lambda: read_particles(tmp_path / "other_pos.box", ["mic_1", "mic_2"]),
                              tmp_path / "other_pos.box", "matches no micrograph")
     assert "mic_1, mic_2" in message
 
+    # coordinates of micrographs not given are skipped and said; a source matching none is an error
     write_particles_star(tmp_path / "p.star", {"mic_1": random_centres(4, 3), "stranger": random_centres(5, 2)})
-    message = one_line_error(lambda: read_particles(tmp_path / "p.star", ["mic_1", "mic_2"]), tmp_path / "p.star",
+    read = read_particles(tmp_path / "p.star", ["mic_1", "mic_2"])
+    assert [len(read["mic_1"]), len(read["mic_2"])] == [3, 0] and read.skipped == [f"{tmp_path / 'p.star'}: stranger"]
+    write_particles_star(tmp_path / "q.star", {"stranger": random_centres(5, 2)})
+    message = one_line_error(lambda: read_particles(tmp_path / "q.star", ["mic_1", "mic_2"]), tmp_path / "q.star",
                              "lists micrograph stranger")
     assert "mic_1, mic_2" in message
+    (tmp_path / "boxes").mkdir()
+    write_box(tmp_path / "boxes" / "mic_1.box", random_centres(3, 5), 50)
+    write_box(tmp_path / "boxes" / "mic_9.box", random_centres(3, 6), 50)
+    read = read_particles(tmp_path / "boxes", ["mic_1"])
+    assert len(read["mic_1"]) == 5 and read.skipped == [f"{tmp_path / 'boxes' / 'mic_9.box'}: mic_9"]
+    note_skipped(read)
+    assert capsys.readouterr().err.strip().startswith("note: coordinates of 1 micrograph(s) not given were skipped")
+    one_line_error(lambda: read_particles(tmp_path / "boxes", ["mic_5"]), tmp_path / "boxes",
+                   "each of its 2 coordinate files matches no micrograph given")
 
     write_box(tmp_path / "mic_1.box", [[100, 450], [30, 20]], 50)
     message = one_line_error(lambda: read_particles(tmp_path / "mic_1.box", ["mic_1"], shapes={"mic_1": (400, 400)}),

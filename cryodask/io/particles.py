@@ -35,26 +35,41 @@ COORDINATE_SUFFIXES = (".star", ".box", ".coords", ".csv")
 SUFFIX_WORD = re.compile(r"_[A-Za-z][A-Za-z0-9-]*(_[A-Za-z0-9-]+)*$")
 
 
+class Particles(dict):
+    """{micrograph name: (N, 2) centres}, and what the source held for micrographs not given
+    (``skipped``: one line each), so a command can say what it left out."""
+
+    skipped: list[str]
+
+
 def read_particles(source, names, *, shapes: dict[str, tuple[int, int]] | None = None,
-                   flip_y: bool = False) -> dict[str, np.ndarray]:
+                   flip_y: bool = False) -> Particles:
     """Centres (N, 2) (row, col) per micrograph name, every name present (maybe empty), each in
     the row order of its file.
 
     ``source``: a STAR listing many micrographs, one per-micrograph .star/.box/.coords/.csv
-    file, a folder or glob of such files. With ``shapes`` ({name: (rows, cols)}) centres
-    outside their image are an error; ``flip_y`` needs them."""
+    file, a folder or glob of such files. Coordinates of micrographs not given are skipped (a
+    folder of boxes for the whole collection serves a run on part of it); a source none of
+    whose coordinates match a given micrograph is an error. With ``shapes`` ({name: (rows,
+    cols)}) centres outside their image are an error; ``flip_y`` needs them."""
     names = [_as_name(n) for n in ([names] if isinstance(names, (str, os.PathLike)) else names)]
     if not names:
         raise InputError("no micrographs to read coordinates for")
     shapes = {_as_name(k): tuple(int(s) for s in v) for k, v in (shapes or {}).items()}
     files = _coordinate_files(source)
     found: dict[str, tuple[np.ndarray, Path]] = {}
+    skipped: list[tuple[Path, str]] = []
     for path in files:
-        for name, (y, x) in _read_file(path, names).items():
+        matched, unknown = _read_file(path, names)
+        skipped += [(path, u) for u in unknown]
+        for name, (y, x) in matched.items():
             if name in found:
                 raise where(path, f"has coordinates for micrograph {name}, which {found[name][1]} has too")
             found[name] = (np.stack([y, x], axis=1).astype(np.float64), path)
-    out = {}
+    if not found and skipped:
+        raise _nothing_matches(source, files, skipped, names)
+    out = Particles()
+    out.skipped = [f"{path}: {unknown}" for path, unknown in skipped]
     for name in names:
         coords, path = found.get(name, (np.empty((0, 2)), None))
         if path is not None and flip_y:
@@ -75,6 +90,28 @@ def _as_name(name) -> str:
     text = os.fspath(name).replace("\\", "/").rsplit("/", 1)[-1]
     stem, dot, suffix = text.rpartition(".")
     return stem if dot and f".{suffix.lower()}" in IMAGE_SUFFIXES else text
+
+
+def note_skipped(particles: Particles, what: str = "coordinates") -> None:
+    """One line on stderr when a source held coordinates of micrographs that were not given."""
+    import sys
+
+    skipped = getattr(particles, "skipped", [])
+    if skipped:
+        print(f"note: {what} of {len(skipped)} micrograph(s) not given were skipped ({_few(skipped, 2)})",
+              file=sys.stderr)
+
+
+def _nothing_matches(source, files, skipped, names) -> InputError:
+    path, unknown = skipped[0]
+    more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+    if len(files) > 1:
+        return where(source, f"each of its {len(files)} coordinate files matches no micrograph given: {path.name} "
+                             f"names {unknown}{more}; the micrographs are {_few(names)}")
+    if path.suffix.lower() == ".star" and unknown != path.stem:
+        return where(path, f"lists micrograph {unknown}{more}, none of which is among the micrographs given "
+                           f"({_few(names)})")
+    return where(path, f"matches no micrograph by name (known: {_few(names)})")
 
 
 def _few(names, n: int = 3) -> str:
@@ -123,8 +160,9 @@ def match_name(stem: str, names) -> str | None:
     return max(candidates, key=len) if candidates else None
 
 
-def _read_file(path: Path, names) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{micrograph name: (y, x)} as written in one file (no flip)."""
+def _read_file(path: Path, names) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """({micrograph name: (y, x)} as written in one file (no flip), the names it holds that are
+    not among ``names``)."""
     table = None
     if path.suffix.lower() == ".star":
         table = _star_table(path)
@@ -134,8 +172,8 @@ def _read_file(path: Path, names) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             return _grouped(path, table, names)
     name = match_name(path.stem, names)
     if name is None:
-        raise where(path, f"matches no micrograph by name (known: {_few(names)})")
-    return {name: _read_yx(path, table)}
+        return {}, [path.stem]
+    return {name: _read_yx(path, table)}, []
 
 
 def _read_yx(path: Path, table: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -173,9 +211,12 @@ def _star_table(path) -> pd.DataFrame:
 def _listed(path, table, names) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The coordinate files a RELION listing names, each for its micrograph; relative paths
     are looked up beside the listing, then in the current folder (the project root)."""
-    _check_known(path, [_as_name(str(n)) for n in table["rlnMicrographName"]], names)
-    out = {}
+    known = set(names)
+    out, unknown = {}, []
     for micrograph, listed in zip(table["rlnMicrographName"], table["rlnMicrographCoordinates"]):
+        if _as_name(str(micrograph)) not in known:
+            unknown.append(_as_name(str(micrograph)))
+            continue
         listed = Path(str(listed))
         candidates = [listed] if listed.is_absolute() else [path.parent / listed, listed]
         found = next((c for c in candidates if c.is_file()), None)
@@ -187,15 +228,7 @@ def _listed(path, table, names) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         name = _as_name(str(micrograph))
         previous = out.get(name, (np.empty(0), np.empty(0)))
         out[name] = (np.concatenate([previous[0], y]), np.concatenate([previous[1], x]))
-    return out
-
-
-def _check_known(path, stems, names) -> None:
-    known = set(names)
-    unknown = [s for s in dict.fromkeys(stems) if s not in known]
-    if unknown:
-        raise where(path, f"lists micrograph {unknown[0]}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
-                    + f", which is not among the micrographs given ({_few(names)})")
+    return out, list(dict.fromkeys(unknown))
 
 
 def _star_yx(path, table) -> tuple[np.ndarray, np.ndarray]:
@@ -212,16 +245,17 @@ def _finite(path, yx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return yx[:, 0], yx[:, 1]
 
 
-def _grouped(path, table, names) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _grouped(path, table, names) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
     """Rows grouped by micrograph stem, each group in file row order (callers line scores up with it)."""
     y, x = _star_yx(path, table)
     listed, inverse = np.unique(table["rlnMicrographName"].astype(str).to_numpy(), return_inverse=True)
     stems, stem_of_listed = np.unique([_as_name(n) for n in listed], return_inverse=True)  # once per micrograph
-    _check_known(path, stems, names)
     row_stem = stem_of_listed[inverse.reshape(-1)]
     order = np.argsort(row_stem, kind="stable")
     bounds = np.cumsum(np.bincount(row_stem, minlength=len(stems)))[:-1]
-    return {str(stem): (y[rows], x[rows]) for stem, rows in zip(stems, np.split(order, bounds))}
+    known = set(names)
+    groups = {str(stem): (y[rows], x[rows]) for stem, rows in zip(stems, np.split(order, bounds))}
+    return ({s: g for s, g in groups.items() if s in known}, [s for s in groups if s not in known])
 
 
 def _numbers(path, min_columns: int, max_columns: int, what: str) -> np.ndarray:

@@ -268,9 +268,10 @@ def plan_prediction(micrographs, model_dir, out, *, params: PredictParams = Pred
     masks = _check_truth_masks(truth_masks, names, shapes) if truth_masks is not None else {}
     coords = {}
     if truth_particles is not None:
-        from ...io.particles import read_particles
+        from ...io.particles import note_skipped, read_particles
 
         coords = read_particles(truth_particles, names, shapes=shapes, flip_y=truth_flip_y)
+        note_skipped(coords, "truth coordinates")
     out = check_output_dir(out).resolve()
     model = _identity(Path(model_dir) / MODEL_FILE)
     jobs, done = [], []

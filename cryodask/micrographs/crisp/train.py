@@ -112,9 +112,11 @@ def check_labels(micrographs, *, particles=None, masks=None, diameter=None, flip
     if particles is not None:
         if diameter is None or not diameter > 0:
             raise InputError("--particles needs --diameter (particle diameter in full-resolution pixels)")
-        from ...io.particles import read_particles
+        from ...io.particles import note_skipped, read_particles
 
-        return paths, names, shapes, read_particles(particles, names, shapes=shapes, flip_y=flip_y)
+        coords = read_particles(particles, names, shapes=shapes, flip_y=flip_y)
+        note_skipped(coords)
+        return paths, names, shapes, coords
     return paths, names, shapes, find_masks(masks, names)
 
 
