@@ -27,8 +27,10 @@ from .errors import CryodaskError, InputError, where
 from .io.omezarr import NGFF, create_image, level_shapes
 from .io.volumes import VolumeSource, find_volumes, open_volume
 from .params import params_hash
+from .report.stages import stage
 
 STEP = "convert"
+PYRAMID = "pyramid"  # the report's step name of the level >= 2 blocks
 
 
 @dataclass(frozen=True)
@@ -105,11 +107,20 @@ def _write_source_block(source: VolumeSource, store: str, block: Block, dtype: s
     data (the block spans two level-1 chunks per axis, so both writes are whole chunks)."""
     import zarr
 
-    fault_injection_delay(f"{STEP} {Path(store).stem} 0/{block.name}")
-    data = source.read(block.region).astype(dtype, copy=False)
-    zarr.open_array(f"{store}/0", mode="r+")[block.region] = data
+    name = f"{Path(store).stem} 0/{block.name}"
+    fault_injection_delay(f"{STEP} {name}")
+    with stage("read", block=name, step=STEP) as s:
+        data = source.read(block.region)
+        s.bytes_read = data.nbytes
+    with stage("preprocess", block=name, step=STEP):
+        data = data.astype(dtype, copy=False)
+    with stage("write", block=name, step=STEP, bytes_written=data.nbytes):
+        zarr.open_array(f"{store}/0", mode="r+")[block.region] = data
     if level1 is not None:
-        zarr.open_array(f"{store}/1", mode="r+")[level1.region] = downsample_mean(data, level1.shape, dtype)
+        with stage("preprocess", block=name, step=STEP):
+            half = downsample_mean(data, level1.shape, dtype)
+        with stage("write", block=name, step=STEP, bytes_written=half.nbytes):
+            zarr.open_array(f"{store}/1", mode="r+")[level1.region] = half
     marks.mark(f"0/{block.name}")
     return data.nbytes
 
@@ -117,11 +128,18 @@ def _write_source_block(source: VolumeSource, store: str, block: Block, dtype: s
 def _write_level_block(store: str, level: int, block: Block, marks: DoneMarks, *deps):
     import zarr
 
-    fault_injection_delay(f"{STEP} {Path(store).stem} {level}/{block.name}")
+    name = f"{Path(store).stem} {level}/{block.name}"
+    fault_injection_delay(f"{STEP} {name}")
     parent = zarr.open_array(f"{store}/{level - 1}", mode="r")
     target = zarr.open_array(f"{store}/{level}", mode="r+")
     region = tuple(slice(2 * s.start, min(2 * s.stop, n)) for s, n in zip(block.region, parent.shape))
-    target[block.region] = downsample_mean(parent[region], block.shape, target.dtype)
+    with stage("read", block=name, step=PYRAMID) as s:  # the pyramid's own reads: not the input's bytes
+        data = parent[region]
+        s.bytes_read = data.nbytes
+    with stage("preprocess", block=name, step=PYRAMID):
+        data = downsample_mean(data, block.shape, target.dtype)
+    with stage("write", block=name, step=PYRAMID, bytes_written=data.nbytes):
+        target[block.region] = data
     marks.mark(f"{level}/{block.name}")
     return 0
 

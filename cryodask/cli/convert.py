@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_session, parse_triple
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, REPORT, THREADS, WORKERS, cluster_session, parse_triple
 
 
 @app.command()
@@ -20,23 +20,26 @@ def convert(
     dtype: str = typer.Option(None, "--dtype", help="float32 to convert; default keeps the input's type."),
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (one value or z,y,x); overrides the header."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
-    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
+    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Convert tomograms to chunked multiscale OME-Zarr (resumable; bad inputs are listed, the rest converted)."""
     from ..cluster import check_spec
     from ..convert import plan_conversion, run_conversion
     from ..io.folders import check_output_dir
     from ..lock import output_lock
+    from ..report import run_report
 
     check_spec(cluster)
     with output_lock(check_output_dir(out), "convert"):
         plan = plan_conversion(inputs, out, chunks=parse_triple(chunks, "--chunks"), levels=levels, ngff=ngff,
                                dtype=dtype, voxel_size=parse_triple(voxel_size, "--voxel-size", float))
         if plan.todo:
-            with cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
+            with cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
+                    run_report(report_dir, client, command="convert", echo=typer.echo):
                 report = run_conversion(plan, client, progress=True)
         else:
-            report = run_conversion(plan, None)
+            with run_report(report_dir, None, command="convert", echo=typer.echo):
+                report = run_conversion(plan, None)
     for r in report.results:
         extra = f"{r.nbytes / 1e6:8.1f} MB {r.seconds:6.1f} s  blocks {r.blocks_written} written, {r.blocks_skipped} skipped" \
             if r.status != "failed" else r.message

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_session, parse_triple
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, REPORT, THREADS, WORKERS, cluster_session, parse_triple
 
 
 def parse_pair(text: str | None, name: str) -> tuple[int, int] | None:
@@ -56,11 +56,12 @@ def membranes(
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å, if the input has none."),
     chunks: str = typer.Option("64,256,256", "--chunks", help="Chunks z,y,x of converted OME-Zarr."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
-    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
+    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Segment membranes; outputs use ETSAM's names: <stem>_<method>_predicted_{mask,logits,post_processed_mask}.mrc."""
     from ..cluster import check_spec
     from ..lock import output_lock
+    from ..report import run_report
     from ..errors import InputError
     from ..membranes.classical import ClassicalParams
     from ..membranes.pipeline import find_inputs, resolve_checkpoints, resolve_method, segment
@@ -89,7 +90,8 @@ def membranes(
     if not found:
         raise typer.Exit(2)  # every input was bad, and each has had its one line
     with output_lock(out, "membranes"), \
-            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
+            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
+            run_report(report_dir, client, command="membranes", echo=typer.echo):
         report = segment([str(p) for _, p in found], out, method=method, stage1_checkpoint=stage1_checkpoint,
                          stage2_checkpoint=stage2_checkpoint, weights=weights, config=model_config,
                          image_size=image_size, normalize=normalize, stage1_prompt=stage1_prompt,

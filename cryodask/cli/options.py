@@ -13,7 +13,8 @@ CLUSTER = typer.Option("local", "--cluster", help="local | cuda | slurm | pbs | 
 WORKERS = typer.Option(None, "--workers", help="Workers (local/cuda) or batch jobs (slurm, pbs, ...).")
 THREADS = typer.Option(None, "--threads-per-worker", help="Threads per worker (default 1).")
 MEMORY = typer.Option("auto", "--memory-limit", help="Memory limit per worker, e.g. 4GB.")
-CLUSTER_CONFIG = typer.Option(None, "--cluster-config", help="YAML with options per cluster kind (see deploy/).")
+CLUSTER_CONFIG = typer.Option(None, "--cluster-config", help="YAML with options per cluster kind; FILE:PROFILE picks a profile (see deploy/README.md).")
+REPORT = typer.Option(None, "--report", help="Write a run report (JSON, PNG, Dask's HTML) to this folder.")
 
 
 def cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_session, parse_triple
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, REPORT, THREADS, WORKERS, cluster_session, parse_triple
 
 
 def parse_prompt(text: str) -> tuple[float, float, float]:
@@ -87,11 +87,12 @@ def pick(
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å, if the input has none."),
     chunks: str = typer.Option("64,256,256", "--chunks", help="Block shape z,y,x."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
-    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
+    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Pick particles; writes <stem>_<method>_picks.star/.csv and copick/ExperimentRuns/<stem>/Picks/*.json."""
     from ..cluster import check_spec
     from ..lock import output_lock
+    from ..report import run_report
     from ..errors import InputError
     from ..io.folders import check_output_dir
     from ..io.volumes import open_reader
@@ -121,7 +122,8 @@ def pick(
         describe_dinov2(resolve_dinov2(dinov2_checkpoint, weights))
     check_output_dir(out)
     with output_lock(out, "pick"), \
-            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
+            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
+            run_report(report_dir, client, command="pick", echo=typer.echo):
         result = run(tomogram, out, method=method, diameter=diameter, threshold=threshold, min_distance=min_distance,
                      max_picks=max_picks, prompts=points, prompts_file=prompts, sam_checkpoint=sam_checkpoint,
                      dinov2_checkpoint=dinov2_checkpoint, weights=weights, config=model_config, image_size=image_size,

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_session, parse_triple
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, REPORT, THREADS, WORKERS, cluster_session, parse_triple
 
 
 @app.command()
@@ -24,7 +24,7 @@ def postprocess(
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å, if the input has none."),
     device: str = typer.Option("cpu", "--device", help="cpu (cc3d) or gpu (CuPy on the workers)."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
-    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
+    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Keep the connected components of a mask that pass the filters; identical to scipy on the whole array."""
     from ..cluster import check_spec
@@ -41,8 +41,11 @@ def postprocess(
     block = parse_triple(chunks, "--chunks")
     vs = parse_triple(voxel_size, "--voxel-size", float)
     open_mask(mask, vs, block)  # validate the input before a cluster starts
+    from ..report import run_report
+
     with output_lock(out.parent, "postprocess"), \
-            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
+            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
+            run_report(report_dir, client, command="postprocess", echo=typer.echo):
         result = run(mask, out, connectivity=connectivity, min_slices=min_slices, min_voxels=min_voxels,
                      remove_bridges=remove_bridges, max_bridge_len=max_bridge_len, labels=labels, chunks=block,
                      voxel_size=vs, client=client, device=device)

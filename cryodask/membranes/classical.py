@@ -30,6 +30,7 @@ from scipy import ndimage as ndi
 
 from ..blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
 from ..errors import InputError
+from ..report.stages import stage
 
 TRUNCATE = 4.0  # Gaussian kernels reach 4 sigma (scipy's default); the halo follows from it
 EIGH_VOXELS = 2**20  # Hessians decomposed at a time: bounds the 3x3 stacks to ~40 MB
@@ -341,13 +342,18 @@ def _score_task(block: Block, read, shape, spacing, params: ClassicalParams, mea
     fault_injection_delay(f"classical {Path(score_path).parent} score/{block.name}")
     grown = _grow(block.region, halo(spacing, params), shape)  # what the Hessian needs
     near = _grow(block.region, (1, 1, 1), shape)  # what the ridge test needs
-    x = _normalised(read(grown), mean, std, params)
-    hessian = _hessian(x, _sigmas(spacing, params))
-    score, normal = _eigen(hessian, spacing, params.sigma(), _within(near, grown))
-    inner = _within(block.region, near)
-    ridge = _ridge(score, normal[inner], inner, spacing)
-    zarr.open_array(score_path, mode="r+")[block.region] = score[inner]
-    zarr.open_array(ridge_path, mode="r+")[block.region] = ridge.astype(np.uint8)
+    with stage("read", block=block.name, step="classical-score") as s:
+        data = read(grown)
+        s.bytes_read = data.nbytes
+    with stage("infer", block=block.name, step="classical-score"):
+        x = _normalised(data, mean, std, params)
+        hessian = _hessian(x, _sigmas(spacing, params))
+        score, normal = _eigen(hessian, spacing, params.sigma(), _within(near, grown))
+        inner = _within(block.region, near)
+        ridge = _ridge(score, normal[inner], inner, spacing).astype(np.uint8)
+    with stage("write", block=block.name, step="classical-score", bytes_written=score[inner].nbytes + ridge.nbytes):
+        zarr.open_array(score_path, mode="r+")[block.region] = score[inner]
+        zarr.open_array(ridge_path, mode="r+")[block.region] = ridge
     counts = _histogram(score[inner])
     if marks is not None:
         path = _histogram_path(marks, block)
@@ -371,11 +377,16 @@ def _mask_task(block: Block, shape, spacing, params: ClassicalParams, low: float
     grown = _grow(block.region, _mask_halo(spacing, params), shape)
     radii = tuple(params.thickness / 2 / s for s in spacing)
     near = _grow(block.region, tuple(math.ceil(r) for r in radii), shape)
-    score = zarr.open_array(score_path, mode="r")[grown]
-    ridge = zarr.open_array(ridge_path, mode="r")[grown].astype(bool)
-    centres = apply_hysteresis_threshold(score, low, high) & ridge
-    mask = ndi.binary_dilation(centres[_within(near, grown)], _ellipsoid(radii))[_within(block.region, near)]
-    zarr.open_array(mask_path, mode="r+")[block.region] = mask.astype(np.uint8)
+    with stage("read", block=block.name, step="classical-mask") as s:
+        score = zarr.open_array(score_path, mode="r")[grown]
+        ridge = zarr.open_array(ridge_path, mode="r")[grown]
+        s.bytes_read = score.nbytes + ridge.nbytes
+    with stage("post-process", block=block.name, step="classical-mask"):
+        centres = apply_hysteresis_threshold(score, low, high) & ridge.astype(bool)
+        mask = ndi.binary_dilation(centres[_within(near, grown)], _ellipsoid(radii))[_within(block.region, near)]
+        mask = mask.astype(np.uint8)
+    with stage("write", block=block.name, step="classical-mask", bytes_written=mask.nbytes):
+        zarr.open_array(mask_path, mode="r+")[block.region] = mask
     if marks is not None:
         marks.mark(f"mask/{block.name}")
     return int(np.count_nonzero(mask))

@@ -25,6 +25,7 @@ from ..blocks import DoneMarks
 from ..errors import CryodaskError, InputError, where
 from ..io.volumes import ZarrReader
 from ..params import params_hash
+from ..report.stages import recorded
 from .etsam import EtsamParams, TiledLogits, tiles, two_stage_column
 
 STEP = "membranes"
@@ -364,7 +365,7 @@ def _submit(job: _Tomogram, method, params, batch, device, client) -> list:
             raise InputError(str(exc)) from None
         folder = str(job.marks.folder / "logits")
         resources = gpu_resources(client, "gpu") if device in ("auto", "cuda") else None
-        return [client.submit(two_stage_column, reader, norm, job.shape[0], ys, xs, params, folder, job.marks,
+        return [client.submit(recorded(two_stage_column, "infer", step="etsam"), reader, norm, job.shape[0], ys, xs, params, folder, job.marks,
                               device=device, batch=batch, resources=resources, pure=False,
                               key=f"etsam-{job.stem}-{ys.start}-{xs.start}-{job.key[:8]}")
                 for ys, xs in tiles(job.shape[1], job.shape[2], params.tile, params.split)]

@@ -43,6 +43,7 @@ from scipy.spatial import cKDTree
 
 from ..blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
 from ..errors import InputError
+from ..report.stages import RecordedRead, stage
 
 SIGMA_PER_RADIUS = 1 / math.sqrt(3)  # where the normalised LoG of a solid ball peaks
 LARGER_SCALE = 1.5  # the scale of the size test, as a multiple of σ
@@ -358,7 +359,9 @@ class ArrayReader:
 def _block_stats(read, block: Block) -> tuple[float, float, int]:
     from ..io.mrc import region_stats
 
-    _, _, total, squares, count = region_stats(np.asarray(read(block.region), dtype=np.float32))
+    with stage("preprocess", block=block.name, step="log-stats"):
+        data = np.asarray(RecordedRead(read)(block.region), dtype=np.float32)
+        _, _, total, squares, count = region_stats(data)
     return total, squares, count
 
 
@@ -387,13 +390,15 @@ def _pick_task(read, block: Block, shape, voxel_size, params: LogParams, *, mean
             return BlockPicks(saved["coords"], saved["response"], (total, squares, int(saved["count"])),
                               float(saved["floor"]))
     fault_injection_delay(f"log {step}/{block.name}")
-    result = pick_block(read, block, shape, voxel_size, params, mean=mean, std=std, floor=floor)
+    with stage("infer", block=block.name, step=f"log-{step}"):  # its read is a stage of its own
+        result = pick_block(RecordedRead(read), block, shape, voxel_size, params, mean=mean, std=std, floor=floor)
     if marks is not None:
         partial = path.with_name(path.name + ".partial")
         partial.parent.mkdir(parents=True, exist_ok=True)
-        with open(partial, "wb") as f:
+        with stage("write", block=block.name, step=f"log-{step}") as s, open(partial, "wb") as f:
             np.savez(f, coords=result.coords, response=result.response, floor=result.floor,
                      sums=np.array(result.stats[:2], dtype=np.float64), count=result.stats[2])
+            s.bytes_written = f.tell()
         partial.replace(path)
         marks.mark(f"{step}/{block.name}")
     return result

@@ -25,6 +25,7 @@ from ..blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
 from ..errors import InputError, where
 from ..io.volumes import VolumeReader, open_reader, source_identity
 from ..params import params_hash
+from ..report.stages import RecordedRead, stage
 from .components import block_table, boundaries, check_connectivity, equivalence_pass, label_pass, merge, plan
 
 STEP = "postprocess"
@@ -127,11 +128,13 @@ def _label_task(read, block, grid, shape, connectivity, device, labels_folder, m
     if marks.done(f"label/{block.name}"):
         return pickle.loads(path.read_bytes())
     fault_injection_delay(f"{STEP} label/{block.name}")
-    labelled, labels = label_pass(read, block, grid, shape, connectivity, device)
-    save_block_labels(labels_folder, block, labels, len(labelled.ids))
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(pickle.dumps(labelled, protocol=pickle.HIGHEST_PROTOCOL))
-    partial.replace(path)
+    with stage("post-process", block=block.name, step="label"):  # its read is a stage of its own
+        labelled, labels = label_pass(RecordedRead(read), block, grid, shape, connectivity, device)
+    with stage("write", block=block.name, step="label") as s:
+        save_block_labels(labels_folder, block, labels, len(labelled.ids))
+        partial = path.with_name(path.name + ".partial")
+        s.bytes_written = labels.nbytes + partial.write_bytes(pickle.dumps(labelled, protocol=pickle.HIGHEST_PROTOCOL))
+        partial.replace(path)
     marks.mark(f"label/{block.name}")
     return labelled
 
@@ -152,13 +155,19 @@ def _write_task(labels_folder: str, block: Block, table: np.ndarray, mask_target
     from ..io.mrc import region_stats
 
     fault_injection_delay(f"{STEP} write/{block.name}")
-    local = load_block_labels(labels_folder, block)
-    mask = (table > 0).astype(np.uint8)[local]
-    mask_target.write(block.region, mask)
+    with stage("read", block=block.name, step="relabel") as s:
+        local = load_block_labels(labels_folder, block)
+        s.bytes_read = local.nbytes
+    with stage("post-process", block=block.name, step="relabel"):
+        mask = (table > 0).astype(np.uint8)[local]
+    with stage("write", block=block.name, step="relabel", bytes_written=mask.nbytes):
+        mask_target.write(block.region, mask)
     stats = {"mask": mask_stats(mask)}
     if labels_target is not None:
-        final = table.astype(np.uint32)[local]
-        labels_target.write(block.region, final)
+        with stage("post-process", block=block.name, step="relabel"):
+            final = table.astype(np.uint32)[local]
+        with stage("write", block=block.name, step="relabel", bytes_written=final.nbytes):
+            labels_target.write(block.region, final)
         stats["labels"] = region_stats(final)
     marks.mark(f"write/{block.name}")
     return stats
@@ -177,9 +186,13 @@ def _bridges_task(source_path: str, target, block: Block, max_bridge_len: int, m
 
     from .bridges import remove_bridges
 
-    cleaned = remove_bridges(zarr.open_array(source_path, mode="r")[block.region], max_bridge_len=max_bridge_len)
-    cleaned = cleaned.astype(np.uint8)
-    target.write(block.region, cleaned)
+    with stage("read", block=block.name, step="bridges") as s:
+        data = zarr.open_array(source_path, mode="r")[block.region]
+        s.bytes_read = data.nbytes
+    with stage("post-process", block=block.name, step="bridges"):
+        cleaned = remove_bridges(data, max_bridge_len=max_bridge_len).astype(np.uint8)
+    with stage("write", block=block.name, step="bridges", bytes_written=cleaned.nbytes):
+        target.write(block.region, cleaned)
     marks.mark(f"bridges/{block.name}")
     return {"mask": mask_stats(cleaned)}
 
