@@ -62,7 +62,10 @@ def test_predict_beats_the_iou_bound_and_resumes(synthetic, trained, client, cap
             "--truth-particles", str(synthetic / "test" / "stars"), "--crf-features", "logits",
             "--crf-compat", "1", "--crf-gaussian-compat", "1", "--extract", "peaks", "--probability",
             "--cluster", client.scheduler.address]
-    assert main(args) == 0
+    assert main(args + ["--report", str(synthetic / "report")]) == 0
+    assert "run report: crisp predict" in capsys.readouterr().out
+    stages = {(r["stage"], r["block"]) for r in json.loads((synthetic / "report" / "report.json").read_text())["records"]}
+    assert stages == {(s, f"{m}.mrc") for s in ("read", "infer", "post-process", "write") for m in ("m10", "m11")}
     summary = json.loads((out / "metrics.json").read_text())["summary"]
     for variant in ("nocrf", "crf"):
         pooled = summary[variant]["pooled"]

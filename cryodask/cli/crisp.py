@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_session
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, REPORT, THREADS, WORKERS, cluster_session
 
 crisp_app = typer.Typer(help="CRISP: segment particles in micrographs (network + loss of your choice), "
                              "refine with a dense CRF, extract particle coordinates.", no_args_is_help=True)
@@ -90,7 +90,7 @@ def predict_command(
     truth_particles: Path = typer.Option(None, "--truth-particles", help="Truth coordinates (file or folder): picking scores."),
     truth_flip_y: bool = typer.Option(False, "--truth-flip-y", help="The truth coordinates' y counts from the bottom."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
-    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
+    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Segment micrographs: <name>_mask.png, <name>_particles.star; metrics.csv/json with truth."""
     from dataclasses import fields
@@ -112,7 +112,10 @@ def predict_command(
         typer.echo(f"{len(plan.done)} micrograph(s) already done, {len(plan.jobs)} to do")
     with output_lock(plan.out, "crisp predict"):
         if plan.jobs:
-            with cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
+            from ..report import run_report
+
+            with (cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client,
+                  run_report(report_dir, client, command="crisp predict", echo=typer.echo)):
                 report = run_prediction(plan, client)
         else:
             report = run_prediction(plan, None)

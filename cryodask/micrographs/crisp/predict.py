@@ -137,6 +137,7 @@ def predict_one(path: str, model_dir: str, out: str, params: PredictParams, diam
     from ...io.mrc import write_mrc
     from ...io.particles import write_particles_star
     from ...metrics.picking import picking_scores
+    from ...report import stage
     from .extract import extract
     from .labels import to_full_resolution, unbin_mask
     from .train import read_mask
@@ -144,26 +145,33 @@ def predict_one(path: str, model_dir: str, out: str, params: PredictParams, diam
     clock = time.perf_counter()
     out = Path(out)
     network, config = cached_model(model_dir)
-    micrograph = read_micrograph(path)
+    block = Path(path).name
+    with stage("read", block=block) as s:
+        micrograph = read_micrograph(path)
+        s.bytes_read = Path(path).stat().st_size
     factor = int(config["bin"])
-    parts = segment(network, config, micrograph.image, params)
+    with stage("infer", block=block):  # the network, then the CRF
+        parts = segment(network, config, micrograph.image, params)
     variants = ["nocrf", "crf"] if params.crf else ["nocrf"]
     final = variants[-1]
     shape = micrograph.image.shape
     picks = {}
-    for variant in variants:
-        centres, scores = extract(parts[variant], diameter / factor, params.extract)
-        picks[variant] = (to_full_resolution(centres, factor), scores)
+    with stage("post-process", block=block):
+        for variant in variants:
+            centres, scores = extract(parts[variant], diameter / factor, params.extract)
+            picks[variant] = (to_full_resolution(centres, factor), scores)
     name = micrograph.name
-    files = [_write_png(out / f"{name}_mask.png", unbin_mask(parts[final], factor, shape))]
-    if params.crf:
-        files.append(_write_png(out / f"{name}_mask_nocrf.png", unbin_mask(parts["nocrf"], factor, shape)))
-    if params.probability:
-        pixel = (micrograph.pixel_size or 1.0) * factor
-        files.append(write_mrc(out / f"{name}_probability.mrc", parts["probability"].astype(np.float32), pixel))
-    files.append(write_particles_star(out / f"{name}_particles.star", {micrograph.path.name: picks[final][0]},
-                                      scores={micrograph.path.name: picks[final][1]},
-                                      pixel_size=micrograph.pixel_size))
+    with stage("write", block=block) as s:
+        files = [_write_png(out / f"{name}_mask.png", unbin_mask(parts[final], factor, shape))]
+        if params.crf:
+            files.append(_write_png(out / f"{name}_mask_nocrf.png", unbin_mask(parts["nocrf"], factor, shape)))
+        if params.probability:
+            pixel = (micrograph.pixel_size or 1.0) * factor
+            files.append(write_mrc(out / f"{name}_probability.mrc", parts["probability"].astype(np.float32), pixel))
+        files.append(write_particles_star(out / f"{name}_particles.star", {micrograph.path.name: picks[final][0]},
+                                          scores={micrograph.path.name: picks[final][1]},
+                                          pixel_size=micrograph.pixel_size))
+        s.bytes_written = sum(Path(f).stat().st_size for f in files)
     record = {"name": name, "path": str(path), "key": key, "picks": int(len(picks[final][0])),
               "files": [str(f) for f in files], "metrics": {}}
     truth = read_mask(truth_mask, shape) if truth_mask is not None else None
