@@ -117,13 +117,22 @@ def test_cryosam_prompt_errors_stop_before_any_cluster(cryosam_weights, tmp_path
 
 
 def test_features_command_builds_the_pyramid_and_refuses_a_missing_model(cryosam_weights, tmp_path, capsys, client):
+    import zarr
+
     from cryodask.prompting.features import open_features
 
     write_raw_mrc(tmp_path / "t.mrc", np.random.default_rng(0).normal(size=(16, 20, 24)).astype(np.float32), 10.0)
     code, out, err = run(capsys, "features", tmp_path / "t.mrc", "--out", tmp_path, "--checkpoint",
-                         cryosam_weights / "dinov2-large", "--image-size", "56", "--cluster", client.scheduler.address)
+                         cryosam_weights / "dinov2-large", "--image-size", "56", "--cluster", client.scheduler.address,
+                         "--report", tmp_path / "report")
     assert code == 0, err
     levels = open_features(tmp_path / "t_features.zarr")
     assert sorted(levels) == [4, 8, 16] and levels[4].shape == (4, 5, 6, 96)
+    records = json.loads((tmp_path / "report" / "report.json").read_text())["records"]
+    # each view reads its slices on the finest grid (every 4th) once: 4·20·24 = 5·16·24 = 6·16·20 voxels
+    assert sum(r["bytes_read"] for r in records if r["stage"] == "read") == 3 * (4 * 20 * 24) * 4
+    assert sum(r["bytes_written"] for r in records if r["stage"] == "write") == sum(
+        zarr.open_array(str(tmp_path / "t_features.zarr" / str(r) / v), mode="r").nbytes for r in levels for v in "zyx")
+    assert {r["stage"] for r in records} == {"read", "infer", "write"} and "run report: features" in out
     code, _, err = run(capsys, "features", tmp_path / "t.mrc", "--out", tmp_path, "--checkpoint", tmp_path / "nothing")
     assert code == 2 and "nothing" in err and len(err.strip().splitlines()) == 1

@@ -37,7 +37,7 @@ def features(
     device: str = typer.Option("auto", "--device", help="auto | cpu | gpu (on the workers)."),
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å, if the input has none."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
-    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
+    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Per-slice DINOv2 features of the z, y and x views, stored as a float16 pyramid at ratios 4, 8, 16."""
     from ..cluster import check_spec
@@ -54,8 +54,11 @@ def features(
     open_reader(tomogram, vs)
     out = check_output_dir(out)
     store = out / f"{tomogram.name.split('.')[0]}_features.zarr"
+    from ..report import run_report
+
     with output_lock(out, "features"), \
-            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
+            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
+            run_report(report_dir, client, command="features", echo=typer.echo):
         path = extract_features(tomogram, store, checkpoint=checkpoint, weights=weights, params=params, client=client,
                                 device=device, voxel_size=vs)
     typer.echo(f"wrote {path}")

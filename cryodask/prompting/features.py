@@ -258,6 +258,7 @@ def _slab_task(tomo: Tomogram, model_path: str, task: SlabTask, mean: float, std
     import zarr
 
     from ..models.dinov2 import load_dinov2, patch_maps
+    from ..report import stage
 
     fault_injection_delay()
     model = load_dinov2(model_path, device)
@@ -269,26 +270,31 @@ def _slab_task(tomo: Tomogram, model_path: str, task: SlabTask, mean: float, std
         maps = []
         for b in range(0, len(task.slices), params.batch):
             batch = task.slices[b:b + params.batch]
-            maps.append(patch_maps(model, (tomo.slices(task.axis, batch) - np.float32(mean)) / np.float32(std),
-                                   image_size=params.image_size))
+            with stage("read", block=task.name) as read:
+                slices = tomo.slices(task.axis, batch)
+                read.bytes_read = slices.nbytes
+            with stage("infer", block=task.name):
+                maps.append(patch_maps(model, (slices - np.float32(mean)) / np.float32(std), image_size=params.image_size))
         maps = torch.cat(maps)  # (S, C, L, L): rows, columns follow the two in-plane axes in z, y, x order
         patches = maps.shape[-1]
-        for r in params.ratios:
-            target = zarr.open_array(f"{store}/{r}/{task.view}", mode="r+")
-            planes = task.planes(r)
-            chosen = maps[[position[i * r] for i in planes]]
-            rows = torch.as_tensor(grid_weights(tomo.shape[rows_axis], r, patches), device=dev)
-            cols = torch.as_tensor(grid_weights(tomo.shape[cols_axis], r, patches), device=dev)
-            for j0 in range(0, len(rows), params.tile):
-                part = torch.einsum("ja,pcab->pcjb", rows[j0:j0 + params.tile], chosen)
-                for k0 in range(0, len(cols), params.tile):
-                    block = torch.einsum("pcjb,kb->pjkc", part, cols[k0:k0 + params.tile])
-                    block = np.moveaxis(block.to(out_dtype).cpu().numpy(), 0, task.axis)
-                    region = [slice(None)] * 3
-                    region[task.axis] = slice(planes.start, planes.stop)
-                    region[rows_axis] = slice(j0, j0 + block.shape[rows_axis])
-                    region[cols_axis] = slice(k0, k0 + block.shape[cols_axis])
-                    target[(*region, slice(None))] = block
+        with stage("write", block=task.name) as written:  # sampling the grids and writing them
+            for r in params.ratios:
+                target = zarr.open_array(f"{store}/{r}/{task.view}", mode="r+")
+                planes = task.planes(r)
+                chosen = maps[[position[i * r] for i in planes]]
+                rows = torch.as_tensor(grid_weights(tomo.shape[rows_axis], r, patches), device=dev)
+                cols = torch.as_tensor(grid_weights(tomo.shape[cols_axis], r, patches), device=dev)
+                for j0 in range(0, len(rows), params.tile):
+                    part = torch.einsum("ja,pcab->pcjb", rows[j0:j0 + params.tile], chosen)
+                    for k0 in range(0, len(cols), params.tile):
+                        block = torch.einsum("pcjb,kb->pjkc", part, cols[k0:k0 + params.tile])
+                        block = np.moveaxis(block.to(out_dtype).cpu().numpy(), 0, task.axis)
+                        region = [slice(None)] * 3
+                        region[task.axis] = slice(planes.start, planes.stop)
+                        region[rows_axis] = slice(j0, j0 + block.shape[rows_axis])
+                        region[cols_axis] = slice(k0, k0 + block.shape[cols_axis])
+                        target[(*region, slice(None))] = block
+                        written.bytes_written += block.nbytes
     marks.mark(task.name)
     return task.name
 
