@@ -24,7 +24,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _register() -> None:
-    from . import bench, convert, crisp, demo, doctor, evaluate, jobscript, membranes, picking, postprocess, synth  # noqa: F401  (each adds its commands to ``app``)
+    from . import autopick, bench, convert, crisp, demo, doctor, evaluate, jobscript, membranes, picking, postprocess, synth  # noqa: F401  (each adds its commands to ``app``)
 
 
 def main(argv=None) -> int:
