@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 
 
 def params_hash(params) -> str:
@@ -16,3 +17,10 @@ def params_hash(params) -> str:
     data = dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params)
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_identity(path) -> list:
+    """What says a file is the same file: its absolute path, size and modification time
+    (a replaced input or model changes the hash of the work that used it)."""
+    stat = os.stat(path)
+    return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]

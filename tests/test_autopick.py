@@ -179,9 +179,12 @@ def test_repick_finds_the_particles(trained, synthetic, client):
     assert (out / "mic40_picks.png").stat().st_size > 1000
     again = repick(root / "held" / "mics", root / "model", out, client=client)
     assert [r["status"] for r in again.results] == ["skipped"]
-    redo = repick(root / "held" / "mics", root / "model", out, params=RepickParams(stride=6, threshold=0.9),
-                  overwrite=True)
-    assert redo.results[0]["windows"] > report.results[0]["windows"]
+    # new parameters (or a retrained model) redo it without --overwrite; --overwrite redoes the same
+    redo = repick(root / "held" / "mics", root / "model", out, params=RepickParams(stride=6, threshold=0.9))
+    assert redo.results[0]["status"] == "picked" and redo.results[0]["windows"] > report.results[0]["windows"]
+    forced = repick(root / "held" / "mics", root / "model", out, params=RepickParams(stride=6, threshold=0.9),
+                    overwrite=True)
+    assert forced.results[0]["status"] == "picked"
 
 
 def test_classify_splits_a_relion_star_keeping_its_rows(trained, synthetic, tmp_path):
@@ -220,9 +223,13 @@ def test_cli_trains_repicks_and_classifies(synthetic, client, tmp_path, capsys):
     assert code == 0, out
     assert "test: accuracy" in out and (model / "model.pt").is_file()
     code = main(["autopick", "repick", "--model", str(model), "--micrographs", str(root / "held" / "mics"),
-                 "--out", str(tmp_path / "picks"), "--show-false", *cluster])
+                 "--out", str(tmp_path / "picks"), "--show-false", "--report", str(tmp_path / "report"), *cluster])
     assert code == 0 and (tmp_path / "picks" / "mic40_true.star").is_file()
-    assert "1 micrographs re-picked" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 micrographs re-picked" in out and "run report: autopick repick" in out
+    records = json.loads((tmp_path / "report" / "report.json").read_text())["records"]
+    assert {(r["stage"], r["block"]) for r in records} == {(s, "mic40.mrc") for s in ("read", "infer", "post-process", "write")}
+    assert [r["bytes_read"] for r in records if r["stage"] == "read"] == [(root / "held" / "mics" / "mic40.mrc").stat().st_size]
     code = main(["autopick", "classify", "--model", str(model), "--micrographs", str(root / "held" / "mics"),
                  "--particles", str(root / "held" / "good"), "--out", str(tmp_path / "split"), *cluster])
     assert code == 0 and (tmp_path / "split" / "mic40_false.star").is_file()

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, THREADS, WORKERS, cluster_session
+from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, REPORT, THREADS, WORKERS, cluster_session
 
 autopick_app = typer.Typer(help="Autopick-BC: train a good/bad particle classifier, re-pick and split picks.",
                            no_args_is_help=True)
@@ -75,10 +75,10 @@ def repick_command(
     radius: float = typer.Option(None, "--radius", help="NMS distance in pixels (default box/2)."),
     batch: int = typer.Option(16, "--batch", help="Windows per forward pass."),
     show_false: bool = typer.Option(False, "--show-false", help="Also draw the false picks (red) in the PNG."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo micrographs whose outputs exist."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo micrographs already done with this model and these parameters."),
     flip_y: bool = FLIP_Y, device: str = DEVICE,
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
-    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
+    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Score a sliding window over every micrograph; keep the best windows (NMS) as picks."""
     from ..cluster import check_spec
@@ -93,8 +93,11 @@ def repick_command(
     check_model(model)
     micrograph_set(micrographs)
     check_output_dir(out)
+    from ..report import run_report
+
     with output_lock(out, "autopick repick"), \
-            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
+            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
+            run_report(report_dir, client, command="autopick repick", echo=typer.echo):
         report = repick(micrographs, model, out, params=params, flip_y=flip_y, overwrite=overwrite, device=device,
                         client=client)
     picked, skipped = report.picked, len(report.results) - len(report.picked)

@@ -37,9 +37,11 @@ def micrograph_set(micrographs) -> MicrographSet:
 def read_centres(source, mics: MicrographSet, *, flip_y: bool = False) -> dict[str, np.ndarray]:
     """(N, 2) (row, col) centres per micrograph name from a STAR, a coordinate file, a folder
     or a glob of per-micrograph files (``cryodask.io.particles.read_particles``)."""
-    from ...io.particles import read_particles
+    from ...io.particles import note_skipped, read_particles
 
-    return read_particles(source, mics.names, shapes=mics.shapes, flip_y=flip_y)
+    centres = read_particles(source, mics.names, shapes=mics.shapes, flip_y=flip_y)
+    note_skipped(centres)
+    return centres
 
 
 def check_box(box_size: int, bin_factor: int) -> None:

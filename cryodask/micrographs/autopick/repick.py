@@ -8,20 +8,23 @@ score as ``rlnAutopickFigureOfMerit``. ``<name>_picks.png`` shows the picks over
 micrograph. Autopick-BC does the same through ``grid.star`` files and RELION extraction, on a
 quincunx of pitch box/2 and without NMS.
 
-Each output is written atomically; a micrograph whose three files exist is skipped on a rerun
-(``overwrite`` redoes it).
+Each output is written atomically, then a record under ``<out>/.cryodask/autopick-repick/``
+with the hash of the model, the micrograph and the parameters: a rerun skips a micrograph whose
+record matches and whose files exist, and redoes it after a retrained model or a new parameter
+(``overwrite`` redoes everything).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import InputError
+from ...params import file_identity, params_hash
 
 CUT = 4096  # windows cut and held at once per micrograph (4096 × 54² float32 = 48 MB)
 
@@ -61,8 +64,21 @@ class RepickParams:
                             self.overlay_false)
 
 
+STEP = "autopick-repick"
+
+
 def output_paths(out: Path, name: str) -> dict[str, Path]:
     return {"true": out / f"{name}_true.star", "false": out / f"{name}_false.star", "png": out / f"{name}_picks.png"}
+
+
+def _record(out: Path, name: str) -> Path:
+    return out / ".cryodask" / STEP / f"{name}.key"
+
+
+def is_done(out: Path, name: str, key: str) -> bool:
+    record = _record(out, name)
+    return (record.is_file() and record.read_text() == key
+            and all(f.exists() for f in output_paths(out, name).values()))
 
 
 def score_grid(net, binned: np.ndarray, window: int, stride: float, batch: int, device: str = "cpu"):
@@ -107,35 +123,42 @@ def overlay_png(binned: np.ndarray, out_png: Path, true_centres, radius: float, 
     return out_png
 
 
-def repick_micrograph(path, model_dir, out, params: RepickParams, *, flip_y: bool = False, overwrite: bool = False,
+def repick_micrograph(path, key: str, model_dir, out, params: RepickParams, *, flip_y: bool = False,
                       device: str = "auto") -> dict:
     """Re-pick one micrograph (a worker task); returns its counts and timing."""
     from ...io.micrographs import micrograph_name
     from ...io.particles import write_particles_star
+    from ...report import stage
     from .score import cached_model, heap_kept, resolve_device, use_worker_threads
     from .windows import binned_micrograph, to_original
 
     path, out = Path(path), Path(out)
     name = micrograph_name(path)
     files = output_paths(out, name)
-    if not overwrite and all(f.exists() for f in files.values()):
-        return {"name": name, "status": "skipped"}
     clock = time.perf_counter()
     use_worker_threads()
     device = resolve_device(device)
     net, config = cached_model(model_dir, device)
     params = params.resolved(config.box_size)
-    micrograph, binned = binned_micrograph(path, config.bin)
-    with heap_kept():
+    with stage("read", block=path.name, bytes_read=path.stat().st_size):
+        micrograph, binned = binned_micrograph(path, config.bin)
+    with stage("infer", block=path.name), heap_kept():
         centres, scores = score_grid(net, binned, config.window, params.stride / config.bin, params.batch, device)
-    original = to_original(centres, config.bin)
-    true, false = split_picks(original, scores, params.threshold, params.radius)
-    shape = {str(path): micrograph.image.shape}
-    overlay_png(binned, files["png"], centres[true], params.radius / 2 / config.bin,
-                centres[false] if params.overlay_false else None)
-    for kind, index in (("false", false), ("true", true)):
-        write_particles_star(files[kind], {str(path): original[index]}, scores={str(path): scores[index]},
-                             pixel_size=micrograph.pixel_size, shapes=shape, flip_y=flip_y)
+    with stage("post-process", block=path.name):
+        original = to_original(centres, config.bin)
+        true, false = split_picks(original, scores, params.threshold, params.radius)
+    with stage("write", block=path.name) as written:
+        shape = {str(path): micrograph.image.shape}
+        overlay_png(binned, files["png"], centres[true], params.radius / 2 / config.bin,
+                    centres[false] if params.overlay_false else None)
+        for kind, index in (("false", false), ("true", true)):
+            write_particles_star(files[kind], {str(path): original[index]}, scores={str(path): scores[index]},
+                                 pixel_size=micrograph.pixel_size, shapes=shape, flip_y=flip_y)
+        written.bytes_written = sum(f.stat().st_size for f in files.values())
+    record = _record(out, name)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.with_name(record.name + ".partial").write_text(key)
+    record.with_name(record.name + ".partial").replace(record)  # last: the files above are complete
     return {"name": name, "status": "picked", "windows": len(scores), "true": len(true), "false": len(false),
             "seconds": time.perf_counter() - clock}
 
@@ -170,7 +193,7 @@ def repick(micrographs, model_dir, out, *, params: RepickParams | None = None, f
     """
     from ...io.folders import check_output_dir
     from .inputs import micrograph_set
-    from .score import check_model
+    from .score import MODEL_FILE, check_model
     from .tasks import map_micrographs
 
     clock = time.perf_counter()
@@ -178,8 +201,15 @@ def repick(micrographs, model_dir, out, *, params: RepickParams | None = None, f
     check_model(model_dir)
     mics = micrograph_set(micrographs)
     out = check_output_dir(out).resolve()
-    items = [(mics.paths[n],) for n in mics.names]
-    results = map_micrographs(client, repick_micrograph, items, "autopick-repick",
-                              model_dir=str(Path(model_dir).resolve()), out=str(out), params=params, flip_y=flip_y,
-                              overwrite=overwrite, device=device)
-    return RepickReport(results, time.perf_counter() - clock)
+    model = file_identity(Path(model_dir) / MODEL_FILE)
+    items, skipped = [], []
+    for name in mics.names:
+        key = params_hash({"params": asdict(params), "flip_y": flip_y, "model": model,
+                           "micrograph": file_identity(mics.paths[name])})
+        if not overwrite and is_done(out, name, key):
+            skipped.append({"name": name, "status": "skipped"})
+        else:
+            items.append((mics.paths[name], key))
+    results = map_micrographs(client, repick_micrograph, items, STEP, model_dir=str(Path(model_dir).resolve()),
+                              out=str(out), params=params, flip_y=flip_y, device=device)
+    return RepickReport(skipped + results, time.perf_counter() - clock)

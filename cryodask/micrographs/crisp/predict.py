@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import CryodaskError, InputError, where
+from ...params import file_identity
 from .crf import CRFParams
 from .extract import METHODS
 
@@ -68,16 +69,11 @@ class PredictReport:
     files: list[Path] = field(default_factory=list)
 
 
-def _identity(path) -> list:
-    stat = os.stat(path)
-    return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
-
-
 def cached_model(model_dir: str):
     """The model of ``model_dir``, loaded once per worker process (reloaded if the file changes)."""
     from .train import MODEL_FILE, load_model
 
-    key = (os.path.abspath(model_dir), *_identity(Path(model_dir) / MODEL_FILE)[1:])
+    key = (os.path.abspath(model_dir), *file_identity(Path(model_dir) / MODEL_FILE)[1:])
     if key not in _MODELS:
         _MODELS.clear()
         _MODELS[key] = load_model(model_dir)
@@ -281,13 +277,13 @@ def plan_prediction(micrographs, model_dir, out, *, params: PredictParams = Pred
         coords = read_particles(truth_particles, names, shapes=shapes, flip_y=truth_flip_y)
         note_skipped(coords, "truth coordinates")
     out = check_output_dir(out).resolve()
-    model = _identity(Path(model_dir) / MODEL_FILE)
+    model = file_identity(Path(model_dir) / MODEL_FILE)
     jobs, done = [], []
     for path, name in zip(paths, names):
-        truth = {"mask": _identity(masks[name]) if name in masks else None,
+        truth = {"mask": file_identity(masks[name]) if name in masks else None,
                  "particles": np.round(coords[name], 3).tolist() if name in coords else None}
         key = params_hash({"params": asdict(params), "diameter": diameter, "model": model,
-                           "source": _identity(path), "truth": truth})
+                           "source": file_identity(path), "truth": truth})
         record = _read_record(out / ".cryodask" / STEP / f"{name}.json")
         if record.get("key") == key and all(Path(f).exists() for f in record.get("files", [])):
             done.append(record)
