@@ -31,14 +31,14 @@ def _synthesise(data: Path, tomograms: int, shape, voxel_size: float) -> tuple[l
     written = []
     for i in range(tomograms):
         path = data / f"tomo_{i:02d}.mrc"
-        paths = {"tomogram": path, "membranes": data / f"tomo_{i:02d}_membranes.mrc",
-                 "particles": data / f"tomo_{i:02d}_particles.star"}
+        paths = {"tomogram": path, "membranes": data / "truth" / f"tomo_{i:02d}_membranes.mrc",
+                 "particles": data / "truth" / f"tomo_{i:02d}_particles.star"}
         if not all(p.exists() for p in paths.values()):  # same seed, same data: keep it for resuming
             paths = write_tomogram(path, synth_tomogram(shape, voxel_size=voxel_size, seed=i))
         written.append(paths)
     micrograph = data / "micrograph.mrc"
-    micrograph_paths = {"micrograph": micrograph, "mask": data / "micrograph_mask.mrc",
-                        "particles": data / "micrograph_particles.star"}
+    micrograph_paths = {"micrograph": micrograph, "mask": data / "truth" / "micrograph_mask.mrc",
+                        "particles": data / "truth" / "micrograph_particles.star"}
     if not all(p.exists() for p in micrograph_paths.values()):
         micrograph_paths = write_micrograph(micrograph, synth_micrograph((512, 512), seed=0))
     return written, micrograph_paths

@@ -124,8 +124,8 @@ def test_missing_wedge_is_empty():
 def test_write_tomogram_round_trip(tmp_path):
     t = synth_tomogram(SMALL, voxel_size=12.5, seed=5)
     paths = write_tomogram(tmp_path / "tomo.mrc", t)
-    assert paths == {"tomogram": tmp_path / "tomo.mrc", "membranes": tmp_path / "tomo_membranes.mrc",
-                     "particles": tmp_path / "tomo_particles.star"}
+    assert paths == {"tomogram": tmp_path / "tomo.mrc", "membranes": tmp_path / "truth" / "tomo_membranes.mrc",
+                     "particles": tmp_path / "truth" / "tomo_particles.star"}
     with mrcfile.open(paths["tomogram"]) as mrc:
         np.testing.assert_array_equal(mrc.data, t.volume)
         assert tuple(mrc.voxel_size.tolist()) == (12.5, 12.5, 12.5)
@@ -221,7 +221,9 @@ def test_cli_writes_the_files(tmp_path, capsys):
     out = tmp_path / "t.mrc"
     assert main(["synth", "tomogram", "--out", str(out), "--shape", "32,48,48", "--voxel-size", "8",
                  "--seed", "1", "--snr", "1", "--missing-wedge", "50"]) == 0
-    assert {p.name for p in tmp_path.iterdir()} == {"t.mrc", "t_membranes.mrc", "t_particles.star"}
+    # only data beside it, so that a command given the folder never takes the truth for data
+    assert {p.name for p in tmp_path.iterdir()} == {"t.mrc", "truth"}
+    assert {p.name for p in (tmp_path / "truth").iterdir()} == {"t_membranes.mrc", "t_particles.star"}
     assert capsys.readouterr().out.count("wrote") == 3
     with mrcfile.open(out) as mrc:
         assert mrc.data.shape == (32, 48, 48) and mrc.voxel_size.x == 8
@@ -229,7 +231,12 @@ def test_cli_writes_the_files(tmp_path, capsys):
     mic = tmp_path / "m.mrc"
     assert main(["synth", "micrograph", "--out", str(mic), "--shape", "200,256", "--diameter", "40",
                  "--pixel-size", "2"]) == 0
-    assert (tmp_path / "m_particles.star").is_file() and (tmp_path / "m_mask.mrc").is_file()
+    assert (tmp_path / "truth" / "m_particles.star").is_file() and (tmp_path / "truth" / "m_mask.mrc").is_file()
+    from cryodask.io.micrographs import find_micrographs
+    from cryodask.io.particles import read_particles
+
+    assert find_micrographs(tmp_path) == [mic, out]  # no truth file among them (t.mrc is 3D: refused when read)
+    assert len(read_particles(tmp_path / "truth" / "m_particles.star", ["m"])["m"]) > 0
 
 
 @pytest.mark.parametrize("args", [["tomogram", "--shape", "32,64"], ["tomogram", "--shape", "a,b,c"],

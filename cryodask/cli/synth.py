@@ -30,7 +30,7 @@ def _report(paths: dict) -> None:
 
 @synth_app.command("tomogram")
 def tomogram(
-    out: Path = typer.Option(..., "--out", help="Tomogram MRC; X_membranes.mrc and X_particles.star go beside it."),
+    out: Path = typer.Option(..., "--out", help="Tomogram MRC; its truth goes to truth/X_membranes.mrc and truth/X_particles.star beside it."),
     shape: str = typer.Option("64,128,128", "--shape", help="Z,Y,X in voxels."),
     voxel_size: float = typer.Option(10.0, "--voxel-size", help="Å per voxel."),
     seed: int = typer.Option(0, "--seed"),
@@ -48,7 +48,7 @@ def tomogram(
 
 @synth_app.command("micrograph")
 def micrograph(
-    out: Path = typer.Option(..., "--out", help="Micrograph MRC; X_mask.mrc, X_contaminants.mrc, X_particles.star beside it."),
+    out: Path = typer.Option(..., "--out", help="Micrograph MRC; its truth goes to truth/X_mask.mrc, truth/X_contaminants.mrc, truth/X_particles.star."),
     shape: str = typer.Option("512,512", "--shape", help="Y,X in pixels."),
     pixel_size: float = typer.Option(1.77, "--pixel-size", help="Å per pixel."),
     diameter: float = typer.Option(108.0, "--diameter", help="Particle diameter in pixels."),

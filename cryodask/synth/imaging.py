@@ -151,6 +151,14 @@ def output_path(out_path) -> Path:
     return out
 
 
+def truth_paths(out: Path, **suffixes: str) -> dict[str, Path]:
+    """Where the ground truth of ``out`` goes: ``<folder>/truth/<stem><suffix>``, apart from the
+    data, so a command given the folder (``cryodask convert synth/``) sees only the data."""
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    (out.parent / "truth").mkdir(exist_ok=True)
+    return {kind: out.parent / "truth" / f"{stem}{suffix}" for kind, suffix in suffixes.items()}
+
+
 def check_shape(shape, ndim=3, minimum=16, axes="z,y,x") -> tuple[int, ...]:
     """``ndim`` whole numbers, each at least ``minimum`` (smaller leaves no room for a particle)."""
     try:

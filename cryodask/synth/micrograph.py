@@ -145,7 +145,8 @@ def _contaminants(shape, diameter, rng):
 
 
 def write_micrograph(out_path, synth: SynthMicrograph) -> dict[str, Path]:
-    """Write ``X.mrc``, ``X_mask.mrc`` (particle disks), ``X_contaminants.mrc`` and ``X_particles.star``.
+    """Write ``X.mrc`` and its truth: ``truth/X_mask.mrc`` (particle disks),
+    ``truth/X_contaminants.mrc`` and ``truth/X_particles.star``.
 
     The STAR file has ``rlnCoordinateX/Y`` in pixels, ``rlnMicrographName`` and
     ``rlnMicrographPixelSize``.
@@ -157,10 +158,8 @@ def write_micrograph(out_path, synth: SynthMicrograph) -> dict[str, Path]:
     ['contaminants', 'mask', 'micrograph', 'particles']
     """
     out = imaging.output_path(out_path)
-    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
-    paths = {"micrograph": out, "mask": out.with_name(f"{stem}_mask.mrc"),
-             "contaminants": out.with_name(f"{stem}_contaminants.mrc"),
-             "particles": out.with_name(f"{stem}_particles.star")}
+    paths = {"micrograph": out, **imaging.truth_paths(out, mask="_mask.mrc", contaminants="_contaminants.mrc",
+                                                       particles="_particles.star")}
     write_mrc(paths["micrograph"], synth.image, synth.pixel_size)
     write_mrc(paths["mask"], synth.mask.astype(np.int8), synth.pixel_size)  # mode 0
     write_mrc(paths["contaminants"], synth.contaminants.astype(np.int8), synth.pixel_size)

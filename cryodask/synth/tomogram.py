@@ -193,7 +193,8 @@ def _particles(density, membranes, voxel_size, rng, n_particles):
 
 
 def write_tomogram(out_path, synth: SynthTomogram) -> dict[str, Path]:
-    """Write ``X.mrc`` (volume), ``X_membranes.mrc`` (mask) and ``X_particles.star`` (truth).
+    """Write ``X.mrc`` (volume) and its truth: ``truth/X_membranes.mrc`` (mask) and
+    ``truth/X_particles.star``.
 
     The STAR file has ``rlnCoordinateX/Y/Z`` in voxels, ``rlnClassNumber`` = kind,
     ``rlnTomoName`` and the voxel size (``rlnTomoTiltSeriesPixelSize``).
@@ -206,8 +207,7 @@ def write_tomogram(out_path, synth: SynthTomogram) -> dict[str, Path]:
     """
     out = imaging.output_path(out_path)
     stem = out.name[: -len(out.suffix)] if out.suffix else out.name
-    paths = {"tomogram": out, "membranes": out.with_name(f"{stem}_membranes.mrc"),
-             "particles": out.with_name(f"{stem}_particles.star")}
+    paths = {"tomogram": out, **imaging.truth_paths(out, membranes="_membranes.mrc", particles="_particles.star")}
     write_mrc(paths["tomogram"], synth.volume, synth.voxel_size)
     write_mrc(paths["membranes"], synth.membranes.astype(np.int8), synth.voxel_size)  # mode 0
     write_picks(paths["particles"], synth.particles,
