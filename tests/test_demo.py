@@ -14,6 +14,12 @@ def test_demo_end_to_end_and_rerun(tmp_path, client):
     # the classical membrane filter and the LoG picker, scored against the truth
     assert all(row["membranes dice"] > 0.5 and row["post-processed dice"] > 0.5 for row in result.rows), result.rows
     assert all(row["LoG picks"] > 0 and row["picks F1"] > 0.5 for row in result.rows), result.rows
+    # the micrograph methods, trained on three synthetic micrographs, scored on a fourth
+    methods = {row["method"]: row for row in result.micrograph_rows}
+    assert list(methods) == ["Autopick-BC", "CRISP U-Net + Dice", "CRISP + dense CRF"]
+    assert methods["Autopick-BC"]["test accuracy"] > 0.75 and methods["Autopick-BC"]["pick F1"] > 0.5, methods
+    for crisp in ("CRISP U-Net + Dice", "CRISP + dense CRF"):  # measured 0.77 / 0.70 IoU, F1 1.0 / 0.97
+        assert methods[crisp]["particle IoU"] > 0.5 and methods[crisp]["pick F1"] > 0.7, methods
     previews = sorted(p.name for p in (tmp_path / "previews").glob("*.png"))
     assert previews == ["micrograph.png", "tomo_00.png", "tomo_01.png"]
     assert all((tmp_path / "previews" / p).stat().st_size > 10_000 for p in previews)
@@ -29,3 +35,4 @@ def test_demo_command(tmp_path, capsys, client):
     header, row = out.splitlines()[1:3]
     assert header.split()[:2] == ["tomogram", "shape"] and row.split()[:2] == ["tomo_00", "32x64x64"]
     assert "True" in row and "1.0" in row
+    assert "micrographs: trained on m0-m2, scored on m3" in out and "CRISP + dense CRF" in out

@@ -30,10 +30,19 @@ def demo(
     with output_lock(out, "demo"), \
             cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
         result = run_demo(out, tomograms=tomograms, shape=zyx, client=client, progress=True)
-    columns = list(result.rows[0])
-    widths = [max(len(c), *(len(str(r[c])) for r in result.rows)) for c in columns]
-    typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for row in result.rows:
-        typer.echo("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths)))
+    _table(result.rows)
+    if result.micrograph_rows:
+        typer.echo("micrographs: trained on m0-m2, scored on m3 (match radius: the particle radius)")
+        _table(result.micrograph_rows)
+    else:
+        typer.echo("micrographs: skipped (Autopick-BC and CRISP need torch: bash deploy/install.sh .venv micrographs)")
     typer.echo("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     typer.echo(f"previews: {out / 'previews'}   stores: {out / 'zarr'} (open with napari-ome-zarr)")
+
+
+def _table(rows: list[dict]) -> None:
+    columns = list(rows[0])
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        typer.echo("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths)))
