@@ -48,3 +48,14 @@ def write_raw_mrc(path, data, voxel_size=10.0):
         mrc.set_data(np.asarray(data))
         mrc.voxel_size = voxel_size
     return Path(path)
+
+
+def one_line_error(call, path, match):
+    """``call()`` raises an InputError of one line, naming ``path`` first and matching ``match``."""
+    from cryodask.errors import InputError
+
+    with pytest.raises(InputError, match=match) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith(str(path)) and "\n" not in message, message
+    return message

@@ -12,17 +12,9 @@ from PIL import Image
 
 from cryodask.errors import InputError
 from cryodask.io.micrographs import bin_image, find_micrographs, micrograph_name, micrograph_shape, read_micrograph
-from tests.conftest import write_raw_mrc
+from conftest import one_line_error, write_raw_mrc
 
 FALCON = "Falcon_2012_06_12-14_33_35_0"
-
-
-def one_line_error(call, path, match):
-    with pytest.raises(InputError, match=match) as info:
-        call()
-    message = str(info.value)
-    assert message.startswith(str(path)) and "\n" not in message, message
-    return message
 
 
 def test_real_fei_mrc_with_extended_header(data_dir):

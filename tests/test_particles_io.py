@@ -8,20 +8,12 @@ import pytest
 import starfile
 from scipy.spatial import cKDTree
 
-from cryodask.errors import InputError
+from conftest import one_line_error
 from cryodask.io.particles import (match_name, note_skipped, read_box, read_particles, write_box, write_coords, write_csv,
                                    write_particles_star)
 from cryodask.io.picks import read_picks
 
 FALCON = "Falcon_2012_06_12-14_33_35_0"
-
-
-def one_line_error(call, path, match):
-    with pytest.raises(InputError, match=match) as info:
-        call()
-    message = str(info.value)
-    assert message.startswith(str(path)) and "\n" not in message, message
-    return message
 
 
 def random_centres(seed, n, size=500):

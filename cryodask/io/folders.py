@@ -1,4 +1,4 @@
-"""Output folders: created and proved writable before any cluster starts."""
+"""Output folders: created and proved writable before any cluster starts; files written whole or not at all."""
 
 from __future__ import annotations
 
@@ -19,3 +19,17 @@ def check_output_dir(out) -> Path:
     except OSError as exc:
         raise where(out, f"output folder is not writable ({exc.strerror or exc})") from None
     return out
+
+
+def atomic_write(path, write) -> Path:
+    """``write(partial)`` then rename onto ``path``: a reader (or a rerun) never sees half a file;
+    a failed write leaves no partial file behind."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        write(partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
+    return path

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError, where
+from .folders import atomic_write
 from .micrographs import SUFFIXES as MICROGRAPH_SUFFIXES
 
 IMAGE_SUFFIXES = MICROGRAPH_SUFFIXES | {".spi", ".eer", ".map", ".rec", ".st"}  # what rlnMicrographName may end in
@@ -311,18 +312,6 @@ def _read_csv(path) -> tuple[np.ndarray, np.ndarray]:
     return _finite(path, yx)
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        write(partial)
-    except Exception:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(path)
-    return path
-
-
 def _centres(coords) -> np.ndarray:
     return np.asarray(coords, dtype=np.float64).reshape(-1, 2)
 
@@ -359,7 +348,7 @@ def write_particles_star(path, coords: dict[str, np.ndarray], *, scores: dict[st
         blocks = {"optics": optics, "particles": table}
     else:
         blocks = {"": table}
-    return _atomic_write(path, lambda p: starfile.write(blocks, p, overwrite=True))
+    return atomic_write(path, lambda p: starfile.write(blocks, p, overwrite=True))
 
 
 def _number(value) -> str:
@@ -373,17 +362,17 @@ def write_box(path, centres, box_size) -> Path:
     centres = _centres(centres)
     sizes = np.broadcast_to(np.asarray(box_size, dtype=np.float64), (len(centres),))
     lines = ["\t".join(map(_number, (c - s / 2, r - s / 2, s, s))) + "\n" for (r, c), s in zip(centres, sizes)]
-    return _atomic_write(path, lambda p: Path(p).write_text("".join(lines)))
+    return atomic_write(path, lambda p: Path(p).write_text("".join(lines)))
 
 
 def write_coords(path, centres) -> Path:
     """``.coords``: ``x y`` per line, no header (IMOD / napari-boxmanager style)."""
     lines = [f"{_number(c)} {_number(r)}\n" for r, c in _centres(centres)]
-    return _atomic_write(path, lambda p: Path(p).write_text("".join(lines)))
+    return atomic_write(path, lambda p: Path(p).write_text("".join(lines)))
 
 
 def write_csv(path, centres) -> Path:
     """CSV with ``x,y`` columns (col, row) in pixels."""
     centres = _centres(centres)
     table = pd.DataFrame({"x": centres[:, 1], "y": centres[:, 0]})
-    return _atomic_write(path, lambda p: table.to_csv(p, index=False))
+    return atomic_write(path, lambda p: table.to_csv(p, index=False))

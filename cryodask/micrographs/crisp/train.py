@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import InputError, where
+from ...io.folders import atomic_write
 from ...io.micrographs import SUFFIXES, bin_image, find_micrographs, micrograph_name, micrograph_shape, read_micrograph
 from .labels import bin_mask, disk_mask
 from .losses import LOSSES, get_loss
@@ -154,17 +154,6 @@ def _batches(examples, params: TrainParams, rng: np.random.Generator):
         yield np.stack(images)[:, None], np.stack(labels).astype(np.int64)
 
 
-def _save_atomic(path: Path, write) -> Path:
-    partial = path.with_name(path.name + ".partial")
-    try:
-        write(partial)
-    except Exception:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, path)
-    return path
-
-
 def loss_curve_png(losses, out_png, title: str) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -175,7 +164,7 @@ def loss_curve_png(losses, out_png, title: str) -> Path:
     ax.set(xlabel="epoch", ylabel="training loss", title=title)
     ax.grid(alpha=0.3)
     FigureCanvasAgg(fig)
-    return _save_atomic(Path(out_png), lambda p: fig.savefig(p, dpi=fig.dpi, format="png"))
+    return atomic_write(Path(out_png), lambda p: fig.savefig(p, dpi=fig.dpi, format="png"))
 
 
 def train(micrographs, out, *, particles=None, masks=None, diameter: float | None = None, flip_y: bool = False,
@@ -222,9 +211,9 @@ def train(micrographs, out, *, particles=None, masks=None, diameter: float | Non
               "labels": "particles" if particles is not None else "masks", "train": asdict(params),
               "micrographs": [str(p) for p in paths]}
     state = {"config": config, "state_dict": network.state_dict()}
-    _save_atomic(out / MODEL_FILE, lambda p: torch.save(state, p))
-    _save_atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
-    _save_atomic(out / "training_log.json", lambda p: Path(p).write_text(json.dumps(history, indent=2)))
+    atomic_write(out / MODEL_FILE, lambda p: torch.save(state, p))
+    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    atomic_write(out / "training_log.json", lambda p: Path(p).write_text(json.dumps(history, indent=2)))
     losses = [h["loss"] for h in history]
     loss_curve_png(losses, out / "loss_curve.png", f"{params.model} + {params.loss}, bin {params.bin}")
     return TrainResult(out, losses, time.perf_counter() - clock, len(examples))
