@@ -230,9 +230,19 @@ def test_cli_trains_repicks_and_classifies(synthetic, client, tmp_path, capsys):
     records = json.loads((tmp_path / "report" / "report.json").read_text())["records"]
     assert {(r["stage"], r["block"]) for r in records} == {(s, "mic40.mrc") for s in ("read", "infer", "post-process", "write")}
     assert [r["bytes_read"] for r in records if r["stage"] == "read"] == [(root / "held" / "mics" / "mic40.mrc").stat().st_size]
+    # boxes for micrographs not given are skipped, said once; the stages are reported
+    both = tmp_path / "both_good"
+    both.mkdir()
+    for box in (root / "held" / "good").iterdir():
+        (both / box.name).write_bytes(box.read_bytes())
+    write_box(both / "mic99.box", [[50, 50]], BOX)
     code = main(["autopick", "classify", "--model", str(model), "--micrographs", str(root / "held" / "mics"),
-                 "--particles", str(root / "held" / "good"), "--out", str(tmp_path / "split"), *cluster])
+                 "--particles", str(both), "--out", str(tmp_path / "split"), "--report", str(tmp_path / "rc"), *cluster])
     assert code == 0 and (tmp_path / "split" / "mic40_false.star").is_file()
+    err = capsys.readouterr().err
+    assert err.count("note: coordinates of 1 micrograph(s) not given were skipped") == 1, err
+    records = json.loads((tmp_path / "rc" / "report.json").read_text())["records"]
+    assert {(r["stage"], r["block"]) for r in records} == {(s, "mic40.mrc") for s in ("read", "preprocess", "infer")}
 
 
 def _error(capsys, argv) -> str:

@@ -51,7 +51,7 @@ def train_command(
     params = TrainParams(box_size=box_size, bin=bin_factor, epochs=epochs, batch_size=batch_size, lr=lr,
                          patience=patience, test=test_fraction, validation=validation_fraction, augment=augment,
                          shift=shift, seed=seed)
-    training_inputs(micrographs, good, bad, flip_y=flip_y)
+    training_inputs(micrographs, good, bad, flip_y=flip_y, quiet=True)
     check_output_dir(out)
     with output_lock(out, "autopick train"), \
             cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
@@ -118,7 +118,7 @@ def classify_command(
     batch: int = typer.Option(16, "--batch", help="Windows per forward pass."),
     flip_y: bool = FLIP_Y, device: str = DEVICE,
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
-    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
+    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Score existing picks and split them into true and false STAR files."""
     from ..cluster import check_spec
@@ -133,10 +133,13 @@ def classify_command(
     if not 0 <= threshold <= 1:
         raise InputError(f"--threshold must be between 0 and 1, got {threshold}")
     check_model(model)
-    read_centres(particles, micrograph_set(micrographs), flip_y=flip_y)
+    read_centres(particles, micrograph_set(micrographs), flip_y=flip_y, quiet=True)
     check_output_dir(out)
+    from ..report import run_report
+
     with output_lock(out, "autopick classify"), \
-            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
+            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
+            run_report(report_dir, client, command="autopick classify", echo=typer.echo):
         result = classify(micrographs, model, particles, out, threshold=threshold, flip_y=flip_y, batch=batch,
                           device=device, client=client)
     typer.echo(f"{result.counts['true']} true, {result.counts['false']} false picks in {result.seconds:.1f} s")

@@ -58,7 +58,7 @@ def train_command(
                          batch_size=batch_size, lr=lr, seed=seed)
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be at least 1, got {threads}")
-    check_labels(micrographs, particles=particles, masks=masks, diameter=diameter, flip_y=flip_y)
+    check_labels(micrographs, particles=particles, masks=masks, diameter=diameter, flip_y=flip_y, quiet=True)
     out = check_output_dir(out)
     with output_lock(out, "crisp train"):
         result = train(micrographs, out, particles=particles, masks=masks, diameter=diameter, flip_y=flip_y,

@@ -24,15 +24,19 @@ SCORE = "rlnAutopickFigureOfMerit"
 
 
 def _score_task(path, centres, model_dir, batch: int, device: str) -> np.ndarray:
+    from ...report import stage
     from .score import cached_model, heap_kept, resolve_device, score_windows, use_worker_threads
     from .windows import WindowCutter, binned_micrograph, to_binned
 
     use_worker_threads()
     device = resolve_device(device)
     net, config = cached_model(model_dir, device)
-    _, binned = binned_micrograph(path, config.bin)
-    windows = WindowCutter(binned, config.window).cut(to_binned(centres, config.bin))
-    with heap_kept():
+    block = Path(path).name
+    with stage("read", block=block, bytes_read=Path(path).stat().st_size):
+        _, binned = binned_micrograph(path, config.bin)
+    with stage("preprocess", block=block):
+        windows = WindowCutter(binned, config.window).cut(to_binned(centres, config.bin))
+    with stage("infer", block=block), heap_kept():
         return score_windows(net, windows, batch, device)
 
 

@@ -34,13 +34,14 @@ def micrograph_set(micrographs) -> MicrographSet:
     return MicrographSet(named, {n: micrograph_shape(p) for n, p in named.items()})
 
 
-def read_centres(source, mics: MicrographSet, *, flip_y: bool = False) -> dict[str, np.ndarray]:
+def read_centres(source, mics: MicrographSet, *, flip_y: bool = False, quiet: bool = False) -> dict[str, np.ndarray]:
     """(N, 2) (row, col) centres per micrograph name from a STAR, a coordinate file, a folder
     or a glob of per-micrograph files (``cryodask.io.particles.read_particles``)."""
     from ...io.particles import note_skipped, read_particles
 
     centres = read_particles(source, mics.names, shapes=mics.shapes, flip_y=flip_y)
-    note_skipped(centres)
+    if not quiet:  # a check before the cluster starts reads them once more, quietly
+        note_skipped(centres)
     return centres
 
 

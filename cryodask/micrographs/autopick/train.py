@@ -244,13 +244,13 @@ def results_figure(history: list[dict], test: dict, out_png: Path) -> Path:
     return out_png
 
 
-def training_inputs(micrographs, good, bad, *, flip_y: bool = False):
+def training_inputs(micrographs, good, bad, *, flip_y: bool = False, quiet: bool = False):
     """``(micrographs, good centres, bad centres)``, checked: names match, centres lie in their
     images, each class has enough windows. Cheap (headers and coordinate files only)."""
     from .inputs import micrograph_set, read_centres
 
     mics = micrograph_set(micrographs)
-    centres = {"good": read_centres(good, mics, flip_y=flip_y), "bad": read_centres(bad, mics, flip_y=flip_y)}
+    centres = {kind: read_centres(source, mics, flip_y=flip_y, quiet=quiet) for kind, source in (("good", good), ("bad", bad))}
     for (kind, found), source in zip(centres.items(), (good, bad)):
         n = sum(len(c) for c in found.values())
         if n < MIN_PER_CLASS:

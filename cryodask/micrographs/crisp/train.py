@@ -101,7 +101,8 @@ def read_mask(path, shape=None) -> np.ndarray:
     return (image > top / 2).astype(np.uint8) if top > 0 else np.zeros(image.shape, np.uint8)
 
 
-def check_labels(micrographs, *, particles=None, masks=None, diameter=None, flip_y: bool = False):
+def check_labels(micrographs, *, particles=None, masks=None, diameter=None, flip_y: bool = False,
+                 quiet: bool = False):
     """Validate the training inputs (cheap: headers and coordinate files) and return the paths,
     names, shapes and label sources, before anything heavy starts."""
     paths = find_micrographs(micrographs)
@@ -115,7 +116,8 @@ def check_labels(micrographs, *, particles=None, masks=None, diameter=None, flip
         from ...io.particles import note_skipped, read_particles
 
         coords = read_particles(particles, names, shapes=shapes, flip_y=flip_y)
-        note_skipped(coords)
+        if not quiet:  # the check before training reads them once more, quietly
+            note_skipped(coords)
         return paths, names, shapes, coords
     return paths, names, shapes, find_masks(masks, names)
 
