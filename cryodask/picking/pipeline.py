@@ -202,7 +202,9 @@ def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, ou
     from ..prompting.features import FeatureParams, extract_features, open_features
     from ..prompting.matching import match
     from ..prompting.selfprompt import query_from_instances, robust_range, segment_instances
+    from ..report import RecordedRead, recorded
 
+    segment = recorded(segment_instances, "infer", step="cryosam-segment")  # reads nested: timed apart
     result = PickResult(pd.DataFrame(columns=["z", "y", "x", "score"]), prompts=len(points))
     clock = time.perf_counter()
     store = _store_of(tomogram, out, vs, chunks, client)
@@ -216,7 +218,7 @@ def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, ou
     value_range = robust_range(read, shape)
     options = dict(config=config, checkpoint=str(sam) if sam else None, image_size=image_size, device=device,
                    batch=batch, seed=seed, value_range=value_range)
-    prompted = client.submit(segment_instances, read, shape, points, sp_params, pure=False, **options).result()
+    prompted = client.submit(segment, RecordedRead(read), shape, points, sp_params, pure=False, **options).result()
     features = open_features(features_store)
     query = query_from_instances(features, min(features), prompted, points=points)
     detections = match(features, query, match_params, client=client)
@@ -226,7 +228,7 @@ def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, ou
     coords = detections[["z", "y", "x"]].to_numpy(dtype=np.float64)
     coords = np.minimum(coords, np.array(shape) - 1)
     instances = [None] * len(coords)
-    futures = [(group, client.submit(segment_instances, read, shape, coords[group], sp_params, pure=False, **options))
+    futures = [(group, client.submit(segment, RecordedRead(read), shape, coords[group], sp_params, pure=False, **options))
                for group in _groups(coords, 16)] if len(coords) else []
     for group, future in futures:
         for i, instance in zip(group, future.result()):

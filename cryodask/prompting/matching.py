@@ -431,7 +431,9 @@ class _OnClient:
         self.client = client
 
     def submit(self, fn, *args):
-        return self.client.submit(fn, *args, pure=False)
+        from ..report import recorded
+
+        return self.client.submit(recorded(fn, "infer", step="cryosam-match"), *args, pure=False)
 
     def gather(self, futures):
         return self.client.gather(futures)
