@@ -218,10 +218,13 @@ def test_cli_trains_repicks_and_classifies(synthetic, client, tmp_path, capsys):
     model = tmp_path / "model"
     code = main(["autopick", "train", "--micrographs", str(train_dir / "mics"), "--good", str(train_dir / "good"),
                  "--bad", str(train_dir / "bad"), "--box-size", str(BOX), "--bin", str(BIN), "--epochs", "1",
-                 "--lr", "1e-3", "--out", str(model), *cluster])
+                 "--lr", "1e-3", "--out", str(model), "--report", str(tmp_path / "rt"), *cluster])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "test: accuracy" in out and (model / "model.pt").is_file()
+    stages = [(r["stage"], r["block"]) for r in json.loads((tmp_path / "rt" / "report.json").read_text())["records"]]
+    assert sorted(stages) == sorted([("train", "model")] + [(s, f"mic{i:02d}.mrc") for i in range(4)
+                                                            for s in ("read", "preprocess")])
     code = main(["autopick", "repick", "--model", str(model), "--micrographs", str(root / "held" / "mics"),
                  "--out", str(tmp_path / "picks"), "--show-false", "--report", str(tmp_path / "report"), *cluster])
     assert code == 0 and (tmp_path / "picks" / "mic40_true.star").is_file()

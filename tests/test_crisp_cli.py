@@ -41,7 +41,7 @@ def trained(synthetic):
     code = main(["crisp", "train", "--micrographs", str(synthetic / "train" / "mics"), "--particles",
                  str(synthetic / "train" / "stars"), "--diameter", str(DIAMETER), "--bin", "2", "--model", "unet",
                  "--loss", "dice", "--widths", "8,16,32", "--epochs", "20", "--crop", "64", "--lr", "0.01", "--threads", "1",
-                 "--out", str(model)])
+                 "--out", str(model), "--report", str(synthetic / "train_report")])
     assert code == 0
     return model
 
@@ -53,6 +53,9 @@ def test_train_writes_the_model_folder(synthetic, trained):
     assert config["network"] == "unet" and config["bin"] == 2 and config["diameter"] == DIAMETER
     losses = [row["loss"] for row in json.loads((trained / "training_log.json").read_text())]
     assert len(losses) == 20 and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    records = json.loads((synthetic / "train_report" / "report.json").read_text())["records"]
+    assert [r["stage"] for r in records] == ["read", "train"]
+    assert records[0]["bytes_read"] == sum(p.stat().st_size for p in (synthetic / "train" / "mics").glob("*.mrc"))
 
 
 def test_predict_beats_the_iou_bound_and_resumes(synthetic, trained, client, capsys):

@@ -39,7 +39,7 @@ def train_command(
     seed: int = typer.Option(0, "--seed", help="Seeds the split, the weights and the augmentation."),
     flip_y: bool = FLIP_Y, device: str = DEVICE,
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
-    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
+    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Train the classifier on windows cut around good and bad particles; report test scores."""
     from ..cluster import check_spec
@@ -53,8 +53,11 @@ def train_command(
                          shift=shift, seed=seed)
     training_inputs(micrographs, good, bad, flip_y=flip_y, quiet=True)
     check_output_dir(out)
+    from ..report import run_report
+
     with output_lock(out, "autopick train"), \
-            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client:
+            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
+            run_report(report_dir, client, command="autopick train", echo=typer.echo):
         result = train(micrographs, good, bad, out, params=params, flip_y=flip_y, client=client, device=device,
                        log=typer.echo)
     c, t = result.counts, result.test

@@ -47,6 +47,7 @@ def train_command(
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of the one-cycle schedule (Adam)."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(None, "--threads", help="Torch threads (default: one per core; 1 is faster on a busy machine)."),
+    report_dir: Path = REPORT,
 ):
     """Train a segmentation network from particle coordinates or masks."""
     from ..errors import InputError
@@ -60,7 +61,9 @@ def train_command(
         raise InputError(f"--threads must be at least 1, got {threads}")
     check_labels(micrographs, particles=particles, masks=masks, diameter=diameter, flip_y=flip_y, quiet=True)
     out = check_output_dir(out)
-    with output_lock(out, "crisp train"):
+    from ..report import run_report
+
+    with output_lock(out, "crisp train"), run_report(report_dir, None, command="crisp train", echo=typer.echo):
         result = train(micrographs, out, particles=particles, masks=masks, diameter=diameter, flip_y=flip_y,
                        params=params, threads=threads, log=typer.echo)
     typer.echo(f"trained {model} + {loss} on {result.micrographs} micrograph(s) in {result.seconds:.1f} s; "

@@ -81,11 +81,14 @@ class TrainResult:
 # ------------------------------------------------------------------ windows (one task per micrograph)
 
 def _labelled_windows(path, good, bad, box_size: int, bin_factor: int):
+    from ...report import stage
     from .windows import WindowCutter, binned_micrograph, to_binned, window_size
 
-    micrograph, binned = binned_micrograph(path, bin_factor)
-    centres = np.concatenate([good, bad]).reshape(-1, 2)
-    windows = WindowCutter(binned, window_size(box_size, bin_factor)).cut(to_binned(centres, bin_factor))
+    with stage("read", block=Path(path).name, bytes_read=Path(path).stat().st_size):
+        micrograph, binned = binned_micrograph(path, bin_factor)
+    with stage("preprocess", block=Path(path).name):
+        centres = np.concatenate([good, bad]).reshape(-1, 2)
+        windows = WindowCutter(binned, window_size(box_size, bin_factor)).cut(to_binned(centres, bin_factor))
     return windows, np.r_[np.ones(len(good), np.float32), np.zeros(len(bad), np.float32)], micrograph.pixel_size
 
 
@@ -281,6 +284,7 @@ def train(micrographs, good, bad, out, *, params: TrainParams, flip_y: bool = Fa
     >>> result.test["accuracy"]                                                                     # doctest: +SKIP
     """
     from ...io.folders import check_output_dir
+    from ...report import stage
     from .score import ModelConfig, resolve_device, save_model
     from .windows import window_size
 
@@ -295,7 +299,8 @@ def train(micrographs, good, bad, out, *, params: TrainParams, flip_y: bool = Fa
     clock = time.perf_counter()
     device = resolve_device(device)
     parts = split(len(labels), params.test, params.validation, params.seed)
-    net, history = fit(windows, labels, parts, params, log=log, device=device)
+    with stage("train", block="model"):  # in this process, on the windows gathered from the workers
+        net, history = fit(windows, labels, parts, params, log=log, device=device)
     seconds["training"] = time.perf_counter() - clock
     test, _ = held_out_scores(net.cpu(), windows[parts["test"]], labels[parts["test"]])
     counts.update({k: int(len(v)) for k, v in parts.items()}, micrographs=len(mics.names),

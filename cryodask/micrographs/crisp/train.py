@@ -191,6 +191,7 @@ def train(micrographs, out, *, particles=None, masks=None, diameter: float | Non
     import torch
 
     from ...io.folders import check_output_dir
+    from ...report import stage
 
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be at least 1, got {threads}")
@@ -198,12 +199,14 @@ def train(micrographs, out, *, particles=None, masks=None, diameter: float | Non
                                                 flip_y=flip_y)
     out = check_output_dir(out)
     clock = time.perf_counter()
-    examples = load_examples(paths, names, shapes, labels, diameter, params.bin)
+    with stage("read", block="micrographs", bytes_read=sum(Path(p).stat().st_size for p in paths)):
+        examples = load_examples(paths, names, shapes, labels, diameter, params.bin)
     widths = tuple(params.widths) if params.widths else DEFAULT_WIDTHS[params.model]
     previous = torch.get_num_threads()
     torch.set_num_threads(int(threads or previous))
     try:
-        network, history = _fit(examples, params, widths, clock, log)
+        with stage("train", block="model"):
+            network, history = _fit(examples, params, widths, clock, log)
     finally:
         torch.set_num_threads(previous)
     network.eval()
