@@ -103,11 +103,16 @@ def marks(out: Path, step: str) -> dict[tuple[str, str], int]:
     ``step`` is the folder prefix (``convert``, ``membranes-classical``, ...); the key is not kept."""
     found = {}
     for folder in (out / ".cryodask").glob(f"*/{step}-*"):
-        if folder.is_dir():
-            for path in folder.rglob("*"):
-                data = path.name.endswith(".partial") or path.suffix in (".npy", ".npz", ".zst", ".pkl")
-                if path.is_file() and not data:
+        # os.walk, not rglob: the running command removes its temporary stores while this polls
+        for root, _, files in os.walk(folder):
+            for name in files:
+                path = Path(root) / name
+                if name.endswith(".partial") or path.suffix in (".npy", ".npz", ".zst", ".pkl"):
+                    continue
+                try:
                     found[folder.parent.name, "/".join(path.relative_to(folder).parts)] = path.stat().st_mtime_ns
+                except FileNotFoundError:
+                    continue
     return found
 
 
