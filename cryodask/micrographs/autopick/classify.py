@@ -25,11 +25,12 @@ SCORE = "rlnAutopickFigureOfMerit"
 
 def _score_task(path, centres, model_dir, batch: int, device: str) -> np.ndarray:
     from ...report import stage
-    from .score import cached_model, heap_kept, resolve_device, score_windows, use_worker_threads
+    from ...models.sam2 import pick_device
+    from .score import cached_model, heap_kept, score_windows, use_worker_threads
     from .windows import WindowCutter, binned_micrograph, to_binned
 
     use_worker_threads()
-    device = resolve_device(device)
+    device = pick_device(device)
     net, config = cached_model(model_dir, device)
     block = Path(path).name
     with stage("read", block=block, bytes_read=Path(path).stat().st_size):

@@ -129,7 +129,8 @@ def repick_micrograph(path, key: str, model_dir, out, params: RepickParams, *, f
     from ...io.micrographs import micrograph_name
     from ...io.particles import write_particles_star
     from ...report import stage
-    from .score import cached_model, heap_kept, resolve_device, use_worker_threads
+    from ...models.sam2 import pick_device
+    from .score import cached_model, heap_kept, use_worker_threads
     from .windows import binned_micrograph, to_original
 
     path, out = Path(path), Path(out)
@@ -137,7 +138,7 @@ def repick_micrograph(path, key: str, model_dir, out, params: RepickParams, *, f
     files = output_paths(out, name)
     clock = time.perf_counter()
     use_worker_threads()
-    device = resolve_device(device)
+    device = pick_device(device)
     net, config = cached_model(model_dir, device)
     params = params.resolved(config.box_size)
     with stage("read", block=path.name, bytes_read=path.stat().st_size):

@@ -155,16 +155,6 @@ def heap_kept():
             libc.malloc_trim(0)
 
 
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device in ("gpu", "cuda"):
-        return "cuda"
-    return "cpu"
-
-
 def score_windows(net, windows: np.ndarray, batch: int = 16, device: str = "cpu") -> np.ndarray:
     """P(particle) for (N, w, w) normalised windows, ``batch`` at a time (float32)."""
     import torch

@@ -285,7 +285,8 @@ def train(micrographs, good, bad, out, *, params: TrainParams, flip_y: bool = Fa
     """
     from ...io.folders import check_output_dir
     from ...report import stage
-    from .score import ModelConfig, resolve_device, save_model
+    from ...models.sam2 import pick_device
+    from .score import ModelConfig, save_model
     from .windows import window_size
 
     clock = time.perf_counter()
@@ -297,7 +298,7 @@ def train(micrographs, good, bad, out, *, params: TrainParams, flip_y: bool = Fa
     seconds = {"windows": time.perf_counter() - clock}
 
     clock = time.perf_counter()
-    device = resolve_device(device)
+    device = pick_device(device)
     parts = split(len(labels), params.test, params.validation, params.seed)
     with stage("train", block="model"):  # in this process, on the windows gathered from the workers
         net, history = fit(windows, labels, parts, params, log=log, device=device)
