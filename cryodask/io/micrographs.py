@@ -68,23 +68,10 @@ def micrograph_shape(path) -> tuple[int, int]:
     if not path.is_file():
         raise where(path, "no such file")
     if kind == "mrc":
-        import mrcfile
+        from . import mrc
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                with mrcfile.open(path, header_only=True, permissive=True) as mrc:
-                    header = mrc.header
-                    dims = (int(header.nz), int(header.ny), int(header.nx))
-                    itemsize = mrcfile.utils.dtype_from_mode(header.mode).itemsize
-                    expected = 1024 + int(header.nsymbt) + dims[0] * dims[1] * dims[2] * itemsize
-            except (ValueError, OSError, EOFError) as exc:
-                raise where(path, f"not a readable MRC file ({exc})") from None
-        if min(dims) <= 0:
-            raise where(path, f"not a readable MRC file (nx, ny, nz = {dims[2]}, {dims[1]}, {dims[0]})")
-        if path.stat().st_size < expected:  # a file cut short in a copy: say so before any run starts
-            raise where(path, f"truncated MRC file: header promises {expected} bytes, the file has {path.stat().st_size}")
-        return _one_section(path, dims)
+        shape, _, _, _ = mrc.describe(path)  # header and a memory map: truncation, mode, axis order checked
+        return _one_section(path, shape)
     if kind == "tiff":
         from .tiff import _open
 
