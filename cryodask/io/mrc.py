@@ -72,24 +72,104 @@ def _negative_sizes(path) -> str | None:
 
 
 def header_dict(header) -> dict:
-    """The MRC header as JSON-able values (kept in the OME-Zarr attributes)."""
+    """The MRC header as JSON-able values (kept in the OME-Zarr attributes), field by field as
+    mrcfile names them: numbers as numbers, ``cella``/``cellb``/``origin`` as [x, y, z], the text
+    fields ``map``/``exttyp`` as text when they are printable (else ``{"hex": ...}``, as in old
+    headers whose ``map`` holds an origin), the unused ``extra1``/``extra2`` bytes as hex."""
+    raw = header.tobytes()
     out = {}
     for name in header.dtype.names:
         value = header[name]
         if name == "label":
-            out[name] = [bytes(v).decode("ascii", "replace").strip() for v in value[: int(header.nlabl)]]
-        elif value.dtype.kind in "SV":
-            out[name] = bytes(value).decode("ascii", "replace").strip("\x00 ")
-        elif value.dtype.names:
+            out[name] = [bytes(v).decode("ascii", "replace").strip() for v in value[: max(0, min(int(header.nlabl), 10))]]
+        elif value.dtype.names:  # records (x, y, z) before the byte fields: their dtype kind is "V" too
             out[name] = [float(value[f]) for f in value.dtype.names]
+        elif value.dtype.kind in "SV":  # the field's own bytes: numpy drops trailing NULs of "S" values
+            offset = header.dtype.fields[name][1]
+            data = raw[offset:offset + header.dtype[name].itemsize]
+            text = data.rstrip(b"\x00")
+            if value.dtype.kind == "S" and all(32 <= c < 127 for c in text):
+                out[name] = text.decode("ascii")
+            else:
+                out[name] = data.hex() if value.dtype.kind == "V" else {"hex": data.hex()}
         else:
             out[name] = value.tolist()
     return out
 
 
+IMOD_STAMP = 1146047817  # "IMOD": IMOD's mark that imodFlags (bytes 156-159) is set
+
+
+def unsigned_bytes(header) -> str | None:
+    """Why the bytes of a mode-0 file are unsigned, or None when they are signed (or not bytes).
+
+    MRC2014 says mode 0 is signed, but IMOD wrote unsigned bytes for years and SerialEM
+    still does. As ChimeraX does, IMOD's flags decide where IMOD stamped the header (bit 0
+    set: signed); otherwise the header's dmin/dmax decide (above 127: unsigned; below 0:
+    signed); where they say nothing (both in 0..127, or unset), a pre-2000 header without
+    ``MAP `` is unsigned (IMOD's and ChimeraX's rule) and a modern one signed.
+    """
+    if int(header.mode) != 0:
+        return None
+    extra = bytes(header.tobytes()[152:160])
+    stamp, flags = np.frombuffer(extra, np.dtype("i4").newbyteorder(header.dtype["nx"].byteorder))
+    if int(stamp) == IMOD_STAMP:
+        return None if int(flags) & 1 else f"IMOD header flags {int(flags)} (bit 0 clear: unsigned bytes)"
+    dmin, dmax = float(header.dmin), float(header.dmax)
+    if np.isfinite(dmin) and np.isfinite(dmax) and 0 <= dmin <= dmax and 127 < dmax <= 255:
+        return f"header dmin/dmax {dmin:g}..{dmax:g} is outside the signed byte range"
+    if np.isfinite(dmin) and -128 <= dmin < 0:
+        return None
+    if bytes(header.tobytes()[208:212]) != b"MAP ":
+        return "pre-MRC2000 header (no MAP): IMOD's unsigned bytes"
+    return None
+
+
+def position(header) -> dict:
+    """The header's raw ``origin`` (x, y, z, Å) and ``nxstart, nystart, nzstart``, kept as they are
+    so that every MRC cryodask writes from this tomogram gets them back exactly."""
+    return {"origin": [float(header.origin[a]) for a in "xyz"],
+            "nstart": [int(header[f"n{a}start"]) for a in "xyz"]}
+
+
+def translation(pos: dict | None, voxel_size) -> tuple[float, float, float]:
+    """The physical position (z, y, x, Å) of the centre of voxel (0, 0, 0): the NGFF
+    ``translation`` of level 0.
+
+    MRC2014 as ChimeraX reads it (mrcfile leaves both fields uninterpreted): the header origin
+    when it is non-zero and finite, else ``nstart`` x voxel size, the older CCP4 convention; the
+    origin wins where both are set. IMOD's own programs read the origin with the opposite sign
+    (coordinate = index x pixel - origin); cryodask does not flip it, and since the raw fields
+    go back into every MRC it writes, IMOD shows the outputs where it shows the input.
+    """
+    if not pos:
+        return (0.0, 0.0, 0.0)
+    origin = [float(v) for v in pos.get("origin", (0, 0, 0))]
+    if any(origin) and all(np.isfinite(origin)):
+        return (origin[2], origin[1], origin[0])
+    nstart = [int(v) for v in pos.get("nstart", (0, 0, 0))]
+    return tuple(float(n) * float(v) for n, v in zip(nstart[::-1], voxel_size))
+
+
+def read_position(path) -> dict:
+    """:func:`position` of an MRC file's header."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+            return position(mrc.header)
+
+
+def set_position(header, pos: dict | None) -> None:
+    """Write a :func:`position` (raw origin and nstart) into a header."""
+    if pos:
+        header.origin = tuple(float(v) for v in pos["origin"])
+        header.nxstart, header.nystart, header.nzstart = (int(v) for v in pos["nstart"])
+
+
 def describe(path):
     """Shape (z, y, x), dtype, voxel size (z, y, x) in Å or None, and header metadata
-    (including ``data_offset``, where the voxels start, for :func:`read_region`)."""
+    (including ``data_offset``, where the voxels start, for :func:`read_region`, and the raw
+    :func:`position`). Mode 0 is uint8 where :func:`unsigned_bytes` says so."""
     mrc = _open(path)
     try:
         axes = tuple(int(mrc.header[name]) for name in ("mapc", "mapr", "maps"))
@@ -101,8 +181,13 @@ def describe(path):
             vs = mrc.voxel_size
         voxel = (float(vs.z), float(vs.y), float(vs.x))
         metadata = {"header": header_dict(mrc.header), "extended_header_type": mrc.header.exttyp.tobytes().decode("ascii", "replace").strip(),
-                    "data_offset": 1024 + int(mrc.header.nsymbt)}
-        return mrc.data.shape, mrc.data.dtype, voxel, metadata
+                    "data_offset": 1024 + int(mrc.header.nsymbt), "position": position(mrc.header)}
+        dtype = mrc.data.dtype
+        why = unsigned_bytes(mrc.header)
+        if why:  # the same bytes, read as what they are
+            dtype = np.dtype(np.uint8)
+            metadata["unsigned_bytes"] = why
+        return mrc.data.shape, dtype, voxel, metadata
     finally:
         mrc.close()
 
@@ -118,7 +203,8 @@ def read_region(path, region, *, shape=None, dtype=None, offset=None) -> np.ndar
     if shape is None or len(shape) != 3:
         mrc = _open(path)
         try:
-            return np.array(mrc.data[region])
+            data = np.array(mrc.data[region])
+            return data.view(np.uint8) if unsigned_bytes(mrc.header) else data
         finally:
             mrc.close()
     dtype = np.dtype(dtype)
@@ -168,10 +254,11 @@ def mrc_dtype(dtype, max_value=None) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def write_mrc(path, data, voxel_size, *, slab: int = 64) -> Path:
+def write_mrc(path, data, voxel_size, *, slab: int = 64, position: dict | None = None) -> Path:
     """Write a 2D/3D array (numpy, zarr or dask) to MRC, streaming ``slab`` z-slices at a time.
 
-    ``voxel_size`` is Å (scalar or z, y, x). The file appears under its name only when complete.
+    ``voxel_size`` is Å (scalar or z, y, x); ``position`` the raw origin and nstart of the
+    tomogram (:func:`position`). The file appears under its name only when complete.
     """
     path = Path(path)
     shape = tuple(int(s) for s in data.shape)
@@ -193,6 +280,7 @@ def write_mrc(path, data, voxel_size, *, slab: int = 64) -> Path:
                 stats.append(region_stats(block))
             set_stats(mrc.header, stats)
             mrc.voxel_size = (vs[2], vs[1], vs[0])
+            set_position(mrc.header, position)
     except Exception:  # a full disk, an unreadable source: no half-written file stays behind
         partial.unlink(missing_ok=True)
         raise
@@ -242,13 +330,14 @@ def set_stats(header, stats) -> None:
     header.rms = np.sqrt(max(sum(s[3] for s in stats) / n - mean * mean, 0.0))
 
 
-def create_mrc(path, shape, dtype, voxel_size) -> int:
+def create_mrc(path, shape, dtype, voxel_size, position: dict | None = None) -> int:
     """An MRC file of the full size (sparse on disk) for tasks to fill region by region with
-    :func:`write_region`; returns the offset of the data."""
+    :func:`write_region`; returns the offset of the data. ``position`` as for :func:`write_mrc`."""
     vs = (voxel_size,) * 3 if np.isscalar(voxel_size) else tuple(voxel_size)
     with mrcfile.new_mmap(path, shape=tuple(shape), mrc_mode=mrcfile.utils.mode_from_dtype(np.dtype(dtype)),
                           overwrite=True) as mrc:
         mrc.voxel_size = (vs[2], vs[1], vs[0])
+        set_position(mrc.header, position)
         return 1024 + int(mrc.header.nsymbt)
 
 

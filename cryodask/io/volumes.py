@@ -35,6 +35,14 @@ class VolumeSource:
     def nbytes(self) -> int:
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
+    @property
+    def translation(self) -> tuple[float, float, float]:
+        """Where the centre of voxel (0, 0, 0) lies (z, y, x, Å): the MRC origin or nstart
+        (:func:`cryodask.io.mrc.translation`); zeros for TIFF."""
+        from .mrc import translation
+
+        return translation(self.metadata.get("position"), self.voxel_size)
+
     def read(self, region) -> np.ndarray:
         """Read one region (any basic numpy index) as a native-byte-order array, checking it
         for NaN/Inf. The bounding box is read; steps and integer indices apply after."""
@@ -120,6 +128,34 @@ def open_volume(path, voxel_size: float | tuple[float, float, float] | None = No
                         tuple(round(float(v), 4) for v in vs), metadata)
 
 
+def source_position(path) -> dict | None:
+    """The raw MRC origin and nstart (:func:`cryodask.io.mrc.position`) for the MRC files made from
+    ``path``: an MRC file, an OME-Zarr image or ``x.zarr/labels/<name>``.
+
+    A store from ``convert`` keeps its source's raw values (``cryodask.source.position``): they
+    are given while they still match the level-0 translation. A store with only a translation
+    gives it as the origin (x, y, z) with nstart 0; None when there is nothing to place.
+    """
+    from . import mrc
+
+    path = Path(path)
+    if path.is_file():
+        return mrc.read_position(path) if path.suffix.lower() in MRC_SUFFIXES else None
+    from .omezarr import image_translation, open_image
+
+    translation = image_translation(path)
+    root = path.parent.parent if path.parent.name == "labels" else path
+    try:
+        raw = open_image(root)[0].attrs.get("cryodask", {}).get("source", {}).get("position")
+    except Exception:  # noqa: BLE001  (labels whose image is not an OME-Zarr: the translation is all there is)
+        raw = None
+    if raw and np.allclose(mrc.translation(raw, open_image(path)[2]), translation, rtol=0, atol=1e-3):
+        return raw
+    if any(translation):
+        return {"origin": [translation[2], translation[1], translation[0]], "nstart": [0, 0, 0]}
+    return None
+
+
 def is_zarr(path) -> bool:
     """A zarr group or array on disk (v2 or v3 metadata)."""
     path = Path(path)
@@ -130,7 +166,8 @@ def find_volumes(inputs, *, stores: bool = False) -> list[Path]:
     """Expand files, folders and glob patterns into a sorted list of volume files.
 
     With ``stores``, OME-Zarr stores count as volumes too (a folder of ``.zarr`` stores, or a
-    glob matching them), for commands that read either."""
+    glob matching them), for commands that read either, and a copick config JSON stands for its
+    runs' tomograms (``io.copick.expand_config``)."""
     import glob
 
     def wanted(p: Path) -> bool:
@@ -139,6 +176,12 @@ def find_volumes(inputs, *, stores: bool = False) -> list[Path]:
     found: list[Path] = []
     for item in inputs:
         item = str(item)
+        if stores and item.lower().endswith(".json"):
+            from .copick import expand_config, is_config
+
+            if is_config(item):  # a copick project: its runs' tomograms
+                found += expand_config(item)
+                continue
         if any(ch in item for ch in "*?["):
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
