@@ -128,8 +128,32 @@ def _radius_px(radius, unit, voxel_size, pred, truth, pred_path, truth_path) -> 
     return float(radius) / float(voxel_size)
 
 
+def _tomo_names(picks) -> list[str]:
+    return sorted(set(picks.table["rlnTomoName"].astype(str))) if "rlnTomoName" in picks.table.columns else []
+
+
+def _same_tomogram(pred, truth, tomograms, tomo_name):
+    """Prediction and truth of one tomogram: a file naming several (rlnTomoName) keeps the rows of
+    ``tomo_name``, else of the one tomogram the other file names; otherwise a one-line error."""
+    p = read_picks(pred, tomograms=tomograms, tomo_name=tomo_name)
+    t = read_picks(truth, tomograms=tomograms, tomo_name=tomo_name)
+    if tomo_name is None:
+        names_p, names_t = _tomo_names(p), _tomo_names(t)
+        if len(names_p) == 1 and len(names_t) > 1:
+            t = read_picks(truth, tomograms=tomograms, tomo_name=names_p[0])
+            names_t = _tomo_names(t)
+        elif len(names_t) == 1 and len(names_p) > 1:
+            p = read_picks(pred, tomograms=tomograms, tomo_name=names_t[0])
+            names_p = _tomo_names(p)
+        for path, names in ((pred, names_p), (truth, names_t)):
+            if len(names) > 1:
+                raise where(path, f"holds picks of {len(names)} tomograms ({', '.join(names[:3])}"
+                                  f"{', ...' if len(names) > 3 else ''}); choose one with --tomo")
+    return p, t
+
+
 def evaluate_picks(pred, truth, radius: float, unit: str = "px", voxel_size: float | None = None,
-                   out=None) -> dict:
+                   out=None, *, tomograms=None, tomo_name: str | None = None) -> dict:
     """Score picked coordinates against true ones: Hungarian matching within ``radius``.
 
     Parameters
@@ -138,6 +162,8 @@ def evaluate_picks(pred, truth, radius: float, unit: str = "px", voxel_size: flo
     radius : match radius, in pixels (``unit="px"``) or Å (``unit="angstrom"``)
     unit : "px" or "angstrom"; Å are converted with ``voxel_size`` or the files' pixel size
     voxel_size : pixel size in Å, overriding the files'
+    tomograms : the tomograms.star of RELION 5 files (default: found beside them or above)
+    tomo_name : the tomogram scored where a file holds several (rlnTomoName or reconstructed stem)
     out : folder for ``picks_metrics.csv``, ``picks_matches.csv``, ``picks_f1_vs_radius.csv``
         and ``picks_f1_vs_radius.png`` (P/R/F1 from 0.25× to 2× the radius); None writes nothing
 
@@ -150,7 +176,7 @@ def evaluate_picks(pred, truth, radius: float, unit: str = "px", voxel_size: flo
     >>> evaluate_picks("picks.star", "truth.star", radius=100, unit="angstrom")["f1"]  # doctest: +SKIP
     0.87
     """
-    p, t = read_picks(pred), read_picks(truth)
+    p, t = _same_tomogram(pred, truth, tomograms, tomo_name)
     if len(p.coords) and len(t.coords) and p.coords.shape[1] != t.coords.shape[1]:
         raise where(truth, f"has {t.coords.shape[1]}D coordinates but {pred} has {p.coords.shape[1]}D")
     radius_px = _radius_px(radius, unit, voxel_size, p, t, pred, truth)

@@ -47,14 +47,18 @@ def membranes(
 
 @evaluate_app.command("picks")
 def picks(
-    pred: Path = typer.Argument(..., help="Picked coordinates: STAR or CSV (pixels)."),
-    truth: Path = typer.Argument(..., help="True coordinates: STAR or CSV (pixels)."),
+    pred: Path = typer.Argument(..., help="Picked coordinates: STAR (pixels, or RELION 5 centred Å) or CSV (pixels)."),
+    truth: Path = typer.Argument(..., help="True coordinates: STAR (pixels, or RELION 5 centred Å) or CSV (pixels)."),
     radius: float = typer.Option(..., "--radius", help="Match radius, in --unit."),
     unit: str = typer.Option("px", "--unit", help="px | angstrom"),
     voxel_size: float = typer.Option(None, "--voxel-size", help="Pixel size in Å (default: from the files)."),
     out: Path = typer.Option(Path("."), "--out", help="Folder for the CSV and PNG files."),
+    tomograms: Path = typer.Option(None, "--tomograms", help="tomograms.star of RELION 5 files "
+                                                             "(default: found beside them or above)."),
+    tomo: str = typer.Option(None, "--tomo", help="Tomogram scored where a file holds several (rlnTomoName)."),
 ):
     """Precision, recall, F1 of picks matched one-to-one (Hungarian) within --radius."""
     from ..evaluate import evaluate_picks
 
-    _report(evaluate_picks(pred, truth, radius, unit=unit, voxel_size=voxel_size, out=out))
+    _report(evaluate_picks(pred, truth, radius, unit=unit, voxel_size=voxel_size, out=out, tomograms=tomograms,
+                           tomo_name=tomo))

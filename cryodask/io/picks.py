@@ -4,7 +4,8 @@ Arrays inside cryodask are (z, y, x) in pixels; files keep their own convention:
 ``rlnCoordinateX/Y/Z`` in pixels (and an optics block with the pixel size), CSV has
 ``x, y[, z]`` columns in pixels, copick JSON has ``location`` x, y, z in Å.
 RELION 5 tomography STAR files have ``rlnCenteredCoordinateX/Y/ZAngst`` instead (Å from the
-tomogram centre); they are turned into tomogram pixels with the sizes in ``tomograms.star``.
+tomogram centre); they are turned into tomogram pixels with the sizes in ``tomograms.star``, and
+``write_relion5`` writes them (with a ``tomograms.star`` beside) the same way back.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import where
+from ..errors import InputError, where
 
 STAR_AXES = {"x": "rlnCoordinateX", "y": "rlnCoordinateY", "z": "rlnCoordinateZ"}
 CENTRED_AXES = {"x": "rlnCenteredCoordinateXAngst", "y": "rlnCenteredCoordinateYAngst", "z": "rlnCenteredCoordinateZAngst"}
 PIXEL_SIZE_COLUMNS = ("rlnImagePixelSize", "rlnTomoTiltSeriesPixelSize", "rlnMicrographPixelSize", "rlnDetectorPixelSize")
+RELION5_VERSION = "# version 50001"  # RELION 5 writes it before every block
+NAME_COLUMNS = ["rlnTomoName", "rlnOpticsGroupName", "rlnTomoReconstructedTomogram", "rlnTomoParticleName"]
 
 
 @dataclass
@@ -36,7 +39,7 @@ def _particles_table(path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     import starfile
 
     try:
-        data = starfile.read(path, always_dict=True)
+        data = starfile.read(path, always_dict=True, parse_as_string=NAME_COLUMNS)
     except Exception as exc:  # starfile raises many kinds on malformed text
         raise where(path, f"not a readable STAR file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     tables = [t for t in data.values() if isinstance(t, pd.DataFrame)]
@@ -49,13 +52,15 @@ def _particles_table(path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     return particles, optics if isinstance(optics, pd.DataFrame) else None
 
 
-def read_picks(path, voxel_size: float | None = None, *, tomograms=None) -> Picks:
+def read_picks(path, voxel_size: float | None = None, *, tomograms=None, tomo_name: str | None = None) -> Picks:
     """Read particle coordinates from a STAR, CSV or copick JSON file (pixels out).
 
     copick stores Å: they are divided by ``voxel_size`` (or the file's ``voxel_spacing``).
-    RELION 5 centred coordinates (Å) become pixels of the reconstructed tomograms, using the
-    ``tomograms.star`` given as ``tomograms`` or found beside the file, through an
-    ``*optimisation_set.star`` beside it, or in the folders above it up to the project root."""
+    RELION 5 centred coordinates (Å) become pixels of the reconstructed tomograms (of
+    ``voxel_size`` when given), using the ``tomograms.star`` given as ``tomograms`` or found beside
+    the file, through an ``*optimisation_set.star`` beside it, or in the folders above it up to the
+    project root. A STAR file naming several tomograms (``rlnTomoName``) keeps the rows of
+    ``tomo_name`` (a tomogram's stem: its rlnTomoName, or its rlnTomoReconstructedTomogram's)."""
     path = Path(path)
     if not path.is_file():
         raise where(path, "no such file")
@@ -76,7 +81,8 @@ def read_picks(path, voxel_size: float | None = None, *, tomograms=None) -> Pick
     else:
         table, optics = _particles_table(path)
         if STAR_AXES["x"] not in table.columns:
-            return _decentred(path, table, tomograms)
+            return _decentred(path, table, tomograms, voxel_size, tomo_name)
+        table = _one_tomogram(path, table, tomo_name)
         names = [a for a in "zyx" if STAR_AXES[a] in table.columns]
         table = table.rename(columns={STAR_AXES[a]: a for a in names}).assign(**{a: table[STAR_AXES[a]] for a in names})
     try:
@@ -95,7 +101,29 @@ def read_picks(path, voxel_size: float | None = None, *, tomograms=None) -> Pick
     return Picks(coords, table, pixel_size)
 
 
-def _decentred(path: Path, table: pd.DataFrame, tomograms) -> Picks:
+def _one_tomogram(path: Path, table: pd.DataFrame, tomo_name: str | None, tomos: pd.DataFrame | None = None,
+                  found: Path | None = None) -> pd.DataFrame:
+    """The rows of the tomogram ``tomo_name`` when the table names several tomograms; a name
+    matches a row's rlnTomoName or the stem of its tomogram's rlnTomoReconstructedTomogram."""
+    if tomo_name is None or "rlnTomoName" not in table.columns:
+        return table
+    names = table["rlnTomoName"].astype(str)
+    if names.nunique() <= 1:
+        return table
+    aliases = {str(tomo_name)}
+    if tomos is not None and "rlnTomoReconstructedTomogram" in tomos.columns:
+        stems = tomos["rlnTomoReconstructedTomogram"].astype(str).map(lambda p: Path(p).name.split(".")[0])
+        aliases |= set(stems.index[stems == str(tomo_name)])
+    keep = names.isin(aliases)
+    if not keep.any():
+        listed = sorted(set(names))
+        raise where(path, f"names {len(listed)} tomograms ({', '.join(listed[:3])}{', ...' if len(listed) > 3 else ''}) "
+                          f"and none is {tomo_name}" + (f" (nor reconstructed as {tomo_name}.* in {found})" if found else ""))
+    return table[keep]
+
+
+def _decentred(path: Path, table: pd.DataFrame, tomograms, voxel_size: float | None = None,
+               tomo_name: str | None = None) -> Picks:
     """RELION 5 centred Å → pixels of each particle's reconstructed tomogram.
 
     RELION 5 (src/jaz/tomography/particle_set.cpp, ParticleSet::getParticleCoordDecenteredPixel)
@@ -105,7 +133,8 @@ def _decentred(path: Path, table: pd.DataFrame, tomograms) -> Picks:
     also reads them; the pixel size is the tomogram's from tomograms.star (subtomo.cpp passes
     ``tomogram.optics.pixelSize``), not the particles' optics group. A tomogram reconstructed at ``rlnTomoTomogramBinning`` B has pixels of
     B × the tilt-series pixel size, so its pixel = (centred_Å / ts_px + size / 2) / B.
-    Subtomogram origin shifts (rlnOrigin*Angst) are not applied, as for RELION 4 files."""
+    Subtomogram origin shifts (rlnOrigin*Angst) are not applied, as for RELION 4 files.
+    With ``voxel_size`` the result is in pixels of that size instead (Å from the corner / voxel_size)."""
     import starfile
 
     found = Path(tomograms) if tomograms is not None else _find_tomograms_star(path)
@@ -115,7 +144,7 @@ def _decentred(path: Path, table: pd.DataFrame, tomograms) -> Picks:
     if not found.is_file():
         raise where(found, "no such file")
     try:
-        blocks = starfile.read(found, always_dict=True)
+        blocks = starfile.read(found, always_dict=True, parse_as_string=NAME_COLUMNS)
     except Exception as exc:  # starfile raises many kinds on malformed text
         raise where(found, f"not a readable STAR file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     needed = ["rlnTomoName", "rlnTomoTiltSeriesPixelSize", "rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ"]
@@ -124,6 +153,7 @@ def _decentred(path: Path, table: pd.DataFrame, tomograms) -> Picks:
         raise where(found, f"no table with {', '.join(needed)}: the tomogram sizes are needed to place RELION 5 "
                            f"centred coordinates (from {path})")
     tomos = tomos.assign(rlnTomoName=tomos["rlnTomoName"].astype(str)).drop_duplicates("rlnTomoName").set_index("rlnTomoName")
+    table = _one_tomogram(path, table, tomo_name, tomos, found)
     if "rlnTomoName" in table.columns:
         tomo_names = table["rlnTomoName"].astype(str)
     elif len(tomos) == 1:
@@ -147,9 +177,14 @@ def _decentred(path: Path, table: pd.DataFrame, tomograms) -> Picks:
         raise where(found, "rlnTomoTiltSeriesPixelSize and rlnTomoTomogramBinning must be positive")
     if not np.isfinite(centred).all():
         raise where(path, "coordinates contain NaN or Inf")
-    coords = (centred / ts_pixel[:, None] + sizes / 2.0) / binning[:, None]
+    if voxel_size is not None and not (np.isfinite(voxel_size) and voxel_size > 0):
+        raise where(path, f"voxel size must be positive to place RELION 5 coordinates, got {voxel_size}")
+    if voxel_size is None:
+        coords = (centred / ts_pixel[:, None] + sizes / 2.0) / binning[:, None]
+    else:
+        coords = (centred / ts_pixel[:, None] + sizes / 2.0) * (ts_pixel / float(voxel_size))[:, None]
     table = table.assign(**{a: coords[:, i] for i, a in enumerate("zyx")})
-    tomo_pixels = np.unique(ts_pixel * binning)
+    tomo_pixels = np.unique(ts_pixel * binning) if voxel_size is None else np.array([float(voxel_size)])
     return Picks(coords, table, float(tomo_pixels[0]) if len(tomo_pixels) == 1 else None)
 
 
@@ -210,3 +245,135 @@ def write_picks(path, coords, columns: dict | None = None, pixel_size: float | N
         table.to_csv(partial, index=False)
     partial.replace(path)
     return path
+
+
+def tomogram_row(name: str, shape, voxel_size: float, tilt_series_pixel_size: float | None = None,
+                 tomogram=None, microscope: dict | None = None) -> dict:
+    """The ``tomograms.star`` row RELION 5 keeps for a (z, y, x) tomogram of ``voxel_size`` Å.
+
+    RELION counts sizes in tilt-series pixels and the tomogram's pixel is
+    ``rlnTomoTomogramBinning`` × ``rlnTomoTiltSeriesPixelSize``: a tomogram binned from the tilt
+    series is described by the tilt-series pixel size (default: the voxel size, binning 1)."""
+    ts = float(voxel_size if tilt_series_pixel_size is None else tilt_series_pixel_size)
+    if not (np.isfinite(ts) and ts > 0):
+        raise InputError(f"--tilt-series-pixel-size must be a positive number of Å, got {tilt_series_pixel_size}")
+    binning = float(voxel_size) / ts
+    if binning < 1 - 1e-6:
+        raise InputError(f"--tilt-series-pixel-size {ts:g} Å is larger than the tomogram's voxel size "
+                         f"{float(voxel_size):g} Å: RELION's tomograms are binned from the tilt series, not finer")
+    z, y, x = (int(round(n * binning)) for n in shape)
+    row = {"rlnTomoName": str(name), **(microscope or {}), "rlnTomoTiltSeriesPixelSize": ts,
+           "rlnTomoTomogramBinning": binning, "rlnTomoSizeX": x, "rlnTomoSizeY": y, "rlnTomoSizeZ": z}
+    if tomogram is not None:
+        row["rlnTomoReconstructedTomogram"] = str(tomogram)
+    return row
+
+
+def centred_angstrom(coords, row: dict) -> np.ndarray:
+    """(N, 3) z, y, x tomogram pixels → RELION 5 centred Å, x, y, z: the exact inverse of
+    ``_decentred`` (``(pixel × binning − size / 2) × tilt-series pixel``)."""
+    ts, binning = row["rlnTomoTiltSeriesPixelSize"], row["rlnTomoTomogramBinning"]
+    sizes = np.array([row["rlnTomoSizeX"], row["rlnTomoSizeY"], row["rlnTomoSizeZ"]], dtype=np.float64)
+    xyz = np.asarray(coords, dtype=np.float64).reshape(-1, 3)[:, ::-1]
+    return (xyz * binning - sizes / 2.0) * ts
+
+
+def _write_relion(path: Path, blocks: dict, float_format: str = "%.6f") -> None:
+    """STAR text as RELION 5 writes it: ``# version 50001`` before every data block (starfile
+    formats the blocks; its own header line is left out); written whole, then moved in place."""
+    from starfile.writer import StarWriter
+
+    text = "".join(f"\n{RELION5_VERSION}\n\n"
+                   + "\n".join(StarWriter({name: block}, float_format=float_format).data_block_generator())
+                   for name, block in blocks.items())
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def write_tomograms_star(path, rows: list[dict]) -> Path:
+    """``tomograms.star`` (``data_global``) holding ``rows``; rows of an existing file with other
+    rlnTomoName values are kept, so tomograms picked into one folder share one file."""
+    path = Path(path)
+    table = pd.DataFrame(rows)
+    if path.is_file():
+        import starfile
+
+        try:
+            old = next((t for t in starfile.read(path, always_dict=True, parse_as_string=NAME_COLUMNS).values()
+                        if isinstance(t, pd.DataFrame) and "rlnTomoName" in t.columns), None)
+        except Exception as exc:  # starfile raises many kinds on malformed text
+            raise where(path, f"not a readable STAR file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                              "move it away to write picks here") from None
+        if old is None:
+            raise where(path, "has no table with rlnTomoName; move it away to write picks here")
+        old = old[~old["rlnTomoName"].astype(str).isin(table["rlnTomoName"])]
+        table = pd.concat([old, table], ignore_index=True)
+        if "rlnTomoTomogramBinning" in table.columns:  # RELION's default where a row has none
+            table["rlnTomoTomogramBinning"] = table["rlnTomoTomogramBinning"].fillna(1.0)
+        table = table.dropna(axis=1)  # a column that not every tomogram has cannot be written
+    _write_relion(path, {"global": table}, float_format="%.12g")  # binning = voxel / tilt-series pixel, unrounded
+    return path
+
+
+def write_relion5(path, coords, row: dict, columns: dict | None = None, tomograms=None) -> Path:
+    """(N, 3) z, y, x pixels of the tomogram described by ``row`` (``tomogram_row``) as a RELION 5
+    particle STAR: ``rlnTomoName``, centred Å coordinates, an optics group named after the
+    tomogram; ``row`` is merged into ``tomograms`` (default: ``tomograms.star`` beside it)."""
+    path = Path(path)
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 3)
+    xyz = centred_angstrom(coords, row)
+    name = row["rlnTomoName"]
+    table = pd.DataFrame({"rlnTomoName": [name] * len(coords),
+                          **{CENTRED_AXES[a]: xyz[:, i] for i, a in enumerate("xyz")},
+                          "rlnOpticsGroup": np.ones(len(coords), dtype=int),
+                          "rlnTomoParticleName": [f"{name}/{i + 1}" for i in range(len(coords))]})
+    for column, values in (columns or {}).items():
+        table[column] = values
+    microscope = [c for c in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast") if c in row]
+    optics = pd.DataFrame({**{c: [row[c]] for c in microscope},
+                           "rlnTomoTiltSeriesPixelSize": [row["rlnTomoTiltSeriesPixelSize"]],
+                           "rlnOpticsGroup": [1], "rlnOpticsGroupName": [name]})
+    write_tomograms_star(path.parent / "tomograms.star" if tomograms is None else tomograms, [row])
+    _write_relion(path, {"optics": optics, "particles": table})
+    return path
+
+
+@dataclass
+class StarStyle:
+    """How tomogram picks go to STAR: ``relion5`` (centred Å, optics group, ``tomograms.star``
+    beside) or ``relion4`` (``rlnCoordinateX/Y/Z`` pixels, optics with the voxel size). The
+    microscope values fill RELION's optics group (RELION's import defaults); ``tomogram`` is
+    written as rlnTomoReconstructedTomogram."""
+
+    version: str = "relion5"
+    tilt_series_pixel_size: float | None = None
+    voltage: float = 300.0
+    cs: float = 2.7
+    amplitude_contrast: float = 0.1
+    tomogram: str | None = None
+
+    def __post_init__(self):
+        if self.version not in ("relion5", "relion4"):
+            raise InputError(f"--star must be relion5 or relion4, got {self.version!r}")
+        for option, value, low in (("--voltage", self.voltage, 0), ("--cs", self.cs, None),
+                                   ("--amplitude-contrast", self.amplitude_contrast, None)):
+            if not np.isfinite(value) or (low is not None and value <= low) or value < 0:
+                raise InputError(f"{option} must be {'positive' if low is not None else 'zero or more'}, got {value}")
+        if self.amplitude_contrast >= 1:
+            raise InputError(f"--amplitude-contrast is a fraction below 1, got {self.amplitude_contrast}")
+
+    def row(self, name: str, shape, voxel_size: float) -> dict:
+        microscope = {"rlnVoltage": float(self.voltage), "rlnSphericalAberration": float(self.cs),
+                      "rlnAmplitudeContrast": float(self.amplitude_contrast)}
+        return tomogram_row(name, shape, voxel_size, self.tilt_series_pixel_size, self.tomogram, microscope)
+
+
+def write_tomogram_picks(path, coords, name: str, shape, voxel_size: float, columns: dict | None = None,
+                         style: StarStyle | None = None) -> Path:
+    """(N, 3) z, y, x pixels of the tomogram ``name`` (shape, voxel size) as STAR in ``style``."""
+    style = StarStyle() if style is None else style
+    if style.version == "relion4":  # as cryodask wrote them before RELION 5: tomogram pixels, binning 1
+        return write_picks(path, coords, {"rlnTomoName": [str(name)] * len(np.reshape(coords, (-1, 3))), **(columns or {})},
+                           pixel_size=voxel_size)
+    return write_relion5(path, coords, style.row(name, shape, voxel_size), columns)
