@@ -28,6 +28,17 @@ fi
 target="$here"
 [ -n "$extras" ] && target="$here[$extras]"
 "${pip[@]}" -c "$constraints" -e "$target"
+if [[ ",$extras," == *",dev,"* ]]; then
+  # copick's pydantic models (copick.models) validate cryodask's copick files in the tests; copick 1.x
+  # pins zarr < 3, so it comes without its dependencies (its filesystem backend is tested in its own
+  # environment, .venv-copick, that tests/test_copick.py makes)
+  "${pip[@]}" --no-deps copick==1.31.0
+fi
+if [[ ",$extras," == *",napari,"* ]]; then
+  # napari asks which reader to use for any folder unless its preferences name one: name cryodask
+  # for its stores and picks files (a user's own earlier choice is kept)
+  "$venv/bin/python" -m cryodask.napari
+fi
 if [[ -s "$constraints" ]]; then
   # nothing may have swapped torch, and torchvision (a CUDA build on PyPI) must stay out
   "$venv/bin/python" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' \
