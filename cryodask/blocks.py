@@ -58,7 +58,8 @@ def plan_blocks(shape, chunks, *, itemsize: int = 4, max_bytes: int | None = Non
 
 
 class DoneMarks:
-    """Empty files ``<root>/<step>-<key>/<block>`` that say a block's output is complete."""
+    """Files ``<root>/<step>-<key>/<block>`` that say a block's output is complete: empty, or
+    holding a small array the step needs once every block is done (convert's value sketches)."""
 
     def __init__(self, root, step: str, key: str):
         self.root = Path(root)
@@ -68,10 +69,25 @@ class DoneMarks:
     def done(self, name: str) -> bool:
         return (self.folder / name).exists()
 
-    def mark(self, name: str) -> None:
+    def mark(self, name: str, payload=None) -> None:
+        """Mark a block done; a ``payload`` array is written whole, then renamed (never half a mark)."""
         path = self.folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        if payload is None:
+            path.touch()
+            return
+        import numpy as np
+
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "wb") as f:
+            np.save(f, np.asarray(payload))
+        os.replace(partial, path)
+
+    def payload(self, name: str):
+        """The array kept in a mark by :meth:`mark` (``OSError``/``ValueError`` when there is none)."""
+        import numpy as np
+
+        return np.load(self.folder / name)
 
     def count(self) -> int:
         return sum(1 for p in self.folder.rglob("*") if p.is_file())

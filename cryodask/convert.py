@@ -24,7 +24,7 @@ from .blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
 from .cluster import current_client
 from .io.folders import check_output_dir
 from .errors import CryodaskError, InputError, where
-from .io.omezarr import NGFF, create_image, level_shapes
+from .io.omezarr import NGFF, PORTAL_CHUNKS, check_layout, create_image, level_shapes, merge_window, sketch, write_omero
 from .io.volumes import VolumeSource, find_volumes, open_volume
 from .params import params_hash
 from .report.stages import stage
@@ -41,6 +41,7 @@ class ConvertParams:
     levels: int = 3
     ngff: str = "0.4"
     dtype: str | None = None
+    layout: str = "default"
 
     def __post_init__(self):
         if len(self.chunks) != 3 or min(self.chunks) < 1:
@@ -51,6 +52,10 @@ class ConvertParams:
             raise InputError(f"--ngff must be one of {', '.join(NGFF)}, got {self.ngff}")
         if self.dtype not in (None, "float32"):
             raise InputError(f"--dtype must be float32 or left out (keep the input's), got {self.dtype}")
+        check_layout(self.layout, self.ngff)
+        if self.layout == "portal":  # the Portal's chunks and type, whatever --chunks and --dtype say
+            object.__setattr__(self, "chunks", PORTAL_CHUNKS)
+            object.__setattr__(self, "dtype", "float32")
 
 
 @dataclass
@@ -121,8 +126,23 @@ def _write_source_block(source: VolumeSource, store: str, block: Block, dtype: s
             half = downsample_mean(data, level1.shape, dtype)
         with stage("write", block=name, step=STEP, bytes_written=half.nbytes):
             zarr.open_array(f"{store}/1", mode="r+")[level1.region] = half
-    marks.mark(f"0/{block.name}")
+    marks.mark(f"0/{block.name}", sketch(data))  # the block's value sketch, for the contrast window
     return data.nbytes
+
+
+def _write_window(job: "_Job", block_bytes: int) -> None:
+    """The ``omero`` contrast window from the level-0 blocks' sketches (no level is read again).
+    Marks without a sketch (written by an older cryodask) leave the store without a window."""
+    dtype = _dtype(job)
+    sketches = []
+    for block in plan_pyramid(job.source.shape, job.params.chunks, job.params.levels, dtype.itemsize, block_bytes)[0]:
+        try:
+            sketches.append(job.marks.payload(f"0/{block.name}"))
+        except (OSError, ValueError, EOFError):
+            return
+    window = merge_window(sketches)
+    if window is not None:
+        write_omero(job.store, window, label=job.store.stem, z_size=job.source.shape[0])
 
 
 def _write_level_block(store: str, level: int, block: Block, marks: DoneMarks, *deps):
@@ -159,7 +179,9 @@ class _Job:
 def _job_key(source: VolumeSource, params: ConvertParams) -> str:
     stat = os.stat(source.path)
     return params_hash({**asdict(params), "source": os.path.abspath(source.path), "size": stat.st_size,
-                        "mtime_ns": stat.st_mtime_ns, "voxel_size": source.voxel_size})
+                        "mtime_ns": stat.st_mtime_ns, "voxel_size": source.voxel_size,
+                        # how the file is read and placed: a store from before unsigned mode 0 and origins is redone
+                        "dtype": source.dtype, "translation": source.translation})
 
 
 def _stored_state(store: Path) -> dict:
@@ -184,7 +206,8 @@ def _prepare(job: _Job) -> None:
     meta = {"path": os.path.abspath(job.source.path), "format": job.source.format,
             "voxel_size": list(job.source.voxel_size), **job.source.metadata}
     create_image(job.store, job.source.shape, chunks=job.params.chunks, dtype=dtype,
-                 voxel_size=job.source.voxel_size, levels=job.params.levels, ngff=job.params.ngff,
+                 voxel_size=job.source.voxel_size, levels=job.params.levels, ngff=job.params.ngff, layout=job.params.layout,
+                 translation=job.source.translation,  # the MRC origin/nstart; raw values in source.position
                  attributes={"cryodask": {STEP: {"key": job.key, "complete": False, "params": asdict(job.params)},
                                           "source": meta}})
 
@@ -231,7 +254,7 @@ def _submit(client, job: _Job, block_bytes: int, priority: int, run: str) -> lis
             if job.marks.done(name):
                 current[block.name] = None
                 continue
-            key = f"convert-{job.store.stem}-{run}-{level}-{block.name}"
+            key = f"convert-{Path(job.source.path).stem}-{run}-{level}-{block.name}"  # copick stores share a name
             if level == 0:
                 level1 = plan[1][i] if len(plan) > 1 else None
                 fut = client.submit(_write_source_block, job.source, store, block, dtype.str, job.marks, level1,
@@ -277,9 +300,12 @@ class ConvertPlan:
 
 
 def plan_conversion(inputs, out, *, chunks=(64, 256, 256), levels: int = 3, ngff: str = "0.4",
-                    dtype: str | None = None, voxel_size=None) -> ConvertPlan:
-    """Validate every input and prepare its store; bad inputs go to the report as failures."""
-    params = ConvertParams(tuple(int(c) for c in chunks), int(levels), str(ngff), dtype)
+                    dtype: str | None = None, voxel_size=None, store_path=None, layout: str = "default") -> ConvertPlan:
+    """Validate every input and prepare its store; bad inputs go to the report as failures.
+
+    ``store_path(path, source)`` puts a store elsewhere than ``<out>/<stem>.zarr`` (a copick
+    run's ``VoxelSpacing…/<type>.zarr``); the resume marks stay under ``out``."""
+    params = ConvertParams(tuple(int(c) for c in chunks), int(levels), str(ngff), dtype, str(layout))
     out = check_output_dir(out).resolve()
     paths = find_volumes(inputs)
     if not paths:
@@ -293,7 +319,9 @@ def plan_conversion(inputs, out, *, chunks=(64, 256, 256), levels: int = 3, ngff
                 raise where(path, f"has the same name as {stems[stem]}; both would write {stem}.zarr")
             stems[stem] = Path(path)
             key = _job_key(source, params)
-            job = _Job(source, out / f"{stem}.zarr", DoneMarks(out / ".cryodask" / stem, STEP, key), key, params)
+            store = Path(store_path(path, source)) if store_path else out / f"{stem}.zarr"
+            store.parent.mkdir(parents=True, exist_ok=True)
+            job = _Job(source, store, DoneMarks(out / ".cryodask" / stem, STEP, key), key, params)
             _prepare(job)
         except InputError as exc:
             report.results.append(TomogramResult(str(path), None, "failed", str(exc)))
@@ -318,7 +346,8 @@ def run_conversion(plan: ConvertPlan, client, *, block_bytes: int = 128 * 2**20,
 
 
 def convert(inputs, out, *, chunks=(64, 256, 256), levels: int = 3, ngff: str = "0.4", dtype: str | None = None,
-            voxel_size=None, client=None, block_bytes: int = 128 * 2**20, progress: bool = False) -> ConvertReport:
+            voxel_size=None, client=None, block_bytes: int = 128 * 2**20, progress: bool = False,
+            layout: str = "default") -> ConvertReport:
     """Convert tomograms (MRC/REC/MAP/TIFF files, folders or globs) to OME-Zarr under ``out``.
 
     Inputs are validated first; a bad one is reported in the returned report and the others
@@ -331,7 +360,8 @@ def convert(inputs, out, *, chunks=(64, 256, 256), levels: int = 3, ngff: str = 
     >>> [r.status for r in report.results]                                        # doctest: +SKIP
     ['converted']
     """
-    plan = plan_conversion(inputs, out, chunks=chunks, levels=levels, ngff=ngff, dtype=dtype, voxel_size=voxel_size)
+    plan = plan_conversion(inputs, out, chunks=chunks, levels=levels, ngff=ngff, dtype=dtype, voxel_size=voxel_size,
+                           layout=layout)
     client = client or current_client()
     if client is None and plan.todo:
         from .cluster import connect
@@ -393,6 +423,7 @@ def _run(client, jobs: list[_Job], block_bytes: int, report: ConvertReport, prog
             result.status = "failed"
             result.message = message if message.startswith(job.source.path) else f"{job.source.path}: {message}"
         else:
+            _write_window(job, block_bytes)
             _mark_complete(job)
         report.results.append(result)
         client.cancel(done)

@@ -19,6 +19,9 @@ def convert(
     ngff: str = typer.Option("0.4", "--ngff", help="0.4 (zarr v2: CryoET Data Portal, napari) or 0.5 (zarr v3)."),
     dtype: str = typer.Option(None, "--dtype", help="float32 to convert; default keeps the input's type."),
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (one value or z,y,x); overrides the header."),
+    layout: str = typer.Option("default", "--layout", help="default, or portal: the CryoET Data Portal's (NGFF 0.4, float32, 256³ chunks, Blosc lz4; --chunks and --dtype ignored)."),
+    copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): write each tomogram into the project as ExperimentRuns/<stem>/VoxelSpacing<vs>/<type>.zarr instead of --out (which keeps the resume marks)."),
+    copick_type: str = typer.Option("wbp", "--copick-type", help="copick tomogram type written with --copick."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
@@ -30,9 +33,18 @@ def convert(
     from ..report import run_report
 
     check_spec(cluster)
+    store_path = None
+    if copick is not None:
+        from ..errors import InputError
+        from ..io.copick import check_writable, open_project, store_into
+
+        if ngff != "0.4":
+            raise InputError(f"--copick needs --ngff 0.4: copick reads zarr v2 only, got --ngff {ngff}")
+        store_path = store_into(check_writable(open_project(copick, create=True)), copick_type)
     with output_lock(check_output_dir(out), "convert"):
         plan = plan_conversion(inputs, out, chunks=parse_triple(chunks, "--chunks"), levels=levels, ngff=ngff,
-                               dtype=dtype, voxel_size=parse_triple(voxel_size, "--voxel-size", float))
+                               dtype=dtype, voxel_size=parse_triple(voxel_size, "--voxel-size", float),
+                               store_path=store_path, layout=layout)
         if plan.todo:
             with cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
                     run_report(report_dir, client, command="convert", echo=typer.echo):
@@ -45,7 +57,7 @@ def convert(
             if r.status != "failed" else r.message
         typer.echo(f"{r.status:>9}  {Path(r.source).name:<30} {extra}")
     failed = report.failed
-    typer.echo(f"{len(report.results) - len(failed)} of {len(report.results)} tomograms ready in {out}")
+    typer.echo(f"{len(report.results) - len(failed)} of {len(report.results)} tomograms ready in {copick or out}")
     if failed:
         typer.echo(f"{len(failed)} failed:", err=True)
         for r in failed:

@@ -55,6 +55,10 @@ def membranes(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (on the workers)."),
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å, if the input has none."),
     chunks: str = typer.Option("64,256,256", "--chunks", help="Chunks z,y,x of converted OME-Zarr."),
+    layout: str = typer.Option("default", "--layout", help="default (masks in labels/ of the tomogram's OME-Zarr) or portal (the CryoET Data Portal's: each mask its own <out>/<stem>_<name>.zarr; MRC inputs converted in its layout)."),
+    copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): MRC inputs are converted into the project, masks written as its 'membrane' segmentations (user cryodask-membranes)."),
+    copick_type: str = typer.Option(None, "--copick-type", help="copick tomogram type: read from a config given as input, written with --copick (default wbp)."),
+    copick_spacing: float = typer.Option(None, "--copick-spacing", help="Voxel spacing (Å) of the tomograms read from a copick config given as input."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
@@ -84,6 +88,20 @@ def membranes(
         classical = ClassicalParams(**given)
     vs = parse_triple(voxel_size, "--voxel-size", float)
     block = parse_triple(chunks, "--chunks")
+    from ..io.omezarr import check_layout
+
+    check_layout(layout)
+    if layout == "portal" and copick is not None:
+        raise InputError("--layout portal and --copick write the masks differently: give one of them")
+    project = None
+    if copick_type or copick_spacing:
+        from ..io.copick import expand_inputs
+
+        inputs = expand_inputs(inputs, tomo_type=copick_type, voxel_spacing=copick_spacing)
+    if copick is not None:
+        from ..io.copick import check_writable, open_project
+
+        project = check_writable(open_project(copick, create=True))
     found, failed = find_inputs(inputs, vs)  # every input checked before a cluster starts
     for bad in failed:
         typer.echo(f"error: {bad.message}", err=True)
@@ -92,6 +110,12 @@ def membranes(
     with output_lock(out, "membranes"), \
             cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
             run_report(report_dir, client, command="membranes", echo=typer.echo):
+        if project is not None:  # MRC inputs go straight into the project's runs
+            from ..io.copick import tomograms_into
+
+            links = tomograms_into(project, [p for kind, p in found if kind == "volume"], tomo_type=copick_type or "wbp",
+                                   chunks=block, voxel_size=vs, work=out, client=client)
+            found = [(kind, links.get(p, p)) for kind, p in found]
         report = segment([str(p) for _, p in found], out, method=method, stage1_checkpoint=stage1_checkpoint,
                          stage2_checkpoint=stage2_checkpoint, weights=weights, config=model_config,
                          image_size=image_size, normalize=normalize, stage1_prompt=stage1_prompt,
@@ -99,7 +123,14 @@ def membranes(
                          tile=parse_pair(tile, "--tile"), split_processing=split_processing, store_logits=store_logits,
                          post_process=post_process, min_slices=min_slices, remove_bridges=remove_bridges,
                          max_bridge_len=max_bridge_len, classical=classical, voxel_size=vs, chunks=block,
-                         batch=batch, device=device, client=client, progress=True)
+                         batch=batch, device=device, client=client, progress=True, layout=layout)
+        if project is not None:
+            from ..io.copick import write_membranes
+
+            for result in report.results:
+                if result.status != "failed" and result.store:
+                    segmentation = write_membranes(project, result.source, result.store, report.method)
+                    result.files += [segmentation] if segmentation else []
     for result in report.results:
         if result.status == "failed":
             typer.echo(f"error: {result.message}", err=True)

@@ -86,19 +86,34 @@ def pick(
     top_k: int = typer.Option(512, "--top-k", help="cryosam: most detections."),
     matching: str = typer.Option("hierarchical", "--matching", help="cryosam: hierarchical | naive."),
     object_name: str = typer.Option("particle", "--object", help="Object name in the copick file."),
+    star: str = typer.Option("relion5", "--star", help="STAR picks: relion5 (centred Å, tomograms.star beside) | "
+                                                         "relion4 (rlnCoordinateX/Y/Z pixels)."),
+    tilt_series_pixel_size: float = typer.Option(None, "--tilt-series-pixel-size",
+                                                 help="relion5: Å per tilt-series pixel (default: the voxel size, "
+                                                      "binning 1); binning = voxel size / this."),
+    voltage: float = typer.Option(300.0, "--voltage", help="relion5: kV, for RELION's optics group."),
+    cs: float = typer.Option(2.7, "--cs", help="relion5: spherical aberration, mm."),
+    amplitude_contrast: float = typer.Option(0.1, "--amplitude-contrast", help="relion5: amplitude contrast."),
+    tomograms: Path = typer.Option(None, "--tomograms", help="cryosam: tomograms.star of RELION 5 --prompts "
+                                                             "(default: found beside them or above)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (on the workers)."),
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å, if the input has none."),
     chunks: str = typer.Option("64,256,256", "--chunks", help="Block shape z,y,x."),
+    layout: str = typer.Option("default", "--layout", help="cryosam labels: default (labels/ of the tomogram's OME-Zarr) or portal (the CryoET Data Portal's: each its own <out>/<stem>_cryosam_<name>.zarr)."),
+    copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): an MRC input is converted into the project, picks written as user cryodask-<method>, the object added to the config."),
+    copick_type: str = typer.Option("wbp", "--copick-type", help="copick tomogram type written with --copick."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
-    """Pick particles; writes <stem>_<method>_picks.star/.csv and copick/ExperimentRuns/<stem>/Picks/*.json."""
+    """Pick particles; writes <stem>_<method>_picks.star (RELION 5, with tomograms.star) and .csv, and
+    copick/ExperimentRuns/<stem>/Picks/*.json."""
     from ..cluster import check_spec
     from ..lock import output_lock
     from ..report import run_report
     from ..errors import InputError
     from ..io.folders import check_output_dir
-    from ..io.volumes import open_reader
+    from ..io.picks import StarStyle
+    from ..io.volumes import is_zarr, open_reader
     from ..picking.pipeline import load_prompts, pick as run, sam2_checkpoint
 
     check_spec(cluster)
@@ -106,7 +121,14 @@ def pick(
     block = parse_triple(chunks, "--chunks")
     if method not in ("log", "cryosam"):
         raise InputError(f"--method must be log or cryosam, got {method!r}")
+    from ..io.omezarr import check_layout
+
+    check_layout(layout)
+    if layout == "portal" and copick is not None:
+        raise InputError("--layout portal and --copick write the labels differently: give one of them")
     _, shape, tomo_vs, _ = open_reader(tomogram, vs, block)
+    style = StarStyle(star, tilt_series_pixel_size, voltage, cs, amplitude_contrast)
+    style.row(tomogram.name.split(".")[0], shape, tomo_vs[2])  # binning < 1 is refused before a cluster starts
     points = [parse_prompt(p) for p in (prompt or [])]
     if method == "log":
         from ..picking.log import LogParams
@@ -119,20 +141,40 @@ def pick(
         from ..models.dinov2 import describe_dinov2, resolve_dinov2
         from ..models.sam2 import config_path
 
-        load_prompts(points, prompts, shape=shape, voxel_size=tomo_vs[2])
+        load_prompts(points, prompts, shape=shape, voxel_size=tomo_vs[2], tomograms=tomograms,
+                     tomo_name=tomogram.name.split(".")[0])
         config_path(model_config)
         sam2_checkpoint(sam_checkpoint, weights, model_config)
         describe_dinov2(resolve_dinov2(dinov2_checkpoint, weights))
     check_output_dir(out)
+    project = None
+    if copick is not None:
+        from ..io.copick import check_writable, open_project
+
+        project = check_writable(open_project(copick, create=True))
     with output_lock(out, "pick"), \
             cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
             run_report(report_dir, client, command="pick", echo=typer.echo):
+        if project is not None and not is_zarr(tomogram):  # the tomogram goes straight into the project's run
+            from ..io.copick import tomograms_into
+
+            tomogram = tomograms_into(project, [tomogram], tomo_type=copick_type, chunks=block, voxel_size=vs,
+                                      work=out, client=client)[tomogram]
         result = run(tomogram, out, method=method, diameter=diameter, threshold=threshold, min_distance=min_distance,
                      max_picks=max_picks, prompts=points, prompts_file=prompts, sam_checkpoint=sam_checkpoint,
                      dinov2_checkpoint=dinov2_checkpoint, weights=weights, config=model_config, image_size=image_size,
                      feature_image_size=feature_image_size, iou_threshold=iou_threshold, sim_threshold=sim_threshold,
                      top_k=top_k, matching=matching, object_name=object_name, voxel_size=vs, chunks=block,
-                     device=device, client=client)
+                     device=device, star=style, tomograms=tomograms, client=client, layout=layout)
+        if project is not None:
+            from ..io.copick import run_of, segmentation_from_labels, write_picks_into
+
+            run_name = run_of(tomogram) or tomogram.name.split(".")[0]
+            result.files.append(write_picks_into(project, run_name, result.picks, tomo_vs, tool=method,
+                                                 object_name=object_name, radius=diameter / 2 if diameter else None))
+            if result.store and (Path(result.store) / "labels" / "cryosam_semantic").exists():
+                result.files.append(segmentation_from_labels(project, result.store, run_name, "cryosam_semantic",
+                                                             tool=method, name=object_name))
     typer.echo(f"{len(result.picks)} picks ({method}); time: "
                + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     for path in result.files:

@@ -23,6 +23,10 @@ def postprocess(
     chunks: str = typer.Option("64,256,256", "--chunks", help="Block shape z,y,x for MRC input."),
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å, if the input has none."),
     device: str = typer.Option("cpu", "--device", help="cpu (cc3d) or gpu (CuPy on the workers)."),
+    layout: str = typer.Option("default", "--layout", help="default, or portal for a .zarr output: the CryoET Data Portal's (int8 mask, 3 levels, 256³ chunks, Blosc lz4; --labels as its own <out>_components.zarr)."),
+    copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): also write the mask as a segmentation of user cryodask-postprocess."),
+    copick_run: str = typer.Option(None, "--copick-run", help="Its copick run (default: the run the mask lies in, else the mask's name)."),
+    copick_object: str = typer.Option("membrane", "--copick-object", help="Its pickable object (added to the config)."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
@@ -33,14 +37,22 @@ def postprocess(
     from ..postprocess.pipeline import PostprocessParams, open_mask, postprocess as run
 
     check_spec(cluster)
-    PostprocessParams(connectivity, min_slices, min_voxels, remove_bridges, max_bridge_len, labels)
+    PostprocessParams(connectivity, min_slices, min_voxels, remove_bridges, max_bridge_len, labels, layout)
     if device not in ("cpu", "gpu"):
         raise InputError(f"--device must be cpu or gpu, got {device}")
     if out.suffix.lower() not in (".mrc", ".zarr"):
         raise where(out, "output must end in .mrc or .zarr")
+    if layout == "portal" and out.suffix.lower() != ".zarr":
+        raise where(out, "--layout portal writes an OME-Zarr: the output must end in .zarr")
     block = parse_triple(chunks, "--chunks")
     vs = parse_triple(voxel_size, "--voxel-size", float)
     open_mask(mask, vs, block)  # validate the input before a cluster starts
+    project = None
+    if copick is not None:
+        from ..io.copick import check_writable, copick_part, open_project
+
+        project = check_writable(open_project(copick, create=True))
+        copick_object = copick_part(copick_object)
     from ..report import run_report
 
     with output_lock(out.parent, "postprocess"), \
@@ -48,7 +60,13 @@ def postprocess(
             run_report(report_dir, client, command="postprocess", echo=typer.echo):
         result = run(mask, out, connectivity=connectivity, min_slices=min_slices, min_voxels=min_voxels,
                      remove_bridges=remove_bridges, max_bridge_len=max_bridge_len, labels=labels, chunks=block,
-                     voxel_size=vs, client=client, device=device)
+                     voxel_size=vs, client=client, device=device, layout=layout)
+        if project is not None:
+            from ..io.copick import mask_run, segmentation_from_file
+
+            result.files.append(segmentation_from_file(project, copick_run or mask_run(mask), result.out,
+                                                       tool="postprocess", name=copick_object, voxel_size=vs,
+                                                       chunks=block))
     if result.status == "skipped":
         typer.echo(f"{out} is already done with these parameters")
         return

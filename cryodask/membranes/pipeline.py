@@ -65,8 +65,12 @@ class OutputParams:
     min_slices: int = 10
     remove_bridges: bool = False
     max_bridge_len: int = 5
+    layout: str = "default"  # "portal": masks as their own OME-Zarr, <out>/<stem>_<name>.zarr
 
     def __post_init__(self):
+        from ..io.omezarr import check_layout
+
+        check_layout(self.layout)
         if not np.isfinite(self.logit_threshold):
             raise InputError(f"--logit-threshold must be a number, got {self.logit_threshold}")
         if self.min_slices < 0 or self.max_bridge_len < 0:
@@ -178,7 +182,7 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
             tile: tuple[int, int] | None = None, split_processing: bool = False, store_logits: bool = False, post_process: bool = False,
             min_slices: int = 10, remove_bridges: bool = False, max_bridge_len: int = 5, classical=None,
             voxel_size=None, chunks=(64, 256, 256), levels: int = 3, batch: int | None = None, device: str = "auto",
-            random_weights: bool = False, client=None, progress: bool = False) -> MembraneReport:
+            random_weights: bool = False, client=None, progress: bool = False, layout: str = "default") -> MembraneReport:
     """Segment membranes in tomograms (MRC files, folders, globs, or OME-Zarr images).
 
     Parameters
@@ -195,6 +199,8 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
     classical : ``ClassicalParams`` for the classical method.
     batch : slices per encoder call (default 8 on CUDA, 1 on CPU); device : "auto", "cpu" or "cuda".
     random_weights : run ETSAM with seeded random SAM2 weights (tests, benchmarks only).
+    layout : "default" (masks in ``labels/`` of the tomogram's OME-Zarr) or "portal" (the CryoET
+        Data Portal's: MRC inputs converted in its layout, each mask its own ``<out>/<stem>_<name>.zarr``).
 
     Returns
     -------
@@ -209,7 +215,7 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
 
     method = resolve_method(method, stage1_checkpoint, stage2_checkpoint, weights)
     outputs = OutputParams(float(logit_threshold), bool(store_logits), bool(post_process or remove_bridges),
-                           int(min_slices), bool(remove_bridges), int(max_bridge_len))
+                           int(min_slices), bool(remove_bridges), int(max_bridge_len), str(layout))
     if method == "etsam":
         if random_weights:
             ckpts, ids = (None, None), ("random", "random")
@@ -265,14 +271,15 @@ def _complete_mark(out: Path, stem: str, key: str) -> Path:
     return out / ".cryodask" / stem / f"{STEP}-{key}.complete"
 
 
-def _stores(found, out, voxel_size, chunks, levels, client, report) -> list[tuple[Path, Path]]:
+def _stores(found, out, voxel_size, chunks, levels, client, report, layout="default") -> list[tuple[Path, Path]]:
     """(source, OME-Zarr store) per tomogram, converting MRC inputs under ``out``."""
     from ..convert import convert
 
     pairs = [(path, path) for kind, path in found if kind == "zarr"]
     volumes = [path for kind, path in found if kind == "volume"]
     if volumes:
-        converted = convert(volumes, out, chunks=chunks, levels=levels, voxel_size=voxel_size, client=client)
+        converted = convert(volumes, out, chunks=chunks, levels=levels, voxel_size=voxel_size, client=client,
+                            layout=layout)
         for path, result in zip(volumes, converted.results):
             if result.status == "failed":
                 report.results.append(MembraneResult(str(path), "failed", message=result.message))
@@ -292,7 +299,7 @@ def _run(found, out: Path, method, method_params, outputs: OutputParams, voxel_s
     params_key = params_hash({"method": method, "params": method_params.key_fields() if method == "etsam"
                               else asdict(method_params), "outputs": asdict(outputs)})
     jobs: list[_Tomogram] = []
-    for source, store in _stores(found, out, voxel_size, chunks, levels, client, report):
+    for source, store in _stores(found, out, voxel_size, chunks, levels, client, report, outputs.layout):
         stem = etsam_stem(source)
         # the tomogram's identity too: a reconverted or replaced image is new work, not done work
         key = params_hash({"params": params_key, "image": source_identity(ZarrReader(str(store / "0")))})
@@ -399,8 +406,10 @@ def _finish(job: _Tomogram, out: Path, method, method_params, outputs: OutputPar
     from ..evaluate import load_volume
     from ..export import export
     from ..io.mrc import write_mrc
-    from ..io.omezarr import open_image, write_labels
+    from ..io.omezarr import open_image, write_segmentation
+    from ..io.volumes import source_position
     from ..postprocess.pipeline import postprocess
+    from ..viz import membranes_preview
 
     clock = time.perf_counter()
     result = MembraneResult(str(job.source), "done", str(job.store))
@@ -414,22 +423,36 @@ def _finish(job: _Tomogram, out: Path, method, method_params, outputs: OutputPar
         logits = zarr.open_array(str(job.marks.folder / "classical" / "score.zarr"), mode="r")
         mask = da.from_zarr(str(job.marks.folder / "classical" / "mask.zarr")) > 0
     colors = {1: [64, 160, 255, 255]}
+    where_to = dict(layout=outputs.layout, out=out, stem=job.stem, colors=colors)
+    name = f"{method}_predicted_mask"
+    mask_path = out / f"{job.stem}_{name}.zarr" if outputs.layout == "portal" else job.store / "labels" / name
     if not job.marks.done("outputs/labels"):  # written once: a rewrite would restart the post-processing
-        write_labels(job.store, f"{method}_predicted_mask", mask.astype(np.uint8), colors=colors,
-                     properties=[{"label-value": 1, "class": f"membrane ({method})"}])
+        write_segmentation(job.store, name, mask.astype(np.uint8), **where_to,
+                           properties=[{"label-value": 1, "class": f"membrane ({method})"}])
         job.marks.mark("outputs/labels")
-    result.mask_fraction = float(da.from_zarr(str(job.store / "labels" / f"{method}_predicted_mask" / "0")).mean().compute())
-    result.files.append(export(job.store, out / f"{prefix}_mask.mrc", labels=f"{method}_predicted_mask"))
+    result.mask_fraction = float(da.from_zarr(str(mask_path / "0")).mean().compute())
+    result.files.append(export(mask_path, out / f"{prefix}_mask.mrc"))
+    if outputs.layout == "portal":
+        result.files.append(mask_path)
     if outputs.store_logits:
-        result.files.append(write_mrc(out / f"{prefix}_logits.mrc", logits, job.voxel_size, slab=16))
+        result.files.append(write_mrc(out / f"{prefix}_logits.mrc", logits, job.voxel_size, slab=16,
+                                      position=source_position(job.store)))  # the tomogram's origin/nstart
     if outputs.post_process:
-        post = postprocess(job.store / "labels" / f"{method}_predicted_mask", out / f"{prefix}_post_processed_mask.mrc",
+        post = postprocess(mask_path, out / f"{prefix}_post_processed_mask.mrc",
                            min_slices=outputs.min_slices, remove_bridges=outputs.remove_bridges,
                            max_bridge_len=outputs.max_bridge_len, client=client)
-        write_labels(job.store, f"{method}_predicted_post_processed_mask",
-                     load_volume(post.out, chunks=chunks[0]).astype(np.uint8), colors=colors,
-                     properties=[{"label-value": 1, "class": f"membrane ({method}, post-processed)"}])
+        post_path = write_segmentation(job.store, f"{method}_predicted_post_processed_mask",
+                                       load_volume(post.out, chunks=chunks[0]).astype(np.uint8),
+                                       **{**where_to, "colors": {1: [80, 220, 120, 255]}},  # apart from the raw mask
+                                       properties=[{"label-value": 1, "class": f"membrane ({method}, post-processed)"}])
         result.files.append(post.out)
+        if outputs.layout == "portal":
+            result.files.append(post_path)
+    # last, so a run whose outputs could not be written leaves no preview of them; an absolute path
+    # in place of the label name: the preview opens the Portal's separate mask store
+    result.files.append(membranes_preview(job.store, name if outputs.layout != "portal" else str(mask_path),
+                                          out / f"{job.stem}_{method}_preview.png",
+                                          name=job.stem, method=method, fraction=result.mask_fraction))
     result.seconds["outputs"] = time.perf_counter() - clock
     mark = _complete_mark(out, job.stem, job.key)
     mark.parent.mkdir(parents=True, exist_ok=True)

@@ -34,15 +34,16 @@ class PickResult:
     prompts: int = 0
 
 
-def load_prompts(prompts=None, prompts_file=None, *, shape, voxel_size) -> np.ndarray:
+def load_prompts(prompts=None, prompts_file=None, *, shape, voxel_size, tomograms=None, tomo_name=None) -> np.ndarray:
     """(N, 3) z, y, x prompt voxels from ``--prompt`` triples and/or a STAR/CSV/copick file,
-    all inside the volume; anything else is a one-line error."""
+    all inside the volume; anything else is a one-line error. RELION 5 prompts are placed with
+    their ``tomograms.star`` (``tomograms``, else found), rows of the tomogram ``tomo_name``."""
     from ..io.picks import read_picks
 
     points = [np.asarray(p, dtype=np.float64).reshape(3) for p in (prompts or [])]
     given = len(points)  # the first ones come from --prompt, the rest from the file
     if prompts_file is not None:
-        picks = read_picks(prompts_file, voxel_size=voxel_size)
+        picks = read_picks(prompts_file, voxel_size=voxel_size, tomograms=tomograms, tomo_name=tomo_name)
         if picks.coords.shape[1] != 3:
             raise where(prompts_file, "prompts for a tomogram need x, y and z")
         if len(picks.coords) == 0:
@@ -70,20 +71,23 @@ def sam2_checkpoint(checkpoint, weights, config: str) -> Path:
 
 
 def write_outputs(out: Path, stem: str, method: str, picks: pd.DataFrame, voxel_size: float,
-                  object_name: str) -> list[Path]:
-    """STAR (pixels, optics block, score as rlnAutopickFigureOfMerit), CSV and copick JSON."""
-    from ..io.copick import copick_name, write_copick
-    from ..io.picks import write_picks
+                  object_name: str, *, shape=None, star=None) -> list[Path]:
+    """STAR (RELION 5 with tomograms.star, or ``star`` relion4 pixels; score as
+    rlnAutopickFigureOfMerit), CSV and copick JSON."""
+    from ..io.copick import write_run_picks
+    from ..io.picks import write_picks, write_tomogram_picks
 
     coords = picks[["z", "y", "x"]].to_numpy(dtype=np.float64)
     scores = picks["score"].to_numpy(dtype=np.float64)
     prefix = out / f"{stem}_{method}_picks"
-    files = [write_picks(prefix.with_suffix(".star"), coords, {STAR_SCORE: scores}, pixel_size=voxel_size),
+    files = [write_tomogram_picks(prefix.with_suffix(".star"), coords, stem, shape, voxel_size, {STAR_SCORE: scores},
+                                  star),
              write_picks(prefix.with_suffix(".csv"), coords, {"score": scores})]
-    folder = out / "copick" / "ExperimentRuns" / stem / "Picks"
-    folder.mkdir(parents=True, exist_ok=True)
-    files.append(write_copick(folder / copick_name(f"cryodask-{method}", "0", object_name), coords, voxel_size,
-                              scores=scores, object_name=object_name.replace("_", "-"), run_name=stem))
+    if star is None or star.version == "relion5":
+        files.insert(1, out / "tomograms.star")  # written with the STAR: its tomogram sizes and pixel sizes
+    # one copick user per method (cryodask-log, cryodask-cryosam), the same in the file name and inside
+    files.append(write_run_picks(out / "copick" / "ExperimentRuns" / stem, coords, voxel_size, tool=method,
+                                 object_name=object_name, scores=scores))
     return files
 
 
@@ -93,7 +97,7 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
          image_size: int | None = None, feature_image_size: int = 518, iou_threshold: float = 0.5,
          sim_threshold: float = 0.5, top_k: int = 512, matching: str = "hierarchical", object_name: str = "particle",
          voxel_size=None, chunks=(64, 256, 256), device: str = "auto", batch: int = 8, seed: int = 0,
-         client=None) -> PickResult:
+         star=None, tomograms=None, client=None, layout: str = "default") -> PickResult:
     """Pick particles in one tomogram (MRC/TIFF or OME-Zarr).
 
     Parameters
@@ -103,6 +107,10 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
     prompts, prompts_file : z, y, x voxel triples and/or a STAR, CSV or copick JSON file
     sam_checkpoint, dinov2_checkpoint, weights, config, image_size : CryoSAM's models
     iou_threshold, sim_threshold, top_k, matching : CryoSAM's options (matching "naive" for comparison)
+    star : ``io.picks.StarStyle`` or "relion5" / "relion4" (default RELION 5 with tomograms.star)
+    tomograms : the tomograms.star of RELION 5 prompts, when it is not found beside them
+    layout : cryosam's labels in ``labels/`` of the tomogram's OME-Zarr ("default") or, "portal",
+        each its own ``<out>/<stem>_cryosam_{instances,semantic}.zarr`` (the CryoET Data Portal's)
 
     Examples
     --------
@@ -117,6 +125,7 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
     read, shape, vs, _ = open_reader(tomogram, voxel_size, chunks, dtype="float32")
     out = check_output_dir(out).resolve()
     stem = Path(tomogram).name.split(".")[0]
+    star = _star_style(star, tomogram, shape, vs)
     if method == "log":
         from .log import LogParams
 
@@ -124,8 +133,8 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
             raise InputError("--method log needs --diameter (Å)")
         params = LogParams(float(diameter), **{k: v for k, v in (("threshold", threshold),
                            ("min_distance", min_distance), ("max_picks", max_picks)) if v is not None})
-        return _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client)
-    points = load_prompts(prompts, prompts_file, shape=shape, voxel_size=vs[2])
+        return _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client, star=star)
+    points = load_prompts(prompts, prompts_file, shape=shape, voxel_size=vs[2], tomograms=tomograms, tomo_name=stem)
     from ..models.dinov2 import describe_dinov2, resolve_dinov2
     from ..models.sam2 import config_path
 
@@ -148,12 +157,27 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
 
         with connect("local") as local:
             return _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name,
-                                 config, sam, dino, image_size, feature_image_size, device, batch, seed, chunks, local)
+                                 config, sam, dino, image_size, feature_image_size, device, batch, seed, chunks, local,
+                                 star=star, layout=layout)
     return _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name, config,
-                         sam, dino, image_size, feature_image_size, device, batch, seed, chunks, client)
+                         sam, dino, image_size, feature_image_size, device, batch, seed, chunks, client, star=star,
+                         layout=layout)
 
 
-def _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client) -> PickResult:
+def _star_style(star, tomogram, shape, vs):
+    """``star`` as a ``StarStyle`` naming the tomogram, checked against its voxel size up front."""
+    import dataclasses
+
+    from ..io.picks import StarStyle
+
+    style = StarStyle() if star is None else StarStyle(star) if isinstance(star, str) else star
+    if style.tomogram is None:
+        style = dataclasses.replace(style, tomogram=str(Path(tomogram).resolve()))
+    style.row(Path(tomogram).name.split(".")[0], shape, vs[2])  # a tilt-series pixel finer than the voxels: error now
+    return style
+
+
+def _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client, star=None) -> PickResult:
     """LoG picks with per-block done-marks under ``<out>/.cryodask/<stem>/pick-log-<key>/``:
     a killed run resumes at its unfinished blocks; the marks go once the files are written."""
     import shutil
@@ -173,19 +197,29 @@ def _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client) -
     picks = log_pick(read, shape, vs, params, chunks=chunks, client=client, marks=marks)
     result = PickResult(picks)
     result.seconds["log"] = time.perf_counter() - clock
-    result.files = write_outputs(out, stem, "log", picks, vs[2], object_name)
+    result.files = write_outputs(out, stem, "log", picks, vs[2], object_name, shape=shape, star=star)
+    result.files.append(_preview(read, shape, out / f"{stem}_log_picks.png", picks, stem, "log", vs,
+                                 params.diameter / 2))
     shutil.rmtree(marks.folder, ignore_errors=True)
     return result
 
 
-def _store_of(tomogram, out: Path, vs, chunks, client) -> Path:
+def _preview(read, shape, out_png: Path, picks: pd.DataFrame, stem: str, method: str, vs, radius_a) -> Path:
+    """The picks over orthoslices of the tomogram (a coarse level or three slices; ``viz``)."""
+    from ..viz import picks_preview
+
+    return picks_preview(read, shape, out_png, picks[["z", "y", "x"]].to_numpy(dtype=np.float64), name=stem,
+                         method=method, voxel_size=vs[2], radius=radius_a / vs[2] if radius_a else None)
+
+
+def _store_of(tomogram, out: Path, vs, chunks, client, layout="default") -> Path:
     """The tomogram's OME-Zarr: itself, or converted under ``out``."""
     from ..convert import convert
     from ..io.volumes import is_zarr
 
     if is_zarr(tomogram):
         return Path(tomogram)
-    report = convert([tomogram], out, chunks=chunks, levels=3, voxel_size=vs, client=client)
+    report = convert([tomogram], out, chunks=chunks, levels=3, voxel_size=vs, client=client, layout=layout)
     if report.failed:
         raise InputError(report.failed[0].message)
     return Path(report.results[0].store)
@@ -198,7 +232,8 @@ def _groups(points: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name, config, sam,
-                  dino, image_size, feature_image_size, device, batch, seed, chunks, client) -> PickResult:
+                  dino, image_size, feature_image_size, device, batch, seed, chunks, client, star=None,
+                  layout="default") -> PickResult:
     from ..prompting.features import FeatureParams, extract_features, open_features
     from ..prompting.matching import match
     from ..prompting.selfprompt import query_from_instances, robust_range, segment_instances
@@ -207,7 +242,7 @@ def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, ou
     segment = recorded(segment_instances, "infer", step="cryosam-segment")  # reads nested: timed apart
     result = PickResult(pd.DataFrame(columns=["z", "y", "x", "score"]), prompts=len(points))
     clock = time.perf_counter()
-    store = _store_of(tomogram, out, vs, chunks, client)
+    store = _store_of(tomogram, out, vs, chunks, client, layout)
     result.store = str(store)
     features_store = out / f"{stem}_features.zarr"
     extract_features(store, features_store, checkpoint=dino, params=FeatureParams(image_size=feature_image_size),
@@ -235,8 +270,10 @@ def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, ou
             instances[i] = instance
     result.seconds["instances"] = time.perf_counter() - clock
     result.picks = detections.reset_index(drop=True)
-    result.files = write_outputs(out, stem, "cryosam", result.picks, vs[2], object_name)
-    result.files += _write_labels(store, instances, result.picks["score"].to_numpy())
+    result.files = write_outputs(out, stem, "cryosam", result.picks, vs[2], object_name, shape=shape, star=star)
+    result.files.append(_preview(read, shape, out / f"{stem}_cryosam_picks.png", result.picks, stem, "cryosam", vs,
+                                 sp_params.diameter * vs[2] / 2 if sp_params.diameter else None))
+    result.files += _write_labels(store, instances, result.picks["score"].to_numpy(), layout=layout, out=out, stem=stem)
     return result
 
 
@@ -247,17 +284,19 @@ def _paint(block_info=None, instances=None, scores=None):
     return instance_labels(instances, region, scores=scores)
 
 
-def _write_labels(store: Path, instances, scores) -> list[Path]:
-    """Instance labels (1 = best score) and the semantic mask, written chunk by chunk."""
+def _write_labels(store: Path, instances, scores, *, layout: str = "default", out=None, stem=None) -> list[Path]:
+    """Instance labels (1 = best score) and the semantic mask, written chunk by chunk, in
+    ``labels/`` of the store or (``layout="portal"``) as their own OME-Zarr under ``out``."""
     import dask.array as da
 
-    from ..io.omezarr import open_image, write_labels
+    from ..io.omezarr import open_image, write_segmentation
 
     _, arrays, _, _ = open_image(store)
     level0 = arrays[0]
     labels = da.map_blocks(_paint, dtype=np.uint32, chunks=da.empty(level0.shape, chunks=level0.chunks).chunks,
                            instances=list(instances), scores=np.asarray(scores, dtype=np.float64))
-    write_labels(store, "cryosam_instances", labels,
-                 properties=[{"label-value": i + 1, "score": float(s)} for i, s in enumerate(scores)])
-    write_labels(store, "cryosam_semantic", (labels > 0).astype(np.uint8), colors={1: [255, 160, 0, 255]})
-    return [store / "labels" / "cryosam_instances", store / "labels" / "cryosam_semantic"]
+    where_to = dict(layout=layout, out=out, stem=stem)
+    return [write_segmentation(store, "cryosam_instances", labels, binary=False, **where_to,
+                               properties=[{"label-value": i + 1, "score": float(s)} for i, s in enumerate(scores)]),
+            write_segmentation(store, "cryosam_semantic", (labels > 0).astype(np.uint8), colors={1: [255, 160, 0, 255]},
+                               **where_to)]

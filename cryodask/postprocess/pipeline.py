@@ -23,7 +23,7 @@ import numpy as np
 
 from ..blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
 from ..errors import InputError, where
-from ..io.volumes import VolumeReader, open_reader, source_identity
+from ..io.volumes import VolumeReader, open_reader, source_identity, source_position
 from ..params import params_hash
 from ..report.stages import RecordedRead, stage
 from .components import block_table, boundaries, check_connectivity, equivalence_pass, label_pass, merge, plan
@@ -42,8 +42,12 @@ class PostprocessParams:
     remove_bridges: bool = False
     max_bridge_len: int = 5
     labels: bool = False
+    layout: str = "default"  # "portal": the CryoET Data Portal's OME-Zarr (see ``io.omezarr``)
 
     def __post_init__(self):
+        from ..io.omezarr import check_layout
+
+        check_layout(self.layout)
         check_connectivity(self.connectivity)
         for name in ("min_slices", "min_voxels", "max_bridge_len"):
             if getattr(self, name) < 0:
@@ -201,7 +205,8 @@ def _bridges_task(source_path: str, target, block: Block, max_bridge_len: int, m
 
 def postprocess(mask, out, *, connectivity: int = 26, min_slices: int = 0, min_voxels: int = 0,
                 remove_bridges: bool = False, max_bridge_len: int = 5, labels: bool = False,
-                chunks=(64, 256, 256), voxel_size=None, client=None, device: str = "cpu") -> PostprocessResult:
+                chunks=(64, 256, 256), voxel_size=None, client=None, device: str = "cpu",
+                layout: str = "default") -> PostprocessResult:
     """Filter the connected components of a mask (and remove bridges), block by block.
 
     Equal to ``scipy.ndimage.label`` + ``find_objects`` filtering on the whole array.
@@ -217,18 +222,26 @@ def postprocess(mask, out, *, connectivity: int = 26, min_slices: int = 0, min_v
     labels : also write the kept components' labels (1..n in raster order of their first voxel)
     chunks : block shape for MRC input (OME-Zarr input uses its own chunks)
     device : "cpu" (cc3d) or "gpu" (CuPy on the workers)
+    layout : "portal" writes a ``.zarr`` out the CryoET Data Portal's way: int8 mask, 3 levels,
+        256^3 chunks (also the blocks), Blosc lz4, the labels as their own ``<out>_components.zarr``
 
     Examples
     --------
     >>> postprocess("tomo_mask.mrc", "tomo_post.mrc", min_slices=10)  # doctest: +SKIP
     """
-    params = PostprocessParams(connectivity, min_slices, min_voxels, remove_bridges, max_bridge_len, labels)
+    params = PostprocessParams(connectivity, min_slices, min_voxels, remove_bridges, max_bridge_len, labels, layout)
     if device not in ("cpu", "gpu"):
         raise InputError(f"--device must be cpu or gpu, got {device}")
     out = Path(out)
     if out.suffix.lower() not in (".mrc", ".zarr"):
         raise where(out, "output must end in .mrc or .zarr")
+    if layout == "portal" and out.suffix.lower() != ".zarr":
+        raise where(out, "--layout portal writes an OME-Zarr: the output must end in .zarr")
     read, shape, vs, block_chunks = open_mask(mask, voxel_size, chunks)
+    if layout == "portal":  # blocks of whole 256^3 chunks: no two tasks write one chunk
+        from ..io.omezarr import PORTAL_CHUNKS
+
+        block_chunks = PORTAL_CHUNKS
     from ..cluster import current_client
     from ..io.folders import check_output_dir
 
@@ -267,16 +280,23 @@ def _labels_out(out: Path) -> Path:
     return out.with_name(out.stem + "_labels.mrc")
 
 
+def _components_out(out: Path) -> Path:
+    """The component labels of a ``--layout portal`` output: their own OME-Zarr beside it."""
+    return out.with_name(out.stem + "_components.zarr")
+
+
 def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def _prepare(out: Path, shape, chunks, vs, params: PostprocessParams, key: str, marks: DoneMarks, n_kept: int):
+def _prepare(out: Path, shape, chunks, vs, params: PostprocessParams, key: str, marks: DoneMarks, n_kept: int,
+             position: dict | None = None):
     """The targets the write pass fills: (mask target, labels target or None, final mask
-    target, work path of the pre-bridge mask). Created afresh unless resuming this key."""
+    target, work path of the pre-bridge mask). Created afresh unless resuming this key; MRC
+    outputs get the tomogram's raw origin/nstart (``position``), OME-Zarr its translation."""
     import zarr
 
-    from ..io.mrc import create_mrc, mrc_dtype
+    from ..io.mrc import create_mrc, mrc_dtype, translation
     from ..io.omezarr import create_image, create_labels
 
     mrc = out.suffix.lower() == ".mrc"
@@ -293,14 +313,31 @@ def _prepare(out: Path, shape, chunks, vs, params: PostprocessParams, key: str, 
         dtypes = [np.dtype(np.int8), mrc_dtype(np.uint32, n_kept)]
         for path, dtype in zip(outputs, dtypes):
             if not resume:
-                create_mrc(_partial(path), shape, dtype, vs)
+                create_mrc(_partial(path), shape, dtype, vs, position)
         targets = [MrcTarget(str(_partial(p)), tuple(shape), d.str, MRC_DATA_OFFSET) for p, d in zip(outputs, dtypes)]
+    elif params.layout == "portal":  # the mask and its labels, each its own OME-Zarr of the Portal's levels
+        from ..io.omezarr import PORTAL_LEVELS, create_mask_store
+
+        stores = [out] + ([_components_out(out)] if params.labels else [])
+        if not resume:
+            for path in stores:
+                if path.exists():
+                    shutil.rmtree(path)
+            source = {"source": {"position": position} if position else {}}
+            for path, dtype in zip(stores, (np.int8, np.uint32)):
+                create_mask_store(path, shape, dtype, voxel_size=vs, levels=PORTAL_LEVELS,
+                                  translation=translation(position, vs), binary=path == out,
+                                  attributes={"cryodask": {STEP: {"key": key, "complete": False, "params": asdict(params)},
+                                                           **source} if path == out else source})
+        targets = [ZarrTarget(str(path / "0")) for path in stores]
     else:
         if not resume:
             if out.exists():
                 shutil.rmtree(out)
             create_image(out, shape, chunks=chunks, dtype=np.uint8, voxel_size=vs, levels=1, ngff="0.4",
-                         attributes={"cryodask": {STEP: {"key": key, "complete": False, "params": asdict(params)}}})
+                         translation=translation(position, vs),
+                         attributes={"cryodask": {STEP: {"key": key, "complete": False, "params": asdict(params)},
+                                                  "source": {"position": position} if position else {}}})
             if params.labels:
                 create_labels(out, "components", np.uint32)
         targets = [ZarrTarget(str(out / "0"))] + ([ZarrTarget(str(out / "labels" / "components" / "0"))] if params.labels else [])
@@ -362,7 +399,8 @@ def _run(read, shape, vs, chunks, params, out: Path, marks: DoneMarks, key: str,
     result.seconds["union-find + filter"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    mask_target, labels_target, final_mask, filtered = _prepare(out, shape, chunks, vs, params, key, marks, comps.n_kept)
+    mask_target, labels_target, final_mask, filtered = _prepare(out, shape, chunks, vs, params, key, marks, comps.n_kept,
+                                                                _position(read))
     writes = [client.submit(_write_task, labels_path, b, block_table(comps, block_stats[b.name]), mask_target,
                             labels_target, marks, key=f"cc-write-{key[:8]}-{b.name}", retries=1)
               for b in blocks if not marks.done(f"write/{b.name}")]
@@ -388,6 +426,11 @@ def _run(read, shape, vs, chunks, params, out: Path, marks: DoneMarks, key: str,
     return result
 
 
+def _position(read) -> dict | None:
+    """The origin/nstart of the tomogram a mask came from: its MRC header, or its OME-Zarr's."""
+    return source_position(read.source.path if isinstance(read, VolumeReader) else Path(read.path).parent)
+
+
 def _raise_first_error(futures) -> None:
     for f in futures:
         if f.status != "finished":
@@ -400,11 +443,18 @@ def _finish(out: Path, params, key: str, marks: DoneMarks, mask_stats, label_sta
     import zarr
 
     if out.suffix.lower() == ".zarr":
+        files = [out]
+        if params.layout == "portal":  # lower levels from the finished level 0
+            from ..io.omezarr import fill_levels
+
+            fill_levels(out, binary=True)
+            if params.labels:
+                fill_levels(_components_out(out), binary=False)
+                files.append(_components_out(out))
         group = zarr.open_group(str(out), mode="r+")
         attrs = group.attrs.get("cryodask", {})
         attrs[STEP] = {"key": key, "complete": True}
         group.attrs["cryodask"] = attrs
-        files = [out]
     else:
         files = [_finish_mrc(out, mask_stats)]
         if params.labels:
