@@ -63,12 +63,12 @@ def run_demo(out="cryodask-demo", *, tomograms: int = 3, shape=(64, 128, 128), v
     from .evaluate import evaluate_membranes, evaluate_picks
     from .export import export
     from .io.mrc import read_region
-    from .io.omezarr import open_image, write_labels
+    from .io.omezarr import write_labels
     from .io.picks import read_picks, write_picks
     from .io.volumes import open_volume
     from .membranes.pipeline import segment
     from .picking.pipeline import pick
-    from .viz import orthoslices
+    from .viz import tomogram_preview
 
     out = Path(out)
     result = DemoResult()
@@ -123,11 +123,13 @@ def run_demo(out="cryodask-demo", *, tomograms: int = 3, shape=(64, 128, 128), v
         picking = evaluate_picks(out / "picks" / f"{stem}_log_picks.star", out / "evaluation" / stem / "truth_large.star",
                                  radius=125.0, unit="angstrom", voxel_size=voxel_size,
                                  out=out / "evaluation" / stem / "log_picks")
-        _, arrays, _, _ = open_image(store)
-        _, label_arrays, _, _ = open_image(store / "labels" / "classical_predicted_post_processed_mask")
-        preview = orthoslices(arrays[0], out / "previews" / f"{stem}.png", overlay=label_arrays[0],
-                              points=picked.picks[["z", "y", "x"]].to_numpy(),
-                              title=f"{stem}: membranes (classical) and LoG picks")
+        preview = tomogram_preview(
+            store, out / "previews" / f"{stem}.png",
+            labels=[("classical_predicted_post_processed_mask", f"membranes (classical, post-processed): "
+                     f"Dice {cleaned['dice']:.2f}")],
+            points=[(picked.picks[["z", "y", "x"]].to_numpy(), f"LoG picks: {len(picked.picks)} "
+                     f"(F1 {picking['f1']:.2f})"), (large, f"large particles (truth): {len(large)}", "#ffe135", "+")],
+            radius=125.0 / voxel_size, at="points", title=f"{stem}: membranes (classical) and LoG picks")
         result.files += [store, preview, *scores["files"]]
         result.rows.append({
             "tomogram": stem, "shape": "x".join(map(str, source.shape)), "voxel Å": source.voxel_size[0],
@@ -138,16 +140,21 @@ def run_demo(out="cryodask-demo", *, tomograms: int = 3, shape=(64, 128, 128), v
             "membranes dice": round(raw["dice"], 3), "post-processed dice": round(cleaned["dice"], 3),
             "LoG picks": len(picked.picks), "picks F1": round(picking["f1"], 3),
         })
-    mic = read_picks(micrograph["particles"])
-    image = read_region(micrograph["micrograph"], np.s_[:, :])
-    result.files.append(orthoslices(image, out / "previews" / "micrograph.png",
-                                    overlay=read_region(micrograph["mask"], np.s_[:, :]),
-                                    points=mic.coords, title="micrograph: particles (truth)"))
     result.seconds["labels, export, picks, evaluate, previews"] = time.perf_counter() - clock
     clock = time.perf_counter()
     result.micrograph_rows = run_micrograph_demo(out, client=client)
     if result.micrograph_rows:
         result.seconds["micrographs (Autopick-BC, CRISP)"] = time.perf_counter() - clock
+        result.files.append(out / "previews" / "micrograph.png")
+    else:  # no torch, no prediction: the truth alone, said so in the title
+        from .viz import micrograph_preview
+
+        mic = read_picks(micrograph["particles"])
+        result.files.append(micrograph_preview(
+            read_region(micrograph["micrograph"], np.s_[:, :]), out / "previews" / "micrograph.png",
+            overlay=[(read_region(micrograph["mask"], np.s_[:, :]), "particle disks (truth)", "#ffe135")],
+            points=[(mic.coords, f"particles (truth): {len(mic.coords)}", "#ffe135", "+")],
+            title="synthetic micrograph: the truth (the micrograph methods need torch)"))
     return result
 
 
@@ -216,6 +223,7 @@ def run_micrograph_demo(out, *, client=None) -> list[dict]:
                         diameter=MICROGRAPH_DIAMETER, params=CrispParams(bin=2, epochs=25, crop=96, widths=(8, 16, 32)))
     report = predict(data / "test", crisp.model_dir, out / "crisp" / "predictions", params=PredictParams(),
                      truth_masks=data / "test" / "truth", truth_particles=data / "test" / "truth", client=client)
+    _micrograph_preview(out, data / "test" / "m3.mrc", picks, truth["m3"], rows[0]["pick F1"])
     for variant, label in (("nocrf", "CRISP U-Net + Dice"), ("crf", "CRISP + dense CRF")):
         pooled = report.summary[variant]["pooled"]
         rows.append({"method": label, "trained on": "3 micrographs (coordinates → disks)", "test accuracy": "",
@@ -224,3 +232,25 @@ def run_micrograph_demo(out, *, client=None) -> list[dict]:
                      "pick recall": round(pooled["pick_recall"], 3), "pick F1": round(pooled["pick_f1"], 3),
                      "seconds": round(time.perf_counter() - clock, 1) if variant == "crf" else ""})
     return rows
+
+
+def _micrograph_preview(out: Path, micrograph: Path, autopick, truth, autopick_f1: float) -> Path:
+    """``previews/micrograph.png``: the test micrograph with what the methods predicted (CRISP's
+    mask and picks, Autopick-BC's picks, as circles) and the truth as small crosses."""
+    from PIL import Image
+
+    from .io.micrographs import read_micrograph
+    from .io.particles import read_particles
+    from .viz import micrograph_preview
+
+    crisp = out / "crisp" / "predictions"
+    mask = np.asarray(Image.open(crisp / "m3_mask.png")) > 0
+    crisp_picks = read_particles(crisp / "m3_particles.star", ["m3"])["m3"]
+    image = read_micrograph(micrograph)
+    return micrograph_preview(
+        image.image, out / "previews" / "micrograph.png", pixel_size=image.pixel_size,
+        overlay=[(mask, "CRISP mask (U-Net + CRF)")],
+        points=[(crisp_picks, f"CRISP picks: {len(crisp_picks)}", "#00e5ff"),
+                (autopick, f"Autopick-BC picks: {len(autopick)} (F1 {autopick_f1:.2f})", "#ff2fd0"),
+                (truth, f"truth: {len(truth)}", "#ffe135", "+")],
+        radius=MICROGRAPH_DIAMETER / 2, title="m3 (test micrograph): predictions and truth")

@@ -95,7 +95,8 @@ def predict_command(
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
-    """Segment micrographs: <name>_mask.png, <name>_particles.star; metrics.csv/json with truth."""
+    """Segment micrographs: <name>_mask.png, <name>_particles.star, <name>_overlay.png (mask and picks
+    over the micrograph); metrics.csv/json with truth."""
     from dataclasses import fields
 
     from ..cluster import check_spec

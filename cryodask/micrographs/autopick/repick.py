@@ -104,23 +104,21 @@ def split_picks(centres, scores, threshold: float, radius: float):
             below[nms_points(centres[below], scores[below], radius, highest_first=False)])
 
 
-def overlay_png(binned: np.ndarray, out_png: Path, true_centres, radius: float, false_centres=None) -> Path:
+def overlay_png(binned: np.ndarray, out_png: Path, true_centres, radius: float, false_centres=None, *,
+                name: str = "", pixel_size: float | None = None, threshold: float = 0.5) -> Path:
     """The binned micrograph (1–99 % contrast) with green circles at ``true_centres`` and red
-    ones at ``false_centres`` (binned pixels, radius in binned pixels), written atomically."""
-    from PIL import Image, ImageDraw
+    ones at ``false_centres`` (binned pixels, radius in binned pixels), a title, a legend with
+    the counts and a scale bar (``pixel_size``: Å per binned pixel), written atomically."""
+    from ...viz import micrograph_preview
 
-    lo, hi = np.percentile(binned, (1, 99))
-    grey = np.clip((binned - lo) / (hi - lo if hi > lo else 1.0) * 255, 0, 255).astype(np.uint8)
-    picture = Image.fromarray(grey).convert("RGB")
-    draw = ImageDraw.Draw(picture)
-    width = max(1, round(radius / 8))
-    for centres, colour in ((false_centres, (230, 40, 40)), (true_centres, (40, 220, 40))):
-        for row, col in ([] if centres is None else centres):
-            draw.ellipse([col - radius, row - radius, col + radius, row + radius], outline=colour, width=width)
-    partial = out_png.with_name(out_png.name + ".partial")
-    picture.save(partial, format="PNG")
-    partial.replace(out_png)
-    return out_png
+    points = [(np.reshape(true_centres, (-1, 2)), f"picks (score ≥ {threshold:g}): {len(true_centres)}", "#3cff3c")]
+    if false_centres is not None:
+        points.insert(0, (np.reshape(false_centres, (-1, 2)), f"rejected (score < {threshold:g}): {len(false_centres)}",
+                          "#ff3c3c"))
+    height, width = binned.shape
+    return micrograph_preview(binned, out_png, points=points, pixel_size=pixel_size, radius=radius,
+                              title=f"{name} — {len(true_centres)} particles (Autopick-BC re-pick)".lstrip(" —"),
+                              note=f"{width}×{height} px shown" + (f", {pixel_size:g} Å/px" if pixel_size else ""))
 
 
 def repick_micrograph(path, key: str, model_dir, out, params: RepickParams, *, flip_y: bool = False,
@@ -151,7 +149,8 @@ def repick_micrograph(path, key: str, model_dir, out, params: RepickParams, *, f
     with stage("write", block=path.name) as written:
         shape = {str(path): micrograph.image.shape}
         overlay_png(binned, files["png"], centres[true], params.radius / 2 / config.bin,
-                    centres[false] if params.overlay_false else None)
+                    centres[false] if params.overlay_false else None, name=name, threshold=params.threshold,
+                    pixel_size=micrograph.pixel_size * config.bin if micrograph.pixel_size else None)
         for kind, index in (("false", false), ("true", true)):
             write_particles_star(files[kind], {str(path): original[index]}, scores={str(path): scores[index]},
                                  pixel_size=micrograph.pixel_size, shapes=shape, flip_y=flip_y)

@@ -7,6 +7,7 @@ the dense CRF (the CRF mask), extracts particles from the final mask and writes,
 
 - ``<name>_mask.png``: the final mask at full micrograph resolution (0/255, 8-bit PNG);
   with the CRF on, ``<name>_mask_nocrf.png`` is the network's own mask beside it;
+- ``<name>_overlay.png``: the final mask and picks over the micrograph, to look at;
 - ``<name>_probability.mrc`` (optional): the particle probability at the binned resolution;
 - ``<name>_particles.star``: ``rlnMicrographName``, ``rlnCoordinateX/Y`` at full resolution,
   ``rlnAutopickFigureOfMerit`` (component area or distance-transform depth, binned pixels).
@@ -89,6 +90,27 @@ def _write_png(path: Path, mask: np.ndarray) -> Path:
     return path
 
 
+def overlay_png(path: Path, parts: dict, final: str, picks: np.ndarray, factor: int, diameter: float, *, name: str,
+                pixel_size: float | None = None, truth: np.ndarray | None = None) -> Path:
+    """``<name>_overlay.png``: the final mask (orange) and its picks (cyan) over the binned
+    micrograph, truth picks (yellow) when given, counts in the legend, a scale bar when the
+    pixel size is known. Drawn at the model's binning: no full-resolution mask is needed."""
+    from ...viz import micrograph_preview
+
+    mask = parts[final]
+    kind = "CRF" if final == "crf" else "network"
+    points = [(np.reshape(picks, (-1, 2)) / factor, f"picks: {len(picks)}", "#00e5ff")]
+    if truth is not None:
+        points.append((np.reshape(truth, (-1, 2)) / factor, f"truth: {len(truth)}", "#ffe135", "+"))
+    height, width = mask.shape
+    return micrograph_preview(parts["image"], path, overlay=[(mask, f"particle mask ({kind}): "
+                              f"{100 * float(np.mean(mask)):.1f} % of the pixels")], points=points,
+                              pixel_size=pixel_size * factor if pixel_size else None, radius=diameter / 2 / factor,
+                              title=f"{name} — {len(picks)} particles (CRISP)",
+                              note=f"{width}×{height} px shown (bin {factor})"
+                                   + (f", {pixel_size * factor:g} Å/px" if pixel_size else ""))
+
+
 def _write_json(path: Path, data) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
@@ -161,6 +183,8 @@ def predict_one(path: str, model_dir: str, out: str, params: PredictParams, diam
         files = [_write_png(out / f"{name}_mask.png", unbin_mask(parts[final], factor, shape))]
         if params.crf:
             files.append(_write_png(out / f"{name}_mask_nocrf.png", unbin_mask(parts["nocrf"], factor, shape)))
+        files.append(overlay_png(out / f"{name}_overlay.png", parts, final, picks[final][0], factor, diameter,
+                                 name=name, pixel_size=micrograph.pixel_size, truth=truth_particles))
         if params.probability:
             pixel = (micrograph.pixel_size or 1.0) * factor
             files.append(write_mrc(out / f"{name}_probability.mrc", parts["probability"].astype(np.float32), pixel))
