@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import mrcfile
@@ -59,3 +61,60 @@ def one_line_error(call, path, match):
     message = str(info.value)
     assert message.startswith(str(path)) and "\n" not in message, message
     return message
+
+
+def validate_ome_zarr(store):
+    """``store`` through ome-zarr-models' own models (raises if it is not valid OME-Zarr): the image,
+    and each label image its ``labels/`` group lists. NGFF 0.4 or 0.5, from the metadata."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r")
+    if "ome" in group.attrs:
+        from ome_zarr_models.v05.image import Image
+        from ome_zarr_models.v05.image_label import ImageLabel
+        from ome_zarr_models.v05.labels import Labels
+    else:
+        from ome_zarr_models.v04.image import Image
+        from ome_zarr_models.v04.image_label import ImageLabel
+        from ome_zarr_models.v04.labels import Labels
+    image = Image.from_zarr(group)
+    if "labels" in group:
+        listed = Labels.from_zarr(group["labels"]).attributes
+        for name in getattr(listed, "ome", listed).labels:
+            ImageLabel.from_zarr(group["labels"][name])
+    return image
+
+
+def written_images(root) -> list[Path]:
+    """The OME-Zarr images (groups with ``multiscales``) under ``root``; label images are reached
+    through their image, and nothing inside a store is searched again."""
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        meta = next((Path(folder) / n for n in (".zattrs", "zarr.json") if n in files), None)
+        if meta is None:
+            continue
+        try:
+            attrs = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            attrs = {}
+        attrs = attrs.get("attributes", attrs)  # zarr v3 keeps them under "attributes"
+        if "multiscales" in attrs.get("ome", attrs) and "image-label" not in attrs.get("ome", attrs):
+            found.append(Path(folder))
+        subfolders[:] = []  # a store's arrays and labels are not searched again
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _stores_are_valid_ome_zarr(request):
+    """Every OME-Zarr image a test leaves in its ``tmp_path`` is valid for ome-zarr-models: the
+    tomograms, label images and Portal mask stores that users open in napari and other viewers.
+    Tests that write broken stores on purpose are marked ``malformed_stores``."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    if tmp is None or request.node.get_closest_marker("malformed_stores"):
+        return
+    for store in written_images(tmp):
+        try:
+            validate_ome_zarr(store)
+        except Exception as exc:  # noqa: BLE001  (pydantic's and zarr's errors alike)
+            pytest.fail(f"{store} is not valid OME-Zarr for ome-zarr-models: {str(exc).splitlines()[0]}")

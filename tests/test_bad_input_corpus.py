@@ -28,6 +28,8 @@ from cryodask.cli import main
 from cryodask.io.omezarr import create_image
 from cryodask.io.picks import write_picks
 
+pytestmark = pytest.mark.malformed_stores  # broken stores are the point here: no validity check
+
 GOOD = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
 MODES = {np.dtype(np.int8): 0, np.dtype(np.int16): 1, np.dtype(np.float32): 2, np.dtype(np.complex64): 4,
          np.dtype(np.uint16): 6, np.dtype(np.float16): 12}

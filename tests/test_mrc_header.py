@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
+from conftest import validate_ome_zarr
 from cryodask.cli import main
 from cryodask.convert import convert, downsample_mean
 from cryodask.export import export
@@ -46,15 +47,6 @@ def transforms(group_path):
     return [{t["type"]: t[t["type"]] for t in d["coordinateTransformations"]} for d in datasets]
 
 
-def validate_ngff(group_path, ngff):
-    """ome-zarr-models' own validation of an image (its labels are checked when it reads them)."""
-    if ngff == "0.4":
-        from ome_zarr_models.v04.image import Image
-    else:
-        from ome_zarr_models.v05.image import Image
-    return Image.from_zarr(zarr.open_group(str(group_path), mode="r"))
-
-
 @pytest.mark.parametrize("ngff", ["0.4", "0.5"])
 def test_origin_and_nstart_go_through_convert_and_export(tmp_path, client, ngff):
     data = np.random.default_rng(0).normal(size=(20, 24, 28)).astype(np.float32)
@@ -77,7 +69,7 @@ def test_origin_and_nstart_go_through_convert_and_export(tmp_path, client, ngff)
     write_labels(store, "membranes", labels)
     for t in transforms(store / "labels" / "membranes"):  # nearest levels: voxel 0 stays voxel 0
         assert t["translation"] == pytest.approx(t0)
-    image = validate_ngff(store, ngff)
+    image = validate_ome_zarr(store)
     assert len(image.datasets[0]) == 3
 
     export(store, tmp_path / "image.mrc")
@@ -126,7 +118,7 @@ def test_membrane_masks_logits_and_postprocess_outputs_carry_the_origin(tmp_path
     assert_placed(tmp_path / "from_mrc_labels.mrc")
     postprocess(out / "tomo.zarr" / "labels" / "classical_predicted_mask", tmp_path / "from_zarr.zarr", client=client)
     assert transforms(tmp_path / "from_zarr.zarr")[0]["translation"] == pytest.approx(t0)
-    validate_ngff(tmp_path / "from_zarr.zarr", "0.4")
+    validate_ome_zarr(tmp_path / "from_zarr.zarr")
     export(tmp_path / "from_zarr.zarr", tmp_path / "from_zarr.mrc")
     assert_placed(tmp_path / "from_zarr.mrc")
 

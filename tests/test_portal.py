@@ -14,33 +14,12 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import write_raw_mrc
+from conftest import validate_ome_zarr as validate, write_raw_mrc
 from cryodask.cli import main
 from cryodask.convert import convert
 from cryodask.io.omezarr import open_image, write_labels
 
 PORTAL_COMPRESSOR = {"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": 1, "blocksize": 0}
-
-
-def validate(store, ngff: str = "0.4"):
-    """The store through ome-zarr-models' own model (raises if it is not valid OME-Zarr), and each
-    label image it lists through the label models."""
-    if ngff == "0.4":
-        from ome_zarr_models.v04.image import Image
-        from ome_zarr_models.v04.image_label import ImageLabel
-        from ome_zarr_models.v04.labels import Labels
-    else:
-        from ome_zarr_models.v05.image import Image
-        from ome_zarr_models.v05.image_label import ImageLabel
-        from ome_zarr_models.v05.labels import Labels
-    group = zarr.open_group(str(store), mode="r")
-    image = Image.from_zarr(group)
-    if "labels" in group:
-        listed = Labels.from_zarr(group["labels"])
-        names = listed.attributes.labels if ngff == "0.4" else listed.attributes.ome.labels
-        for name in names:
-            ImageLabel.from_zarr(group["labels"][name])
-    return image
 
 
 def zarr_v2_metadata(store, level) -> dict:
@@ -89,7 +68,7 @@ def test_convert_writes_an_omero_window_of_the_data(tmp_path, client, ngff):
     report = convert([tmp_path / "t.mrc"], tmp_path / "out", chunks=(8, 32, 32), levels=3, ngff=ngff, client=client)
     assert [r.status for r in report.results] == ["converted"] and report.results[0].blocks_written > 4
     store = tmp_path / "out" / "t.zarr"
-    image = validate(store, ngff)
+    image = validate(store)
     attrs = zarr.open_group(str(store), mode="r").attrs.asdict()
     omero = attrs["omero"] if ngff == "0.4" else attrs["ome"]["omero"]
     if ngff == "0.4":

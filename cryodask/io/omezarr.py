@@ -144,6 +144,23 @@ def image_translation(path, level: int = 0) -> tuple[float, float, float]:
     return (0.0, 0.0, 0.0)
 
 
+def label_colors(colors: dict[int, list[int]] | None, properties: list[dict] | None):
+    """``image-label`` colours and properties that list the same label values, as NGFF asks (and
+    ome-zarr-models checks): instance ids described by ``properties`` get spread hues, and a
+    coloured value without properties gets a bare property entry."""
+    import colorsys
+
+    colors = dict(colors or {1: [255, 64, 64, 255]})
+    if properties is None:
+        return colors, None
+    described = {int(p["label-value"]) for p in properties}
+    for value in sorted(described - set(colors)):  # golden-angle hues: neighbours' ids stay apart
+        r, g, b = colorsys.hsv_to_rgb((value * 0.618033988749895) % 1.0, 0.75, 1.0)
+        colors[value] = [round(255 * r), round(255 * g), round(255 * b), 255]
+    properties = [*properties, *({"label-value": v} for v in sorted(set(colors) - described))]
+    return {v: colors[v] for v in sorted(colors)}, properties
+
+
 def create_labels(image_path, name: str, dtype, *, colors: dict[int, list[int]] | None = None,
                   properties: list[dict] | None = None, translation=None) -> zarr.Group:
     """Create an empty label image ``<image>/labels/<name>`` with one level per image level,
@@ -159,7 +176,7 @@ def create_labels(image_path, name: str, dtype, *, colors: dict[int, list[int]] 
     translation = image_translation(image_path) if translation is None else translation  # overlays the image
     write_multiscales_metadata(label_group, _datasets(voxel_size, len(arrays), translation, averaged=False),
                                fmt=fmt, axes=AXES, name=name)
-    colors = colors or {1: [255, 64, 64, 255]}
+    colors, properties = label_colors(colors, properties)
     write_label_metadata(root, name, colors=[{"label-value": k, "rgba": v} for k, v in colors.items()],
                          properties=properties, fmt=fmt, source={"image": "../../"})
     names = [*[n for n in listing if n != name], name]
