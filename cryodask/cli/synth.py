@@ -37,12 +37,34 @@ def tomogram(
     snr: float = typer.Option(0.5, "--snr", help="var(signal) / var(noise)."),
     missing_wedge: float = typer.Option(60.0, "--missing-wedge", help="Missing tilt range in degrees (0: none)."),
     defocus: float = typer.Option(3.0, "--defocus", help="µm (0: no CTF oscillation)."),
+    model: str = typer.Option("simple", "--model", help="simple (filtered density) | projection (tilt series with CTF and shot noise, reconstructed by WBP)."),
+    polarity: str = typer.Option("dark", "--polarity", help="dark (dense matter dark, as most tomograms) | bright (inverted)."),
+    tilt_max: float = typer.Option(60.0, "--tilt-max", help="projection: tilts from -X to +X degrees (replaces --missing-wedge)."),
+    tilt_step: float = typer.Option(3.0, "--tilt-step", help="projection: degrees between tilts."),
+    dose: float = typer.Option(None, "--dose", help="projection: e-/Å² per tilt; Poisson shot noise instead of --snr."),
+    gold: int = typer.Option(0, "--gold", help="projection: gold beads (not in the truth)."),
+    filaments: int = typer.Option(0, "--filaments", help="projection: filaments (not in the truth)."),
+    ice_gradient: float = typer.Option(0.0, "--ice-gradient", help="projection: relative change of ice thickness across x."),
+    density_map: Path = typer.Option(None, "--map", help="projection: density map MRC of the large particle kind (default: EMD-3197, shipped in cryodask/synth/maps)."),
 ):
     """A tomogram of vesicles, a membrane sheet and two particle kinds, with the truth."""
-    from ..synth import synth_tomogram, write_tomogram
+    from ..synth import synth_projection_tomogram, synth_tomogram, write_tomogram
 
-    synth = synth_tomogram(_shape(shape, "Z,Y,X"), voxel_size=voxel_size, seed=seed, snr=snr,
-                           missing_wedge=missing_wedge, defocus=defocus)
+    if model not in ("simple", "projection"):
+        raise InputError(f"--model {model!r}: expected simple or projection")
+    if polarity not in ("dark", "bright"):
+        raise InputError(f"--polarity {polarity!r}: expected dark or bright")
+    if model == "projection":
+        synth = synth_projection_tomogram(_shape(shape, "Z,Y,X"), voxel_size=voxel_size, seed=seed, snr=snr,
+                                          dose=dose, tilt_max=tilt_max, tilt_step=tilt_step, defocus=defocus,
+                                          n_filaments=filaments, n_gold=gold, ice_gradient=ice_gradient,
+                                          polarity=polarity, map_path=density_map)
+    else:
+        synth = synth_tomogram(_shape(shape, "Z,Y,X"), voxel_size=voxel_size, seed=seed, snr=snr,
+                               missing_wedge=missing_wedge, defocus=defocus)
+        if polarity == "bright":
+            synth.volume = -synth.volume
+    typer.echo(f"model {model}, polarity {polarity}")
     _report(write_tomogram(out, synth))
 
 
