@@ -152,8 +152,32 @@ def _same_tomogram(pred, truth, tomograms, tomo_name):
     return p, t
 
 
+CLASS_COLUMN = "rlnClassNumber"
+
+
+def _class_rows(picks, path, class_number: int, required: bool):
+    """The picks of one particle kind (``rlnClassNumber``); a file without the column is kept
+    whole unless ``required`` (the truth must say which row is which kind)."""
+    from dataclasses import replace
+
+    table = picks.table
+    if CLASS_COLUMN not in table.columns:
+        if required:
+            raise where(path, f"has no {CLASS_COLUMN} column: --class needs truth that names each particle's kind")
+        return picks, False
+    try:
+        classes = pd.to_numeric(table[CLASS_COLUMN], errors="raise").to_numpy()
+    except (ValueError, TypeError):
+        raise where(path, f"{CLASS_COLUMN} holds values that are not numbers") from None
+    keep = classes == class_number
+    if required and not keep.any():
+        present = ", ".join(str(int(c)) if float(c).is_integer() else str(c) for c in sorted(set(classes)))
+        raise where(path, f"holds no particle of class {class_number} ({CLASS_COLUMN} values: {present or 'none'})")
+    return replace(picks, coords=picks.coords[keep], table=table[keep]), True
+
+
 def evaluate_picks(pred, truth, radius: float, unit: str = "px", voxel_size: float | None = None,
-                   out=None, *, tomograms=None, tomo_name: str | None = None) -> dict:
+                   out=None, *, tomograms=None, tomo_name: str | None = None, class_number: int | None = None) -> dict:
     """Score picked coordinates against true ones: Hungarian matching within ``radius``.
 
     Parameters
@@ -164,12 +188,16 @@ def evaluate_picks(pred, truth, radius: float, unit: str = "px", voxel_size: flo
     voxel_size : pixel size in Å, overriding the files'
     tomograms : the tomograms.star of RELION 5 files (default: found beside them or above)
     tomo_name : the tomogram scored where a file holds several (rlnTomoName or reconstructed stem)
+    class_number : score one particle kind: the truth rows whose ``rlnClassNumber`` is this, and
+        the prediction's too if it has the column; a prediction without classes is kept whole,
+        so its picks of other kinds count as false positives (recall is the meaningful number)
     out : folder for ``picks_metrics.csv``, ``picks_matches.csv``, ``picks_f1_vs_radius.csv``
         and ``picks_f1_vs_radius.png`` (P/R/F1 from 0.25× to 2× the radius); None writes nothing
 
     Returns
     -------
-    dict of precision, recall, f1, tp, fp, fn, radius_px, and ``files`` written.
+    dict of precision, recall, f1, tp, fp, fn, radius_px, and ``files`` written; with
+    ``class_number`` also ``class`` and ``pred_has_classes``.
 
     Examples
     --------
@@ -177,12 +205,17 @@ def evaluate_picks(pred, truth, radius: float, unit: str = "px", voxel_size: flo
     0.87
     """
     p, t = _same_tomogram(pred, truth, tomograms, tomo_name)
+    if class_number is not None:
+        t, _ = _class_rows(t, truth, class_number, required=True)
+        p, pred_has_classes = _class_rows(p, pred, class_number, required=False)
     if len(p.coords) and len(t.coords) and p.coords.shape[1] != t.coords.shape[1]:
         raise where(truth, f"has {t.coords.shape[1]}D coordinates but {pred} has {p.coords.shape[1]}D")
     radius_px = _radius_px(radius, unit, voxel_size, p, t, pred, truth)
     matching = match_picks(p.coords, t.coords, radius_px)
     metrics = {**matching.scores(), "radius_px": radius_px}
     metrics = {k: metrics[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn", "radius_px")}
+    if class_number is not None:
+        metrics.update({"class": class_number, "pred_has_classes": pred_has_classes})
     files = []
     if out is not None:
         out = check_output_dir(out)

@@ -36,7 +36,9 @@ def train_command(
     particles: Path = typer.Option(None, "--particles", help="Coordinates (STAR/.box/.coords/.csv file or folder); labels are disks of --diameter."),
     diameter: float = typer.Option(None, "--diameter", help="Particle diameter in full-resolution pixels (with --particles)."),
     masks: Path = typer.Option(None, "--masks", help="Folder of <name>_mask.png/.jpg/.mrc label masks (instead of --particles)."),
-    flip_y: bool = typer.Option(False, "--flip-y", help="The coordinates' y counts from the bottom (CryoPPP STAR, autopick-bc .box)."),
+    flip_y: str = typer.Option("no", "--flip-y", metavar="no|yes|auto", help="The coordinates' y counts from the bottom (CryoPPP STAR, autopick-bc .box): no | yes | auto (decided from the images, and said)."),
+    pixel_size: float = typer.Option(None, "--pixel-size", help="Å/px of the micrographs (overrides their headers; JPEG/PNG have none)."),
+    checks: bool = typer.Option(True, "--checks/--no-checks", help="Refuse coordinates that look y-flipped."),
     model: str = typer.Option("unet", "--model", help="unet | deeplab (DeepLabV3+-style ASPP network)."),
     loss: str = typer.Option("dice", "--loss", help="dice | ce (label smoothing 0.1) | jaccard | tversky (focal) | lovasz."),
     widths: str = typer.Option(None, "--widths", help="Channels per level, e.g. 16,32,64,128 (default per model)."),
@@ -59,16 +61,33 @@ def train_command(
                          batch_size=batch_size, lr=lr, seed=seed)
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be at least 1, got {threads}")
-    check_labels(micrographs, particles=particles, masks=masks, diameter=diameter, flip_y=flip_y, quiet=True)
+    from ..micrographs.autopick.checks import parse_flip
+
+    flip_y = parse_flip(flip_y)
+    check_labels(micrographs, particles=particles, masks=masks, diameter=diameter, flip_y=flip_y == "yes", quiet=True)
     out = check_output_dir(out)
     from ..report import run_report
 
     with output_lock(out, "crisp train"), run_report(report_dir, None, command="crisp train", echo=typer.echo):
         result = train(micrographs, out, particles=particles, masks=masks, diameter=diameter, flip_y=flip_y,
-                       params=params, threads=threads, log=typer.echo)
+                       params=params, threads=threads, log=typer.echo, pixel_size=pixel_size, checks=checks)
     typer.echo(f"trained {model} + {loss} on {result.micrographs} micrograph(s) in {result.seconds:.1f} s; "
                f"final loss {result.losses[-1]:.4f}")
     typer.echo(f"wrote {result.model_dir}")
+
+
+def _sampling_note(model: Path, micrographs) -> None:
+    """Say which micrographs are rescaled to the model's pixel size, or which size is assumed."""
+    import json
+
+    from ..micrographs.autopick.inputs import micrograph_set
+    from ..micrographs.autopick.score import sampling_note
+
+    try:
+        pixel = json.loads((Path(model) / "config.json").read_text()).get("pixel_size")
+    except (OSError, ValueError, AttributeError):
+        pixel = None
+    sampling_note(pixel, micrograph_set(micrographs), echo=typer.echo)
 
 
 @crisp_app.command("predict")
@@ -76,9 +95,12 @@ def predict_command(
     model: Path = typer.Option(..., "--model", help="Model folder written by cryodask crisp train."),
     micrographs: list[Path] = typer.Option(..., "--micrographs", help="Micrograph files, folders, globs or a STAR listing them (repeatable)."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
-    crf: bool = typer.Option(True, "--crf/--no-crf", help="Refine the network's mask with a dense CRF."),
-    crf_features: str = typer.Option("image", "--crf-features", help="image | logits: the bilateral kernel's feature."),
-    crf_iterations: int = typer.Option(5, "--crf-iterations", help="Mean-field iterations."),
+    crf: str = typer.Option("auto", "--crf", help="auto | on | off: refine the mask with a dense CRF; auto: with the "
+                                                 "settings crisp train chose, only if they raised its training IoU "
+                                                 "(any --crf-* setting means on)."),
+    no_crf: bool = typer.Option(False, "--no-crf", hidden=True, help="Same as --crf off."),
+    crf_features: str = typer.Option(None, "--crf-features", help="image | logits: the bilateral kernel's feature [image]."),
+    crf_iterations: int = typer.Option(None, "--crf-iterations", help="Mean-field iterations [5]."),
     crf_sxy: float = typer.Option(None, "--crf-sxy", help="Bilateral spatial std, pixels of the binned grid [160, CRISP]."),
     crf_srgb: float = typer.Option(None, "--crf-srgb", help="Bilateral feature std, feature scaled to 0–255 by its 1–99th percentiles [13]."),
     crf_compat: float = typer.Option(None, "--crf-compat", help="Bilateral Potts weight [1]."),
@@ -107,11 +129,14 @@ def predict_command(
     check_spec(cluster)
     given = {"features": crf_features, "iterations": crf_iterations, "sxy": crf_sxy, "srgb": crf_srgb,
              "compat": crf_compat, "gaussian_sxy": crf_gaussian_sxy, "gaussian_compat": crf_gaussian_compat}
-    crf_params = CRFParams(**{f.name: given[f.name] for f in fields(CRFParams) if given.get(f.name) is not None})
-    params = PredictParams(crf=crf, crf_params=crf_params, extract=extract, diameter=diameter, tile=tile,
+    given = {k: v for k, v in given.items() if v is not None}
+    crf_params = CRFParams(**{f.name: given[f.name] for f in fields(CRFParams) if f.name in given}) if given else None
+    params = PredictParams(crf="off" if no_crf else crf, crf_params=crf_params, extract=extract, diameter=diameter, tile=tile,
                            overlap=overlap, probability=probability)
     plan = plan_prediction(micrographs, model, out, params=params, truth_masks=truth_masks,
                            truth_particles=truth_particles, truth_flip_y=truth_flip_y)
+    typer.echo(plan.crf_note)
+    _sampling_note(model, micrographs)
     if plan.done:
         typer.echo(f"{len(plan.done)} micrograph(s) already done, {len(plan.jobs)} to do")
     with output_lock(plan.out, "crisp predict"):
@@ -124,6 +149,10 @@ def predict_command(
         else:
             report = run_prediction(plan, None)
     typer.echo(f"{len(report.results)} micrograph(s) segmented, {sum(r['picks'] for r in report.results)} particles")
+    if report.without_truth:
+        names = ", ".join(report.without_truth[:3]) + (", ..." if len(report.without_truth) > 3 else "")
+        typer.echo(f"metrics over the {len(report.results) - len(report.without_truth)} micrograph(s) with truth; "
+                   f"{len(report.without_truth)} had none and are not scored ({names})")
     for variant, entry in report.summary.items():
         pooled = entry.get("pooled", {})
         typer.echo(f"{variant}: " + ", ".join(f"{k} {pooled[k]:.3f}" for k in

@@ -56,9 +56,15 @@ def picks(
     tomograms: Path = typer.Option(None, "--tomograms", help="tomograms.star of RELION 5 files "
                                                              "(default: found beside them or above)."),
     tomo: str = typer.Option(None, "--tomo", help="Tomogram scored where a file holds several (rlnTomoName)."),
+    class_number: int = typer.Option(None, "--class", help="Score one particle kind: the truth rows with this "
+                                                           "rlnClassNumber (and the prediction's, if it has classes)."),
 ):
     """Precision, recall, F1 of picks matched one-to-one (Hungarian) within --radius."""
     from ..evaluate import evaluate_picks
 
-    _report(evaluate_picks(pred, truth, radius, unit=unit, voxel_size=voxel_size, out=out, tomograms=tomograms,
-                           tomo_name=tomo))
+    metrics = evaluate_picks(pred, truth, radius, unit=unit, voxel_size=voxel_size, out=out, tomograms=tomograms,
+                             tomo_name=tomo, class_number=class_number)
+    if class_number is not None and not metrics["pred_has_classes"]:
+        typer.echo(f"note: {pred} has no rlnClassNumber: all its picks are scored against class {class_number}, so "
+                   f"picks of other kinds count as false positives (recall is the class's own)")
+    _report(metrics)

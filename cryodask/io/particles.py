@@ -41,6 +41,7 @@ class Particles(dict):
     (``skipped``: one line each), so a command can say what it left out."""
 
     skipped: list[str]
+    matched: set[str]  # names a coordinate file gave (maybe with no rows): the others have no truth
 
 
 def read_particles(source, names, *, shapes: dict[str, tuple[int, int]] | None = None,
@@ -71,6 +72,7 @@ def read_particles(source, names, *, shapes: dict[str, tuple[int, int]] | None =
         raise _nothing_matches(source, files, skipped, names)
     out = Particles()
     out.skipped = [f"{path}: {unknown}" for path, unknown in skipped]
+    out.matched = set(found)
     for name in names:
         coords, path = found.get(name, (np.empty((0, 2)), None))
         if path is not None and flip_y:

@@ -3,7 +3,8 @@
 One task per micrograph on the Dask cluster; each worker loads the model once and keeps it.
 A task bins and standardises the micrograph as in training, runs the network over
 overlapping tiles, thresholds the particle probability at 0.5 (the raw mask), refines it with
-the dense CRF (the CRF mask), extracts particles from the final mask and writes, atomically:
+the dense CRF (the CRF mask) when the CRF is on, extracts particles from the final mask and
+writes, atomically:
 
 - ``<name>_mask.png``: the final mask at full micrograph resolution (0/255, 8-bit PNG);
   with the CRF on, ``<name>_mask_nocrf.png`` is the network's own mask beside it;
@@ -15,7 +16,13 @@ the dense CRF (the CRF mask), extracts particles from the final mask and writes,
 A micrograph is done when its record ``.cryodask/crisp-predict/<name>.json`` (written last)
 holds the key of this model, these parameters and these inputs; a rerun skips it. With truth
 masks or coordinates the records hold per-micrograph scores of both masks, and
-``metrics.csv``/``metrics.json`` gather them.
+``metrics.csv``/``metrics.json`` gather them, pooled over the micrographs that have truth
+(a micrograph without a truth mask or coordinate file is left out and counted, not scored as
+all wrong).
+
+``--crf auto`` (the default) applies the CRF with the settings ``crisp train`` chose on its
+training micrographs, and only if they raised IoU there; ``on`` applies it anyway, ``off``
+never. CRF settings given explicitly mean ``on``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from .crf import CRFParams
 from .extract import METHODS
 
 STEP = "crisp-predict"
+CRF_MODES = ("auto", "on", "off")
 _MODELS: dict = {}  # per worker process: model path + identity → (network, config)
 
 
@@ -41,8 +49,8 @@ _MODELS: dict = {}  # per worker process: model path + identity → (network, co
 class PredictParams:
     """Everything that changes a micrograph's outputs."""
 
-    crf: bool = True
-    crf_params: CRFParams = CRFParams()
+    crf: str = "auto"                   # auto | on | off (True/False mean on/off)
+    crf_params: CRFParams | None = None  # None: the model's chosen settings (CRISP's if it has none)
     extract: str = "peaks"
     diameter: float | None = None  # full-resolution pixels; default: the model's
     threshold: float = 0.5
@@ -51,6 +59,10 @@ class PredictParams:
     probability: bool = False
 
     def __post_init__(self):
+        if isinstance(self.crf, bool):
+            object.__setattr__(self, "crf", "on" if self.crf else "off")
+        if self.crf not in CRF_MODES:
+            raise InputError(f"--crf must be one of {', '.join(CRF_MODES)}, got {self.crf!r}")
         if self.extract not in METHODS:
             raise InputError(f"--extract must be one of {', '.join(METHODS)}, got {self.extract!r}")
         if self.diameter is not None and not self.diameter > 0:
@@ -68,6 +80,34 @@ class PredictReport:
     failed: list[str] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    crf_note: str = ""
+    without_truth: list[str] = field(default_factory=list)  # left out of the metrics: no truth for them
+
+
+def resolve_crf(params: PredictParams, config: dict) -> tuple[PredictParams, str]:
+    """``params`` with the CRF decided (``on``/``off``, concrete settings) for a model's
+    ``config``, and one line saying what was decided and why."""
+    from dataclasses import replace
+
+    choice = config.get("crf")
+    chosen = CRFParams(**choice["params"]) if choice else CRFParams()
+    mode = params.crf
+    if mode == "auto" and params.crf_params is not None:
+        mode, why = "on", "CRF settings given"
+    elif mode == "auto" and choice:
+        mode = "on" if choice["apply"] else "off"
+        why = (f"chosen by crisp train on {len(choice['micrographs'])} training micrograph(s): IoU "
+               f"{choice['iou_nocrf']:.3f} without, {choice['iou_crf']:.3f} with")
+    elif mode == "auto":
+        mode, why = "off", "the model records no CRF choice (trained before crisp train chose one)"
+    else:
+        why = f"--crf {mode}"
+    settings = params.crf_params or chosen
+    resolved = replace(params, crf=mode, crf_params=settings if mode == "on" else None)
+    if mode == "off":
+        return resolved, f"CRF off ({why})"
+    return resolved, (f"CRF on ({why}; features {settings.features}, sxy {settings.sxy:g}, srgb {settings.srgb:g}, "
+                      f"compat {settings.compat:g}, gaussian compat {settings.gaussian_compat:g})")
 
 
 def cached_model(model_dir: str):
@@ -132,10 +172,34 @@ def segment(network, config, image: np.ndarray, params: PredictParams) -> dict:
     logits = logits - logits.max(axis=0, keepdims=True)
     probabilities = np.exp(logits) / np.exp(logits).sum(axis=0, keepdims=True)
     out = {"image": binned, "probability": probabilities[1], "nocrf": probabilities[1] > params.threshold}
-    if params.crf:
-        refined = refine(probabilities, image=binned, logits=logits, params=params.crf_params)
+    if params.crf == "on":
+        refined = refine(probabilities, image=binned, logits=logits, params=params.crf_params or CRFParams())
         out["crf"] = refined[1] > params.threshold
     return out
+
+
+def segment_at_model_sampling(network, config, micrograph, params: PredictParams) -> tuple[dict, float]:
+    """``segment`` on the micrograph resampled to the model's pixel size (when both are known
+    and differ), its outputs resampled back onto the micrograph's binned grid; and the scale
+    (model pixels per micrograph pixel)."""
+    from scipy.ndimage import zoom
+
+    from ...io.micrographs import bin_image
+    from ..autopick.windows import resample, sampling_scale
+    from .train import standardise
+
+    scale = sampling_scale(micrograph.pixel_size, config.get("pixel_size"))
+    if scale == 1:
+        return segment(network, config, micrograph.image, params), 1.0
+    parts = segment(network, config, resample(micrograph.image, scale), params)
+    binned = standardise(bin_image(micrograph.image, config["bin"]))
+    factors = np.array(binned.shape) / np.array(parts["probability"].shape)
+    back = {"image": binned, "probability": zoom(parts["probability"], factors, order=1, grid_mode=True,
+                                                 mode="grid-mirror")}
+    back["nocrf"] = back["probability"] > params.threshold
+    if "crf" in parts:
+        back["crf"] = zoom(parts["crf"].astype(np.uint8), factors, order=0, grid_mode=True, mode="grid-mirror") > 0
+    return back, scale
 
 
 def mask_scores(pred: np.ndarray, truth: np.ndarray) -> dict:
@@ -169,8 +233,10 @@ def predict_one(path: str, model_dir: str, out: str, params: PredictParams, diam
         s.bytes_read = Path(path).stat().st_size
     factor = int(config["bin"])
     with stage("infer", block=block):  # the network, then the CRF
-        parts = segment(network, config, micrograph.image, params)
-    variants = ["nocrf", "crf"] if params.crf else ["nocrf"]
+        parts, scale = segment_at_model_sampling(network, config, micrograph, params)
+    if scale != 1 and diameter == config.get("diameter"):  # the model's diameter is in its own pixels
+        diameter = diameter / scale
+    variants = ["nocrf", "crf"] if params.crf == "on" else ["nocrf"]
     final = variants[-1]
     shape = micrograph.image.shape
     picks = {}
@@ -181,7 +247,7 @@ def predict_one(path: str, model_dir: str, out: str, params: PredictParams, diam
     name = micrograph.name
     with stage("write", block=block) as s:
         files = [_write_png(out / f"{name}_mask.png", unbin_mask(parts[final], factor, shape))]
-        if params.crf:
+        if params.crf == "on":
             files.append(_write_png(out / f"{name}_mask_nocrf.png", unbin_mask(parts["nocrf"], factor, shape)))
         files.append(overlay_png(out / f"{name}_overlay.png", parts, final, picks[final][0], factor, diameter,
                                  name=name, pixel_size=micrograph.pixel_size, truth=truth_particles))
@@ -211,10 +277,18 @@ def predict_one(path: str, model_dir: str, out: str, params: PredictParams, diam
 
 
 def _check_truth_masks(folder, names, shapes) -> dict[str, Path]:
-    from ...io.micrographs import micrograph_shape
-    from .train import find_masks
+    """``<name>_mask.*`` for the micrographs that have one (the others are scored on nothing);
+    a folder holding none of them is an error."""
+    from ...io.micrographs import SUFFIXES, micrograph_shape
 
-    masks = find_masks(folder, names)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise where(folder, "no such folder (the truth masks are <name>_mask.png/.jpg/.mrc/.tif files)")
+    files = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in SUFFIXES and p.is_file()}
+    masks = {name: files[f"{name}_mask"] for name in names if f"{name}_mask" in files}
+    if not masks:
+        raise where(folder, f"holds no mask for any of the {len(names)} micrograph(s) (expected <name>_mask.png, "
+                            f".jpg, .mrc or .tif, e.g. {names[0]}_mask.png)")
     for name, path in masks.items():
         if micrograph_shape(path) != shapes[name]:
             raise where(path, f"mask is {micrograph_shape(path)} px but micrograph {name} is {shapes[name]} px")
@@ -222,35 +296,42 @@ def _check_truth_masks(folder, names, shapes) -> dict[str, Path]:
 
 
 def summarise(records: list[dict]) -> dict:
-    """Scores of all micrographs together (pixel counts and pick counts pooled) and the mean of
-    the per-micrograph scores, for each variant (``nocrf``, ``crf``)."""
+    """Scores of the micrographs that have truth, together (pixel counts and pick counts pooled,
+    each over the micrographs with that kind of truth) and the mean of the per-micrograph scores,
+    for each variant (``nocrf``, ``crf``). Micrographs without truth are left out, never counted
+    as all wrong; ``micrographs_masks``/``micrographs_particles`` say how many each pool holds."""
     from ...metrics.segmentation import scores
 
     summary = {}
     for variant in ("nocrf", "crf"):
-        rows = [r["metrics"][variant] for r in records if variant in r.get("metrics", {})]
+        rows = [r["metrics"][variant] for r in records if r.get("metrics", {}).get(variant)]
         if not rows:
             continue
         entry = {"micrographs": len(rows)}
-        if "tp" in rows[0]:
-            counts = {k: sum(r[k] for r in rows) for k in ("tp", "fp", "fn", "tn")}
+        pixel_rows = [r for r in rows if "tp" in r]
+        pick_rows = [r for r in rows if "pick_tp" in r]
+        if pixel_rows:
+            counts = {k: sum(r[k] for r in pixel_rows) for k in ("tp", "fp", "fn", "tn")}
             s = scores(**counts)
+            entry["micrographs_masks"] = len(pixel_rows)
             entry["pooled"] = {"pixel_accuracy": (counts["tp"] + counts["tn"]) / sum(counts.values()),
                                "precision": s["precision"], "recall": s["recall"], "iou": s["iou"], "f1": s["dice"]}
-        if "pick_tp" in rows[0]:
-            tp, fp, fn = (sum(r[f"pick_{k}"] for r in rows) for k in ("tp", "fp", "fn"))
+        if pick_rows:
+            entry["micrographs_particles"] = len(pick_rows)
+            tp, fp, fn = (sum(r[f"pick_{k}"] for r in pick_rows) for k in ("tp", "fp", "fn"))
             p = tp / (tp + fp) if tp + fp else float(tp + fn == 0)
             rc = tp / (tp + fn) if tp + fn else float(tp + fp == 0)
             entry.setdefault("pooled", {}).update(pick_precision=p, pick_recall=rc,
                                                   pick_f1=2 * p * rc / (p + rc) if p + rc else 0.0,
                                                   pick_tp=tp, pick_fp=fp, pick_fn=fn)
-        keys = [k for k in rows[0] if k not in ("tp", "fp", "fn", "tn", "pick_tp", "pick_fp", "pick_fn")]
-        entry["mean"] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+        keys = dict.fromkeys(k for r in rows for k in r if k not in ("tp", "fp", "fn", "tn", "pick_tp", "pick_fp",
+                                                                      "pick_fn"))
+        entry["mean"] = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
         summary[variant] = entry
     return summary
 
 
-def _write_metrics(out: Path, records: list[dict], summary: dict) -> list[Path]:
+def _write_metrics(out: Path, records: list[dict], summary: dict, without_truth=(), crf_note: str = "") -> list[Path]:
     import pandas as pd
 
     rows = [{"micrograph": r["name"], "variant": v, **m} for r in records for v, m in r.get("metrics", {}).items()]
@@ -260,7 +341,8 @@ def _write_metrics(out: Path, records: list[dict], summary: dict) -> list[Path]:
     partial = csv.with_name(csv.name + ".partial")
     pd.DataFrame(rows).to_csv(partial, index=False)
     os.replace(partial, csv)
-    return [csv, _write_json(out / "metrics.json", {"summary": summary, "micrographs": rows})]
+    return [csv, _write_json(out / "metrics.json", {"summary": summary, "micrographs": rows,
+                                                     "without_truth": list(without_truth), "crf": crf_note})]
 
 
 @dataclass
@@ -273,6 +355,8 @@ class PredictPlan:
     params: PredictParams
     model_dir: Path
     diameter: float
+    crf_note: str = ""
+    without_truth: list[str] = field(default_factory=list)  # truth given, but none for these micrographs
 
 
 def plan_prediction(micrographs, model_dir, out, *, params: PredictParams = PredictParams(), truth_masks=None,
@@ -284,6 +368,7 @@ def plan_prediction(micrographs, model_dir, out, *, params: PredictParams = Pred
     from .train import MODEL_FILE, load_model
 
     _, config = load_model(model_dir)
+    params, crf_note = resolve_crf(params, config)
     diameter = params.diameter or config.get("diameter")
     if not diameter:
         raise InputError("--diameter is needed: the model does not record a particle diameter")
@@ -300,6 +385,9 @@ def plan_prediction(micrographs, model_dir, out, *, params: PredictParams = Pred
 
         coords = read_particles(truth_particles, names, shapes=shapes, flip_y=truth_flip_y)
         note_skipped(coords, "truth coordinates")
+        coords = {n: c for n, c in coords.items() if n in getattr(coords, "matched", coords)}
+    given = truth_masks is not None or truth_particles is not None
+    without_truth = [n for n in names if given and n not in masks and n not in coords]
     out = check_output_dir(out).resolve()
     model = file_identity(Path(model_dir) / MODEL_FILE)
     jobs, done = [], []
@@ -313,8 +401,8 @@ def plan_prediction(micrographs, model_dir, out, *, params: PredictParams = Pred
             done.append(record)
             continue
         jobs.append({"path": str(path), "key": key, "truth_mask": str(masks[name]) if name in masks else None,
-                     "truth_particles": coords.get(name) if truth_particles is not None else None})
-    return PredictPlan(jobs, done, out, params, Path(model_dir).resolve(), float(diameter))
+                     "truth_particles": coords.get(name)})
+    return PredictPlan(jobs, done, out, params, Path(model_dir).resolve(), float(diameter), crf_note, without_truth)
 
 
 def _read_record(path: Path) -> dict:
@@ -328,7 +416,7 @@ def run_prediction(plan: PredictPlan, client) -> PredictReport:
     """Run the plan's micrograph tasks on ``client``; gather records, write metrics."""
     from distributed import as_completed
 
-    report = PredictReport(results=list(plan.done))
+    report = PredictReport(results=list(plan.done), crf_note=plan.crf_note, without_truth=list(plan.without_truth))
     futures = {} if not plan.jobs else {client.submit(predict_one, job["path"], str(plan.model_dir), str(plan.out), plan.params,
                              plan.diameter, job["key"], job["truth_mask"], job["truth_particles"],
                              pure=False, retries=1): job for job in plan.jobs}
@@ -343,7 +431,7 @@ def run_prediction(plan: PredictPlan, client) -> PredictReport:
     order = {Path(j["path"]).stem: i for i, j in enumerate(plan.jobs)}
     report.results.sort(key=lambda r: (order.get(r["name"], -1), r["name"]))
     report.summary = summarise(report.results)
-    report.files = _write_metrics(plan.out, report.results, report.summary)
+    report.files = _write_metrics(plan.out, report.results, report.summary, report.without_truth, report.crf_note)
     return report
 
 

@@ -4,7 +4,9 @@ Labels are the given masks, or disks of the particle diameter drawn at given coo
 Micrographs are binned by an integer factor and each is standardised (zero mean, unit
 standard deviation); training draws random square crops (4 per micrograph per epoch, as
 CRISP), flipped and rotated by multiples of 90°, and optimises the chosen loss with Adam and a
-one-cycle learning-rate schedule (CRISP's OneCycleLR). The model folder holds ``model.pt``
+one-cycle learning-rate schedule (CRISP's OneCycleLR). The trained network then scores a small
+dense-CRF grid on (up to four of) its training micrographs; the best setting, both IoUs and
+whether the CRF is applied by default go into ``config["crf"]``. The model folder holds ``model.pt``
 (state dict + everything needed to rebuild the network and its input), ``config.json``,
 ``training_log.json`` and ``loss_curve.png``.
 """
@@ -66,6 +68,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     micrographs: int = 0
+    crf: dict = field(default_factory=dict)
 
 
 def standardise(image: np.ndarray) -> np.ndarray:
@@ -122,6 +125,21 @@ def check_labels(micrographs, *, particles=None, masks=None, diameter=None, flip
     return paths, names, shapes, find_masks(masks, names)
 
 
+def _pixel_size(paths, pixel_size, log) -> float | None:
+    """``pixel_size`` (checked), else the first micrograph header's; said when unknown."""
+    from ..autopick.score import header_pixel_size
+
+    if pixel_size is not None:
+        if not pixel_size > 0:
+            raise InputError(f"--pixel-size must be positive, got {pixel_size}")
+        return float(pixel_size)
+    found = next((s for s in map(header_pixel_size, paths) if s), None)
+    if found is None and log is not None:
+        log("pixel size unknown (no header, no --pixel-size): the model is recorded without one and assumes "
+            "the micrographs it segments share the training sampling")
+    return found
+
+
 def load_examples(paths, names, shapes, labels, diameter, factor: int):
     """(binned standardised image, binned label) per micrograph."""
     examples = []
@@ -169,8 +187,9 @@ def loss_curve_png(losses, out_png, title: str) -> Path:
     return atomic_write(Path(out_png), lambda p: fig.savefig(p, dpi=fig.dpi, format="png"))
 
 
-def train(micrographs, out, *, particles=None, masks=None, diameter: float | None = None, flip_y: bool = False,
-          params: TrainParams = TrainParams(), threads: int | None = None, log=None) -> TrainResult:
+def train(micrographs, out, *, particles=None, masks=None, diameter: float | None = None, flip_y: bool | str = False,
+          params: TrainParams = TrainParams(), threads: int | None = None, log=None, crf_grid=None,
+          pixel_size: float | None = None, checks: bool = True) -> TrainResult:
     """Train a segmentation network; write the model folder ``out``.
 
     Parameters
@@ -181,7 +200,11 @@ def train(micrographs, out, *, particles=None, masks=None, diameter: float | Non
     params : network, loss, binning, crops, optimiser (``TrainParams``)
     threads : torch threads (default: torch's, one per core); on a shared, busy machine 1 is
         several times faster, since torch's threads spin waiting for each other
-    log : called with one line per epoch (e.g. ``print``)
+    log : called with one line per epoch and one for the CRF choice (e.g. ``print``)
+    crf_grid : CRF settings to choose from (default: ``crf.grid`` at the particle radius)
+    flip_y : True / False, or ``"auto"``; with ``checks``, coordinates that look y-flipped
+        are refused (``cryodask.micrographs.autopick.checks``)
+    pixel_size : Å/px of the micrographs (default: the first header's), recorded with the model
 
     Examples
     --------
@@ -195,8 +218,20 @@ def train(micrographs, out, *, particles=None, masks=None, diameter: float | Non
 
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be at least 1, got {threads}")
+    from ..autopick.checks import parse_flip
+
+    mode = parse_flip(flip_y)
     paths, names, shapes, labels = check_labels(micrographs, particles=particles, masks=masks, diameter=diameter,
-                                                flip_y=flip_y)
+                                                flip_y=mode == "yes")
+    pixel_size = _pixel_size(paths, pixel_size, log)
+    flip_y = mode == "yes"
+    if particles is not None and (checks or mode == "auto"):
+        from ..autopick.inputs import MicrographSet
+        from ..autopick.train import check_orientation
+
+        mics = MicrographSet(dict(zip(names, map(Path, paths))), shapes)
+        labels, flipped = check_orientation(mics, labels, 2 * float(diameter), mode, where_=str(particles), log=log)
+        flip_y = (mode == "yes") != flipped
     out = check_output_dir(out)
     clock = time.perf_counter()
     with stage("read", block="micrographs", bytes_read=sum(Path(p).stat().st_size for p in paths)):
@@ -207,21 +242,61 @@ def train(micrographs, out, *, particles=None, masks=None, diameter: float | Non
     try:
         with stage("train", block="model"):
             network, history = _fit(examples, params, widths, clock, log)
+            network.eval()  # the CRF choice runs the trained network on training micrographs
+            diameter_full = float(diameter) if diameter else _mean_diameter(examples, params.bin)
+            crf = choose_crf(network, examples, names, diameter_full, params.bin, crf_grid)
     finally:
         torch.set_num_threads(previous)
-    network.eval()
+    if log is not None:
+        log(crf_line(crf))
     config = {"format": FORMAT, "network": params.model, "widths": list(widths), "classes": 2, "bin": params.bin,
               "normalisation": "standardise each binned micrograph (mean 0, std 1)",
-              "diameter": float(diameter) if diameter else _mean_diameter(examples, params.bin),
+              "diameter": diameter_full, "pixel_size": pixel_size, "flip_y": flip_y,
               "labels": "particles" if particles is not None else "masks", "train": asdict(params),
-              "micrographs": [str(p) for p in paths]}
+              "micrographs": [str(p) for p in paths], "crf": crf}
     state = {"config": config, "state_dict": network.state_dict()}
     atomic_write(out / MODEL_FILE, lambda p: torch.save(state, p))
     atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
     atomic_write(out / "training_log.json", lambda p: Path(p).write_text(json.dumps(history, indent=2)))
     losses = [h["loss"] for h in history]
     loss_curve_png(losses, out / "loss_curve.png", f"{params.model} + {params.loss}, bin {params.bin}")
-    return TrainResult(out, losses, time.perf_counter() - clock, len(examples))
+    return TrainResult(out, losses, time.perf_counter() - clock, len(examples), crf)
+
+
+CRF_MICROGRAPHS = 4  # the CRF grid runs on at most this many training micrographs (evenly spaced)
+
+
+def choose_crf(network, examples, names, diameter, factor: int, settings=None) -> dict:
+    """Score the CRF grid on (up to ``CRF_MICROGRAPHS``) training micrographs against their
+    labels, at the model's binning; the result goes into ``config["crf"]`` and decides whether
+    ``crisp predict --crf auto`` applies the CRF. The network has seen these micrographs, so both
+    IoUs are optimistic; their difference is what counts."""
+    from .crf import choose, grid
+    from .tiles import predict_tiled
+
+    step = max(1, math.ceil(len(examples) / CRF_MICROGRAPHS))
+    picked = list(range(0, len(examples), step))[:CRF_MICROGRAPHS]
+    cases = []
+    for i in picked:
+        image, label = examples[i]
+        logits = predict_tiled(network, image)
+        logits = logits - logits.max(axis=0, keepdims=True)
+        probabilities = np.exp(logits) / np.exp(logits).sum(axis=0, keepdims=True)
+        cases.append((probabilities, logits, image, label))
+    settings = list(settings) if settings is not None else grid((diameter or 2 * factor) / factor)
+    result = choose(cases, settings)
+    result["micrographs"] = [names[i] for i in picked]
+    return result
+
+
+def crf_line(crf: dict) -> str:
+    """One line: both IoUs and the decision."""
+    p = crf["params"]
+    return (f"CRF on {len(crf['micrographs'])} training micrograph(s), best of {crf['settings_tried']} settings "
+            f"(features {p['features']}, sxy {p['sxy']:g}, compat {p['compat']:g}, gaussian compat "
+            f"{p['gaussian_compat']:g}): IoU {crf['iou_nocrf']:.3f} without, {crf['iou_crf']:.3f} with → "
+            + ("applied by default" if crf["apply"] else f"not applied by default (gain under {crf['min_gain']:g}; "
+                                                        f"crisp predict --crf on forces it)"))
 
 
 def _fit(examples, params: TrainParams, widths, clock: float, log):
