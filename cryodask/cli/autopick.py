@@ -17,6 +17,14 @@ MICROGRAPHS = typer.Option(..., "--micrographs",
                            help="Micrograph files, folders, globs or a micrographs STAR (repeatable).")
 FLIP_Y = typer.Option(False, "--flip-y", help="Coordinates count y from the bottom of the image (autopick-bc .box).")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda.")
+FLIP_Y_TRAIN = typer.Option("no", "--flip-y", metavar="no|yes|auto",
+                            help="Coordinates count y from the bottom of the image (autopick-bc .box): no | yes | "
+                                 "auto (decided from the images, and said).")
+PIXEL_SIZE = typer.Option(None, "--pixel-size", help="Å/px of the micrographs (overrides their headers; "
+                                                      "JPEG/PNG have none).")
+CHECKS = typer.Option(True, "--checks/--no-checks",
+                      help="Refuse coordinates that look y-flipped, unbalanced classes and a held-out result "
+                           "at the class prior.")
 
 
 @autopick_app.command("train")
@@ -37,7 +45,7 @@ def train_command(
     shift: float = typer.Option(0.0, "--shift", help="Largest random centre offset in augmentation (pixels)."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random rotations and flips while training."),
     seed: int = typer.Option(0, "--seed", help="Seeds the split, the weights and the augmentation."),
-    flip_y: bool = FLIP_Y, device: str = DEVICE,
+    flip_y: str = FLIP_Y_TRAIN, pixel_size: float = PIXEL_SIZE, checks: bool = CHECKS, device: str = DEVICE,
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
@@ -45,13 +53,18 @@ def train_command(
     from ..cluster import check_spec
     from ..io.folders import check_output_dir
     from ..lock import output_lock
+    from ..errors import InputError
+    from ..micrographs.autopick.checks import parse_flip
     from ..micrographs.autopick.train import TrainParams, train, training_inputs
 
     check_spec(cluster)
     params = TrainParams(box_size=box_size, bin=bin_factor, epochs=epochs, batch_size=batch_size, lr=lr,
                          patience=patience, test=test_fraction, validation=validation_fraction, augment=augment,
                          shift=shift, seed=seed)
-    training_inputs(micrographs, good, bad, flip_y=flip_y, quiet=True)
+    flip_y = parse_flip(flip_y)
+    if pixel_size is not None and not pixel_size > 0:
+        raise InputError(f"--pixel-size must be positive, got {pixel_size}")
+    training_inputs(micrographs, good, bad, flip_y=flip_y == "yes", quiet=True)
     check_output_dir(out)
     from ..report import run_report
 
@@ -59,7 +72,7 @@ def train_command(
             cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
             run_report(report_dir, client, command="autopick train", echo=typer.echo):
         result = train(micrographs, good, bad, out, params=params, flip_y=flip_y, client=client, device=device,
-                       log=typer.echo)
+                       log=typer.echo, pixel_size=pixel_size, checks=checks)
     c, t = result.counts, result.test
     typer.echo(f"{c['good']} good + {c['bad']} bad windows of {c['window']} px from {c['micrographs']} micrographs; "
                f"train {c['train']}, validation {c['validation']}, test {c['test']}")
@@ -79,6 +92,9 @@ def repick_command(
     batch: int = typer.Option(16, "--batch", help="Windows per forward pass."),
     show_false: bool = typer.Option(False, "--show-false", help="Also draw the false picks (red) in the PNG."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo micrographs already done with this model and these parameters."),
+    margin: float = typer.Option(None, "--margin", help="Keep picks this far from the image border, in pixels of "
+                                                        "the model's box (default half a box; 0: none)."),
+    pixel_size: float = PIXEL_SIZE,
     flip_y: bool = FLIP_Y, device: str = DEVICE,
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
@@ -92,9 +108,12 @@ def repick_command(
     from ..micrographs.autopick.score import check_model
 
     check_spec(cluster)
-    params = RepickParams(stride=stride, threshold=threshold, radius=radius, batch=batch, overlay_false=show_false)
-    check_model(model)
-    micrograph_set(micrographs)
+    from ..micrographs.autopick.score import sampling_note
+
+    params = RepickParams(stride=stride, threshold=threshold, radius=radius, batch=batch, overlay_false=show_false,
+                          margin=margin)
+    config = check_model(model)
+    sampling_note(config, micrograph_set(micrographs), pixel_size, typer.echo)
     check_output_dir(out)
     from ..report import run_report
 
@@ -102,7 +121,7 @@ def repick_command(
             cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
             run_report(report_dir, client, command="autopick repick", echo=typer.echo):
         report = repick(micrographs, model, out, params=params, flip_y=flip_y, overwrite=overwrite, device=device,
-                        client=client)
+                        client=client, pixel_size=pixel_size)
     picked, skipped = report.picked, len(report.results) - len(report.picked)
     typer.echo(f"{len(picked)} micrographs re-picked ({sum(r['true'] for r in picked)} true, "
                f"{sum(r['false'] for r in picked)} false picks), {skipped} skipped (done before) "
@@ -119,6 +138,7 @@ def classify_command(
     out: Path = typer.Option(..., "--out", help="Output folder for the *_true.star / *_false.star files."),
     threshold: float = typer.Option(0.5, "--threshold", help="Lowest score of a true pick."),
     batch: int = typer.Option(16, "--batch", help="Windows per forward pass."),
+    pixel_size: float = PIXEL_SIZE,
     flip_y: bool = FLIP_Y, device: str = DEVICE,
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
@@ -135,8 +155,12 @@ def classify_command(
     check_spec(cluster)
     if not 0 <= threshold <= 1:
         raise InputError(f"--threshold must be between 0 and 1, got {threshold}")
-    check_model(model)
-    read_centres(particles, micrograph_set(micrographs), flip_y=flip_y, quiet=True)
+    from ..micrographs.autopick.score import sampling_note
+
+    config = check_model(model)
+    mics = micrograph_set(micrographs)
+    sampling_note(config, mics, pixel_size, typer.echo)
+    read_centres(particles, mics, flip_y=flip_y, quiet=True)
     check_output_dir(out)
     from ..report import run_report
 
@@ -144,7 +168,7 @@ def classify_command(
             cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
             run_report(report_dir, client, command="autopick classify", echo=typer.echo):
         result = classify(micrographs, model, particles, out, threshold=threshold, flip_y=flip_y, batch=batch,
-                          device=device, client=client)
+                          device=device, client=client, pixel_size=pixel_size)
     typer.echo(f"{result.counts['true']} true, {result.counts['false']} false picks in {result.seconds:.1f} s")
     for path in result.files[:6]:
         typer.echo(f"wrote {path}")

@@ -23,32 +23,34 @@ from ...errors import InputError
 SCORE = "rlnAutopickFigureOfMerit"
 
 
-def _score_task(path, centres, model_dir, batch: int, device: str) -> np.ndarray:
+def _score_task(path, centres, model_dir, batch: int, device: str, pixel_size: float | None = None) -> np.ndarray:
     from ...report import stage
     from ...models.sam2 import pick_device
     from .score import cached_model, heap_kept, score_windows, use_worker_threads
-    from .windows import WindowCutter, binned_micrograph, to_binned
+    from .windows import WindowCutter, model_micrograph, to_binned, to_model
 
     use_worker_threads()
     device = pick_device(device)
     net, config = cached_model(model_dir, device)
     block = Path(path).name
     with stage("read", block=block, bytes_read=Path(path).stat().st_size):
-        _, binned = binned_micrograph(path, config.bin)
+        _, binned, scale = model_micrograph(path, config.bin, config.pixel_size, pixel_size)
     with stage("preprocess", block=block):
-        windows = WindowCutter(binned, config.window).cut(to_binned(centres, config.bin))
+        windows = WindowCutter(binned, config.window).cut(to_binned(to_model(centres, scale), config.bin))
     with stage("infer", block=block), heap_kept():
         return score_windows(net, windows, batch, device)
 
 
 def score_picks(mics, centres: dict[str, np.ndarray], model_dir, *, batch: int = 16, device: str = "auto",
-                client=None) -> dict[str, np.ndarray]:
-    """P(particle) of every centre, per micrograph name (one task per micrograph)."""
+                client=None, pixel_size: float | None = None) -> dict[str, np.ndarray]:
+    """P(particle) of every centre, per micrograph name (one task per micrograph); micrographs
+    at another pixel size than the model's are resampled to it first."""
     from .tasks import map_micrographs
 
     names = [n for n in mics.names if len(centres.get(n, ()))]
     scores = map_micrographs(client, _score_task, [(mics.paths[n], centres[n]) for n in names], "autopick-classify",
-                             model_dir=str(Path(model_dir).resolve()), batch=batch, device=device)
+                             model_dir=str(Path(model_dir).resolve()), batch=batch, device=device,
+                             pixel_size=pixel_size)
     out = {n: np.empty(0, np.float32) for n in mics.names}
     out.update(zip(names, scores))
     return out
@@ -106,7 +108,7 @@ def _split_star(source: Path, blocks: dict, key: str, scores: dict, threshold: f
 
 
 def classify(micrographs, model_dir, particles, out, *, threshold: float = 0.5, flip_y: bool = False,
-             batch: int = 16, device: str = "auto", client=None) -> ClassifyResult:
+             batch: int = 16, device: str = "auto", client=None, pixel_size: float | None = None) -> ClassifyResult:
     """Score the picks in ``particles`` and write them, split at ``threshold``, to ``out``.
 
     Parameters
@@ -117,6 +119,7 @@ def classify(micrographs, model_dir, particles, out, *, threshold: float = 0.5, 
         or per-micrograph coordinate files (a folder or glob of ``.box``, ``.star``, ...).
     out : output folder.
     flip_y : the coordinates count y from the bottom of the image.
+    pixel_size : Å/px of the micrographs (overrides their headers; see ``score_picks``).
 
     Examples
     --------
@@ -126,17 +129,17 @@ def classify(micrographs, model_dir, particles, out, *, threshold: float = 0.5, 
     from ...io.folders import check_output_dir
     from ...io.particles import write_particles_star
     from .inputs import micrograph_set, read_centres
-    from .score import check_model
+    from .score import check_model, header_pixel_size
 
     clock = time.perf_counter()
     if not 0 <= threshold <= 1:
         raise InputError(f"--threshold must be between 0 and 1, got {threshold}")
-    config = check_model(model_dir)
+    check_model(model_dir)
     mics = micrograph_set(micrographs)
     centres = read_centres(particles, mics, flip_y=flip_y)
     star = _star_blocks(Path(particles))
     out = check_output_dir(out)
-    scores = score_picks(mics, centres, model_dir, batch=batch, device=device, client=client)
+    scores = score_picks(mics, centres, model_dir, batch=batch, device=device, client=client, pixel_size=pixel_size)
     if star is not None:
         files = _split_star(Path(particles), *star, scores, threshold, out)
     else:
@@ -149,5 +152,6 @@ def classify(micrographs, model_dir, particles, out, *, threshold: float = 0.5, 
             for kind, rows in (("true", keep), ("false", ~keep)):
                 files.append(write_particles_star(
                     out / f"{name}_{kind}.star", {str(path): centres[name][rows]}, scores={str(path): scores[name][rows]},
-                    pixel_size=config.pixel_size, shapes={str(path): mics.shapes[name]}, flip_y=flip_y))
+                    pixel_size=pixel_size or header_pixel_size(path), shapes={str(path): mics.shapes[name]},
+                    flip_y=flip_y))
     return ClassifyResult(centres, scores, files, time.perf_counter() - clock, threshold)

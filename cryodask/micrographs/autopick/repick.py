@@ -41,6 +41,10 @@ class RepickParams:
         390 kB per 54 px window, and tensors past glibc's mmap threshold (32 MB, batch ≥ 64)
         are mapped and page-faulted afresh on every call: measured 1.7× slower (batch 64).
     overlay_false : also draw the false picks (red) in the PNG.
+    margin : least distance of a pick from the image border in original pixels (default
+        box/2: a window centred nearer reaches past the image, where the mirrored border
+        makes particle-like texture); 0 keeps every window.
+    Pixels are the model's (its box's): a micrograph at another pixel size is rescaled first.
     """
 
     stride: float | None = None
@@ -48,8 +52,11 @@ class RepickParams:
     radius: float | None = None
     batch: int = 16
     overlay_false: bool = False
+    margin: float | None = None
 
     def __post_init__(self):
+        if self.margin is not None and not (math.isfinite(self.margin) and self.margin >= 0):
+            raise InputError(f"--margin must be a number of pixels ≥ 0, got {self.margin}")
         for name, value in (("--stride", self.stride), ("--radius", self.radius)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise InputError(f"{name} must be a positive number of pixels, got {value}")
@@ -61,7 +68,7 @@ class RepickParams:
     def resolved(self, box_size: int) -> RepickParams:
         """The defaults filled in from the model's box size."""
         return RepickParams(self.stride or box_size / 4, self.threshold, self.radius or box_size / 2, self.batch,
-                            self.overlay_false)
+                            self.overlay_false, box_size / 2 if self.margin is None else self.margin)
 
 
 STEP = "autopick-repick"
@@ -121,15 +128,23 @@ def overlay_png(binned: np.ndarray, out_png: Path, true_centres, radius: float, 
                               note=f"{width}×{height} px shown" + (f", {pixel_size:g} Å/px" if pixel_size else ""))
 
 
+def inside(centres, shape, margin: float) -> np.ndarray:
+    """Indices of the (row, col) centres at least ``margin`` from every edge of ``shape``
+    (pixel centres at integers: the edges are at −0.5 and n − 0.5)."""
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    low, high = margin - 0.5, np.array(shape) - 0.5 - margin
+    return np.flatnonzero(np.all((centres >= low) & (centres <= high), axis=1))
+
+
 def repick_micrograph(path, key: str, model_dir, out, params: RepickParams, *, flip_y: bool = False,
-                      device: str = "auto") -> dict:
+                      device: str = "auto", pixel_size: float | None = None) -> dict:
     """Re-pick one micrograph (a worker task); returns its counts and timing."""
     from ...io.micrographs import micrograph_name
     from ...io.particles import write_particles_star
     from ...report import stage
     from ...models.sam2 import pick_device
     from .score import cached_model, heap_kept, use_worker_threads
-    from .windows import binned_micrograph, to_original
+    from .windows import from_model, model_micrograph, to_original
 
     path, out = Path(path), Path(out)
     name = micrograph_name(path)
@@ -140,17 +155,19 @@ def repick_micrograph(path, key: str, model_dir, out, params: RepickParams, *, f
     net, config = cached_model(model_dir, device)
     params = params.resolved(config.box_size)
     with stage("read", block=path.name, bytes_read=path.stat().st_size):
-        micrograph, binned = binned_micrograph(path, config.bin)
+        micrograph, binned, scale = model_micrograph(path, config.bin, config.pixel_size, pixel_size)
     with stage("infer", block=path.name), heap_kept():
         centres, scores = score_grid(net, binned, config.window, params.stride / config.bin, params.batch, device)
     with stage("post-process", block=path.name):
-        original = to_original(centres, config.bin)
-        true, false = split_picks(original, scores, params.threshold, params.radius)
+        kept = inside(to_original(centres, config.bin), np.array(micrograph.image.shape) * scale, params.margin)
+        centres, scores = centres[kept], scores[kept]
+        true, false = split_picks(to_original(centres, config.bin), scores, params.threshold, params.radius)
+        original = from_model(to_original(centres, config.bin), scale)
     with stage("write", block=path.name) as written:
         shape = {str(path): micrograph.image.shape}
         overlay_png(binned, files["png"], centres[true], params.radius / 2 / config.bin,
                     centres[false] if params.overlay_false else None, name=name, threshold=params.threshold,
-                    pixel_size=micrograph.pixel_size * config.bin if micrograph.pixel_size else None)
+                    pixel_size=micrograph.pixel_size / scale[0] * config.bin if micrograph.pixel_size else None)
         for kind, index in (("false", false), ("true", true)):
             write_particles_star(files[kind], {str(path): original[index]}, scores={str(path): scores[index]},
                                  pixel_size=micrograph.pixel_size, shapes=shape, flip_y=flip_y)
@@ -160,7 +177,7 @@ def repick_micrograph(path, key: str, model_dir, out, params: RepickParams, *, f
     record.with_name(record.name + ".partial").write_text(key)
     record.with_name(record.name + ".partial").replace(record)  # last: the files above are complete
     return {"name": name, "status": "picked", "windows": len(scores), "true": len(true), "false": len(false),
-            "seconds": time.perf_counter() - clock}
+            "scale": float(scale[0]), "seconds": time.perf_counter() - clock}
 
 
 @dataclass
@@ -174,7 +191,8 @@ class RepickReport:
 
 
 def repick(micrographs, model_dir, out, *, params: RepickParams | None = None, flip_y: bool = False,
-           overwrite: bool = False, device: str = "auto", client=None) -> RepickReport:
+           overwrite: bool = False, device: str = "auto", client=None,
+           pixel_size: float | None = None) -> RepickReport:
     """Sliding-window re-picking of every micrograph with the model in ``model_dir``.
 
     Parameters
@@ -185,6 +203,8 @@ def repick(micrographs, model_dir, out, *, params: RepickParams | None = None, f
     params : :class:`RepickParams` (stride, threshold, NMS radius, batch).
     flip_y : write y counted from the bottom of the image.
     client : ``distributed.Client``: one task per micrograph; None runs them here.
+    pixel_size : Å/px of the micrographs (overrides their headers). Micrographs at another
+        pixel size than the model's are resampled to it on the workers and the picks mapped back.
 
     Examples
     --------
@@ -204,12 +224,12 @@ def repick(micrographs, model_dir, out, *, params: RepickParams | None = None, f
     model = file_identity(Path(model_dir) / MODEL_FILE)
     items, skipped = [], []
     for name in mics.names:
-        key = params_hash({"params": asdict(params), "flip_y": flip_y, "model": model,
+        key = params_hash({"params": asdict(params), "flip_y": flip_y, "model": model, "pixel_size": pixel_size,
                            "micrograph": file_identity(mics.paths[name])})
         if not overwrite and is_done(out, name, key):
             skipped.append({"name": name, "status": "skipped"})
         else:
             items.append((mics.paths[name], key))
     results = map_micrographs(client, repick_micrograph, items, STEP, model_dir=str(Path(model_dir).resolve()),
-                              out=str(out), params=params, flip_y=flip_y, device=device)
+                              out=str(out), params=params, flip_y=flip_y, device=device, pixel_size=pixel_size)
     return RepickReport(skipped + results, time.perf_counter() - clock)

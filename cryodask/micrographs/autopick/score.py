@@ -166,3 +166,52 @@ def score_windows(net, windows: np.ndarray, batch: int = 16, device: str = "cpu"
             x = torch.from_numpy(np.ascontiguousarray(windows[start:start + batch])).unsqueeze(1).to(device)
             out[start:start + len(x)] = torch.sigmoid(net(x)).float().cpu().numpy()
     return out
+
+
+def header_pixel_size(path) -> float | None:
+    """Å/px from an MRC or TIFF header (None for pictures, or a header without one)."""
+    from ...io.micrographs import _kind
+
+    kind = _kind(path)
+    if kind == "picture":
+        return None
+    if kind == "mrc":
+        from ...io import mrc
+    else:
+        from ...io import tiff as mrc
+    voxel = mrc.describe(path)[2]
+    size = voxel[2] if voxel else None
+    return float(size) if size and np.isfinite(size) and size > 0 else None
+
+
+def sampling_note(config, mics, pixel_size: float | None = None, echo=None) -> list[str]:
+    """One line per kind of sampling mismatch between the model (a ``ModelConfig``, or its
+    pixel size) and the micrographs: which are rescaled to the model's pixel size, and which
+    pixel size is assumed where one is unknown (``pixel_size``, ``--pixel-size``, states it)."""
+    from ...errors import InputError
+    from .windows import sampling_scale
+
+    if pixel_size is not None and not pixel_size > 0:
+        raise InputError(f"--pixel-size must be positive, got {pixel_size}")
+    sizes = {n: pixel_size or header_pixel_size(p) for n, p in mics.paths.items()}
+    model = getattr(config, "pixel_size", config)
+    lines = []
+    unknown = [n for n, s in sizes.items() if s is None]
+    if unknown and model:
+        lines.append(f"pixel size of {len(unknown)} micrograph(s) unknown: assuming the model's {model:g} Å/px "
+                     "(state it with --pixel-size)")
+    known = {n: s for n, s in sizes.items() if s is not None}
+    if known and not model:
+        lines.append(f"the model records no pixel size: assuming it was trained at the micrographs' "
+                     f"({', '.join(sorted({f'{s:g}' for s in known.values()}))} Å/px); no rescaling")
+    if unknown and not model:
+        lines.append("neither the model nor the micrographs state a pixel size: assuming they match")
+    rescaled = {s for s in known.values() if model and sampling_scale(s, model) != 1}
+    if rescaled:
+        n = sum(1 for s in known.values() if s in rescaled)
+        lines.append(f"{n} micrograph(s) at {', '.join(sorted(f'{s:g}' for s in rescaled))} Å/px rescaled to the "
+                     f"model's {model:g} Å/px on the workers; picks are mapped back")
+    for line in lines:
+        if echo:
+            echo(line)
+    return lines

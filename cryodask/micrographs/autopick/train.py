@@ -80,30 +80,56 @@ class TrainResult:
 
 # ------------------------------------------------------------------ windows (one task per micrograph)
 
-def _labelled_windows(path, good, bad, box_size: int, bin_factor: int):
+def _labelled_windows(path, good, bad, box_size: int, bin_factor: int, pixel_size: float | None = None):
     from ...report import stage
     from .windows import WindowCutter, binned_micrograph, to_binned, window_size
 
     with stage("read", block=Path(path).name, bytes_read=Path(path).stat().st_size):
-        micrograph, binned = binned_micrograph(path, bin_factor)
+        micrograph, binned = binned_micrograph(path, bin_factor, pixel_size)
     with stage("preprocess", block=Path(path).name):
         centres = np.concatenate([good, bad]).reshape(-1, 2)
         windows = WindowCutter(binned, window_size(box_size, bin_factor)).cut(to_binned(centres, bin_factor))
     return windows, np.r_[np.ones(len(good), np.float32), np.zeros(len(bad), np.float32)], micrograph.pixel_size
 
 
-def collect_windows(mics, good: dict, bad: dict, box_size: int, bin_factor: int, client=None):
+def collect_windows(mics, good: dict, bad: dict, box_size: int, bin_factor: int, client=None,
+                    pixel_size: float | None = None):
     """All labelled windows (N, w, w), labels (N,) (1 = good), and the micrographs' pixel
-    size (Å/px, the first one stated; None), micrograph by micrograph."""
+    size (Å/px: ``pixel_size``, else the first one stated; None), micrograph by micrograph."""
     from .tasks import map_micrographs
 
     items = [(mics.paths[n], good.get(n, np.empty((0, 2))), bad.get(n, np.empty((0, 2)))) for n in mics.names
              if len(good.get(n, ())) or len(bad.get(n, ()))]
     results = map_micrographs(client, _labelled_windows, items, "autopick-windows", box_size=box_size,
-                              bin_factor=bin_factor)
+                              bin_factor=bin_factor, pixel_size=pixel_size)
     windows = np.concatenate([w for w, _, _ in results])
     labels = np.concatenate([y for _, y, _ in results])
     return windows, labels, next((p for _, _, p in results if p), None)
+
+
+def _flip_task(path, centres, diameter: float):
+    """Band energy at ``centres`` and at their y-mirrors (a worker task, see ``checks``)."""
+    from ...io.micrographs import read_micrograph
+    from .checks import flip_energies
+
+    return flip_energies(read_micrograph(path).image, centres, diameter, step=max(1, int(diameter // 12)))
+
+
+def check_orientation(mics, good: dict, box_size: int, mode: str, client=None, where_="--good", log=None):
+    """Test the good centres against their y-mirrors (particle diameter taken as half the box);
+    returns the centres to train on and whether they were flipped (``checks.decide_flip``)."""
+    from .checks import decide_flip, flip_test
+    from .tasks import map_micrographs
+
+    items = [(mics.paths[n], good[n]) for n in mics.names if len(good.get(n, ()))]
+    test = flip_test(map_micrographs(client, _flip_task, items, "autopick-flip-test", diameter=box_size / 2))
+    flip = decide_flip(test, mode, where_)
+    if mode == "auto" and log:
+        log(f"--flip-y auto: y counted from the {'bottom' if flip else 'top'} of the image ({test.describe()})")
+    if not flip:
+        return good, False
+    return {n: np.column_stack([mics.shapes[n][0] - c[:, 0], c[:, 1]]) if len(c) else c
+            for n, c in good.items()}, True
 
 
 def split(n: int, test: float, validation: float, seed: int) -> dict[str, np.ndarray]:
@@ -262,8 +288,8 @@ def training_inputs(micrographs, good, bad, *, flip_y: bool = False, quiet: bool
     return mics, centres["good"], centres["bad"]
 
 
-def train(micrographs, good, bad, out, *, params: TrainParams, flip_y: bool = False, client=None,
-          device: str = "auto", log=None) -> TrainResult:
+def train(micrographs, good, bad, out, *, params: TrainParams, flip_y: bool | str = False, client=None,
+          device: str = "auto", log=None, pixel_size: float | None = None, checks: bool = True) -> TrainResult:
     """Train the good/bad classifier and write it to the folder ``out``.
 
     Parameters
@@ -274,9 +300,13 @@ def train(micrographs, good, bad, out, *, params: TrainParams, flip_y: bool = Fa
     out : model folder: ``model.pt``, ``config.json``, ``training_log.json``,
         ``test_results.json``, ``train_and_test_results.png``.
     params : :class:`TrainParams`.
-    flip_y : the coordinate files count y from the bottom of the image.
+    flip_y : the coordinate files count y from the bottom of the image: True / False, or
+        ``"auto"`` (chosen by ``checks.flip_test``).
     client : ``distributed.Client`` for cutting windows (one task per micrograph); None: here.
     device : auto | cpu | cuda, for training.
+    pixel_size : Å/px of the micrographs (overrides their headers), recorded with the model.
+    checks : refuse coordinates that look flipped, unbalanced classes and a held-out result
+        at the class prior (``cryodask.micrographs.autopick.checks``).
 
     Examples
     --------
@@ -289,12 +319,30 @@ def train(micrographs, good, bad, out, *, params: TrainParams, flip_y: bool = Fa
     from .score import ModelConfig, save_model
     from .windows import window_size
 
+    from .checks import check_balance, check_held_out, parse_flip
+
     clock = time.perf_counter()
-    mics, good_centres, bad_centres = training_inputs(micrographs, good, bad, flip_y=flip_y)
+    mode = parse_flip(flip_y)
+    mics, good_centres, bad_centres = training_inputs(micrographs, good, bad, flip_y=mode == "yes")
+    if pixel_size is not None and not pixel_size > 0:
+        raise InputError(f"--pixel-size must be positive, got {pixel_size}")
+    if checks:
+        check_balance(good_centres, bad_centres)
+    flipped = False
+    if checks or mode == "auto":
+        good_centres, flipped = check_orientation(mics, good_centres, params.box_size, mode, client, str(good), log)
+        if flipped:  # the bad coordinates come in the same convention
+            bad_centres = {n: np.column_stack([mics.shapes[n][0] - c[:, 0], c[:, 1]]) if len(c) else c
+                           for n, c in bad_centres.items()}
+    flip_y = (mode == "yes") != flipped
     counts = {"good": int(sum(len(c) for c in good_centres.values())),
               "bad": int(sum(len(c) for c in bad_centres.values()))}
     out = check_output_dir(out)
-    windows, labels, pixel_size = collect_windows(mics, good_centres, bad_centres, params.box_size, params.bin, client)
+    windows, labels, pixel_size = collect_windows(mics, good_centres, bad_centres, params.box_size, params.bin, client,
+                                                  pixel_size)
+    if pixel_size is None and log:
+        log("pixel size unknown (no header, no --pixel-size): the model is recorded without one and assumes "
+            "the micrographs it scores share the training sampling")
     seconds = {"windows": time.perf_counter() - clock}
 
     clock = time.perf_counter()
@@ -304,6 +352,8 @@ def train(micrographs, good, bad, out, *, params: TrainParams, flip_y: bool = Fa
         net, history = fit(windows, labels, parts, params, log=log, device=device)
     seconds["training"] = time.perf_counter() - clock
     test, _ = held_out_scores(net.cpu(), windows[parts["test"]], labels[parts["test"]])
+    if checks:
+        check_held_out(test)
     counts.update({k: int(len(v)) for k, v in parts.items()}, micrographs=len(mics.names),
                   window=window_size(params.box_size, params.bin))
 
