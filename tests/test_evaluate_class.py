@@ -60,7 +60,7 @@ def test_class_filters_the_truth_rows_and_changes_recall(tomogram, capsys, tmp_p
     assert "note:" in out and "no rlnClassNumber" in out  # the prediction has no classes: said once
     row = pd.read_csv(tmp_path / "one" / "picks_metrics.csv").iloc[0]
     assert row["class"] == 1 and row["tp"] == n1
-    code, out, _ = _cli([tomogram["plain"], tomogram["truth"], "--class", "2"], capsys)
+    code, out, _ = _cli([tomogram["plain"], tomogram["truth"], "--class", "2", "--out", tmp_path / "two"], capsys)
     assert code == 0 and _value(out, "recall") == 0.0 and _value(out, "fn") == n2 and _value(out, "fp") == n1
 
 
