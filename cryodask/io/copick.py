@@ -360,21 +360,14 @@ def segmentation_from_file(project: Project, run: str, path, *, tool: str, name:
                            chunks=(64, 256, 256)) -> Path:
     """A mask file (MRC/TIFF, OME-Zarr image or ``x.zarr/labels/<name>``) as the run's binary segmentation,
     read block by block."""
-    import dask.array as da
-
+    from ..evaluate import load_volume
     from .mrc import translation
     from .volumes import open_reader, source_position
 
-    read, shape, vs, block = open_reader(path, voxel_size, chunks)
-    dtype = np.asarray(read(tuple(slice(0, 1) for _ in shape))).dtype
-    lazy = da.map_blocks(_read_block, read=read, dtype=dtype, chunks=da.core.normalize_chunks(block, shape))
+    _, _, vs, block = open_reader(path, voxel_size, chunks)
     add_objects(project, [{"name": name, "is_particle": False}])
-    return write_segmentation(project, run, lazy, vs, tool=tool, name=name, chunks=block, levels=1,
-                              translation=translation(source_position(path), vs))
-
-
-def _read_block(block_info=None, read=None):
-    return np.asarray(read(tuple(slice(a, b) for a, b in block_info[None]["array-location"])))
+    return write_segmentation(project, run, load_volume(path, chunks=block[0]), vs, tool=tool, name=name,
+                              chunks=block, levels=1, translation=translation(source_position(path), vs))
 
 
 def mask_run(path) -> str:

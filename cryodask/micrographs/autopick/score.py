@@ -189,7 +189,7 @@ def sampling_note(config, mics, pixel_size: float | None = None, echo=None) -> l
     pixel size) and the micrographs: which are rescaled to the model's pixel size, and which
     pixel size is assumed where one is unknown (``pixel_size``, ``--pixel-size``, states it)."""
     from ...errors import InputError
-    from .windows import sampling_scale
+    from ...io.micrographs import sampling_scale
 
     if pixel_size is not None and not pixel_size > 0:
         raise InputError(f"--pixel-size must be positive, got {pixel_size}")

@@ -90,39 +90,12 @@ def binned_micrograph(path, bin_factor: int, pixel_size: float | None = None):
 
 
 
-def resample(image: np.ndarray, scale) -> np.ndarray:
-    """``image`` resampled by ``scale`` (output px per input px, per axis or one number), with
-    a Gaussian low-pass first when shrinking (σ = (1/scale − 1)/2 output-pixel widths, no
-    aliasing of the noise into the particle band). Pixel edges map onto pixel edges
-    (``grid_mode``): input ``p`` lies at ``(p + 0.5)·scale − 0.5``."""
-    from scipy.ndimage import gaussian_filter, zoom
-
-    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (2,))
-    image = np.asarray(image, dtype=np.float32)
-    if np.allclose(scale, 1):
-        return image
-    sigma = np.where(scale < 1, (1 / scale - 1) / 2, 0)
-    if np.any(sigma > 0):
-        image = gaussian_filter(image, sigma, mode="mirror")
-    shape = np.maximum(1, np.rint(np.array(image.shape) * scale)).astype(int)
-    return zoom(image, shape / np.array(image.shape), order=1, mode="grid-mirror", grid_mode=True)
-
-
-def sampling_scale(micrograph_pixel: float | None, model_pixel: float | None) -> float:
-    """Model pixels per micrograph pixel: how much to zoom a micrograph so that it has the
-    model's pixel size (1 when either is unknown)."""
-    if not micrograph_pixel or not model_pixel:
-        return 1.0
-    scale = float(micrograph_pixel) / float(model_pixel)
-    return 1.0 if abs(scale - 1) < 0.01 else scale
-
-
 def model_micrograph(path, bin_factor: int, model_pixel: float | None = None, pixel_size: float | None = None):
     """``(micrograph, binned image, scale)``: the micrograph read (``pixel_size`` overrides its
     header), resampled to the model's pixel size ``model_pixel`` on this worker, binned; a
     point ``p`` of the micrograph lies at ``(p + 0.5)·scale − 0.5`` in the resampled image
     (:func:`to_model`, :func:`from_model`), whose shape is ``rint(shape·scale)``."""
-    from ...io.micrographs import bin_image, read_micrograph
+    from ...io.micrographs import bin_image, read_micrograph, resample, sampling_scale
 
     micrograph = read_micrograph(path, pixel_size)
     scale = sampling_scale(micrograph.pixel_size, model_pixel)

@@ -184,8 +184,7 @@ def segment_at_model_sampling(network, config, micrograph, params: PredictParams
     (model pixels per micrograph pixel)."""
     from scipy.ndimage import zoom
 
-    from ...io.micrographs import bin_image
-    from ..autopick.windows import resample, sampling_scale
+    from ...io.micrographs import bin_image, resample, sampling_scale
     from .train import standardise
 
     scale = sampling_scale(micrograph.pixel_size, config.get("pixel_size"))
