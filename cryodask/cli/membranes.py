@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, REPORT, THREADS, WORKERS, cluster_session, parse_triple
+from .options import (CLUSTER, CLUSTER_CONFIG, MEMORY, POLARITY, REPORT, THREADS, WORKERS, cluster_session,
+                      parse_triple)
 
 
 def parse_pair(text: str | None, name: str) -> tuple[int, int] | None:
@@ -51,6 +52,8 @@ def membranes(
     thickness: float = typer.Option(None, "--thickness", help="Classical: membrane thickness in Å."),
     low: float = typer.Option(None, "--low", help="Classical: hysteresis low threshold."),
     high: float = typer.Option(None, "--high", help="Classical: hysteresis high threshold."),
+    polarity: str = POLARITY,
+    working_voxel_size: float = typer.Option(None, "--working-voxel-size", help="Å: run the method on the tomogram resampled to this voxel size (block by block) and map the outputs back onto its grid."),
     batch: int = typer.Option(None, "--batch", help="Slices per image-encoder call (default 8 on CUDA, 1 on CPU)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (on the workers)."),
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å, if the input has none."),
@@ -70,7 +73,14 @@ def membranes(
     from ..membranes.classical import ClassicalParams
     from ..membranes.pipeline import find_inputs, resolve_checkpoints, resolve_method, segment
 
+    from ..polarity import check_polarity
+
     check_spec(cluster)
+    check_polarity(polarity)
+    if working_voxel_size is not None:
+        from ..io.resample import working_grid
+
+        working_grid((1, 1, 1), (1.0, 1.0, 1.0), working_voxel_size)
     if device not in ("auto", "cpu", "cuda"):
         raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
     method = resolve_method(method, stage1_checkpoint, stage2_checkpoint, weights)
@@ -123,7 +133,8 @@ def membranes(
                          tile=parse_pair(tile, "--tile"), split_processing=split_processing, store_logits=store_logits,
                          post_process=post_process, min_slices=min_slices, remove_bridges=remove_bridges,
                          max_bridge_len=max_bridge_len, classical=classical, voxel_size=vs, chunks=block,
-                         batch=batch, device=device, client=client, progress=True, layout=layout)
+                         batch=batch, device=device, client=client, progress=True, layout=layout,
+                         polarity=polarity, working_voxel_size=working_voxel_size)
         if project is not None:
             from ..io.copick import write_membranes
 
@@ -138,6 +149,8 @@ def membranes(
         seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
         fraction = f", membrane {100 * result.mask_fraction:.2f} %" if result.mask_fraction is not None else ""
         typer.echo(f"{result.source}: {result.status} ({report.method}{fraction}{', ' + seconds if seconds else ''})")
+        if result.polarity:
+            typer.echo(f"  {result.polarity}")
         for path in result.files:
             typer.echo(f"  wrote {path}")
     if failed or report.failed:

@@ -15,6 +15,7 @@ THREADS = typer.Option(None, "--threads-per-worker", help="Threads per worker (d
 MEMORY = typer.Option("auto", "--memory-limit", help="Memory limit per worker, e.g. 4GB.")
 CLUSTER_CONFIG = typer.Option(None, "--cluster-config", help="YAML with options per cluster kind; FILE:PROFILE picks a profile (see deploy/README.md).")
 REPORT = typer.Option(None, "--report", help="Write a run report (JSON, PNG, Dask's HTML) to this folder.")
+POLARITY = typer.Option("auto", "--polarity", help="auto | dark | bright: is dense matter dark (most tomograms) or bright? auto decides per tomogram from the data and prints why.")
 
 
 def cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config) -> dict:

@@ -14,6 +14,7 @@ mark keyed by the parameters, so a rerun skips it; an interrupted one resumes pe
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ class MembraneResult:
     message: str = ""
     seconds: dict = field(default_factory=dict)
     mask_fraction: float | None = None
+    polarity: str = ""  # how the contrast was read: "polarity bright (auto: ...)"
 
 
 @dataclass
@@ -182,7 +184,8 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
             tile: tuple[int, int] | None = None, split_processing: bool = False, store_logits: bool = False, post_process: bool = False,
             min_slices: int = 10, remove_bridges: bool = False, max_bridge_len: int = 5, classical=None,
             voxel_size=None, chunks=(64, 256, 256), levels: int = 3, batch: int | None = None, device: str = "auto",
-            random_weights: bool = False, client=None, progress: bool = False, layout: str = "default") -> MembraneReport:
+            random_weights: bool = False, client=None, progress: bool = False, layout: str = "default",
+            polarity: str = "auto", working_voxel_size: float | None = None) -> MembraneReport:
     """Segment membranes in tomograms (MRC files, folders, globs, or OME-Zarr images).
 
     Parameters
@@ -201,6 +204,10 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
     random_weights : run ETSAM with seeded random SAM2 weights (tests, benchmarks only).
     layout : "default" (masks in ``labels/`` of the tomogram's OME-Zarr) or "portal" (the CryoET
         Data Portal's: MRC inputs converted in its layout, each mask its own ``<out>/<stem>_<name>.zarr``).
+    polarity : "auto" (decided per tomogram, :mod:`cryodask.polarity`), "dark" or "bright" (dense
+        matter bright: the tomogram is negated before either method sees it).
+    working_voxel_size : Å; the method runs on the tomogram resampled to this voxel size (block by
+        block, :mod:`cryodask.io.resample`) and its outputs are mapped back onto the input grid.
 
     Returns
     -------
@@ -212,7 +219,13 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
     >>> report.results[0].files                                                      # doctest: +SKIP
     """
     from ..io.folders import check_output_dir
+    from ..polarity import check_polarity
 
+    check_polarity(polarity)
+    if working_voxel_size is not None:
+        from ..io.resample import working_grid
+
+        working_grid((1, 1, 1), (1.0, 1.0, 1.0), working_voxel_size)  # a bad value fails here, before any work
     method = resolve_method(method, stage1_checkpoint, stage2_checkpoint, weights)
     outputs = OutputParams(float(logit_threshold), bool(store_logits), bool(post_process or remove_bridges),
                            int(min_slices), bool(remove_bridges), int(max_bridge_len), str(layout))
@@ -248,9 +261,9 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
 
         with connect("local") as local:
             return _run(found, out, method, method_params, outputs, voxel_size, chunks, levels, batch, device,
-                        local, progress, report)
+                        local, progress, report, polarity, working_voxel_size)
     return _run(found, out, method, method_params, outputs, voxel_size, chunks, levels, batch, device, client,
-                progress, report)
+                progress, report, polarity, working_voxel_size)
 
 
 @dataclass
@@ -261,7 +274,10 @@ class _Tomogram:
     key: str
     marks: DoneMarks
     shape: tuple = ()
-    voxel_size: tuple = ()
+    voxel_size: tuple = ()  # of the grid the method runs on: the input's, or the working grid's
+    polarity: object = None  # cryodask.polarity.Polarity
+    level0: str = ""  # the array the method reads: the store's level 0, or its working-grid copy
+    input_grid: tuple | None = None  # (shape, voxel size) to map outputs back to, with a working grid
     futures: list = field(default_factory=list)
     result: MembraneResult | None = None
     started: float = 0.0
@@ -289,7 +305,8 @@ def _stores(found, out, voxel_size, chunks, levels, client, report, layout="defa
 
 
 def _run(found, out: Path, method, method_params, outputs: OutputParams, voxel_size, chunks, levels, batch,
-         device, client, progress, report: MembraneReport) -> MembraneReport:
+         device, client, progress, report: MembraneReport, polarity: str = "auto",
+         working_voxel_size=None) -> MembraneReport:
     from distributed import as_completed
 
     from ..io.omezarr import open_image
@@ -301,15 +318,25 @@ def _run(found, out: Path, method, method_params, outputs: OutputParams, voxel_s
     jobs: list[_Tomogram] = []
     for source, store in _stores(found, out, voxel_size, chunks, levels, client, report, outputs.layout):
         stem = etsam_stem(source)
-        # the tomogram's identity too: a reconverted or replaced image is new work, not done work
-        key = params_hash({"params": params_key, "image": source_identity(ZarrReader(str(store / "0")))})
-        job = _Tomogram(source, store, stem, key, DoneMarks(out / ".cryodask" / stem, f"{STEP}-{method}", key))
         _, arrays, vs, _ = open_image(store)
-        job.shape, job.voxel_size = tuple(arrays[0].shape), vs
+        try:
+            contrast = _polarity(polarity, store, arrays, vs)
+        except CryodaskError as exc:
+            report.results.append(MembraneResult(str(source), "failed", str(store), message=f"{source}: {exc}"))
+            continue
+        # the tomogram's identity too: a reconverted or replaced image is new work, not done work
+        key = params_hash({"params": params_key, "image": source_identity(ZarrReader(str(store / "0"))),
+                           "polarity": contrast.polarity, "working_voxel_size": working_voxel_size})
+        job = _Tomogram(source, store, stem, key, DoneMarks(out / ".cryodask" / stem, f"{STEP}-{method}", key))
+        job.shape, job.voxel_size, job.polarity = tuple(arrays[0].shape), vs, contrast
+        job.level0 = str(store / arrays[0].path.split("/")[-1])
         if _complete_mark(out, stem, key).exists():
-            job.result = MembraneResult(str(source), "skipped", str(store), message="already done")
+            job.result = MembraneResult(str(source), "skipped", str(store), message="already done",
+                                        polarity=contrast.describe())
             report.results.append(job.result)
             continue
+        if working_voxel_size is not None:
+            _working(job, working_voxel_size, tuple(arrays[0].chunks), client)
         jobs.append(job)
 
     futures_of = {}
@@ -352,6 +379,34 @@ def _run(found, out: Path, method, method_params, outputs: OutputParams, voxel_s
     return report
 
 
+def _polarity(choice: str, store: Path, arrays, voxel_size):
+    """The tomogram's polarity; ``auto`` reads the finest pyramid level small enough to bin in memory."""
+    from ..polarity import MAX_VOXELS, resolve_polarity
+
+    level = next((i for i, a in enumerate(arrays) if math.prod(a.shape) <= MAX_VOXELS), len(arrays) - 1)
+    factor = tuple(a / b for a, b in zip(arrays[0].shape, arrays[level].shape))
+    reader = ZarrReader(str(store / arrays[level].path.split("/")[-1]), "float32")
+    return resolve_polarity(choice, reader, arrays[level].shape, tuple(v * f for v, f in zip(voxel_size, factor)))
+
+
+def _working(job: _Tomogram, working, chunks, client) -> None:
+    """Resample the tomogram onto the working grid (once: done-marked) and point the job at it."""
+    import dask.array as da
+
+    from ..io.resample import to_working, working_grid
+
+    shape, factor = working_grid(job.shape, job.voxel_size, working)
+    path = str(job.marks.folder / "working.zarr")
+    if not job.marks.done("working"):
+        job.marks.folder.mkdir(parents=True, exist_ok=True)
+        resampled = to_working(da.from_zarr(job.level0), job.voxel_size, working, chunks)
+        stored = da.to_zarr(resampled, path, overwrite=True, compute=False)
+        client.compute(stored, sync=True) if client is not None else stored.compute()
+        job.marks.mark("working")
+    job.input_grid = (job.shape, job.voxel_size)
+    job.shape, job.voxel_size, job.level0 = shape, tuple(v * f for v, f in zip(job.voxel_size, factor)), path
+
+
 def _progress(enabled: bool, total: int):
     from tqdm import tqdm
 
@@ -359,14 +414,17 @@ def _progress(enabled: bool, total: int):
 
 
 def _submit(job: _Tomogram, method, params, batch, device, client) -> list:
-    level0 = str(job.store / "0")
-    reader = ZarrReader(level0, "float32")
+    from ..polarity import dark_reader
+
+    level0 = job.level0
+    reader = dark_reader(ZarrReader(level0, "float32"), job.polarity)  # dense matter dark from here on
+    sign = 1.0 if job.polarity.dark else -1.0
     if method == "etsam":
         from ..membranes.normalize import from_extremes
         from ..postprocess.pipeline import gpu_resources
 
         try:
-            lo, hi = _extremes(level0, client)
+            lo, hi = sorted(sign * v for v in _extremes(level0, client))
             norm = from_extremes(params.normalize, lo, hi, name=str(job.source))
         except InputError as exc:
             raise InputError(str(exc)) from None
@@ -381,7 +439,7 @@ def _submit(job: _Tomogram, method, params, batch, device, client) -> list:
         raise InputError("constant volume: the sheet filter is undefined")
     work = job.marks.folder / "classical"
     work.mkdir(parents=True, exist_ok=True)
-    return [client.submit(_classical_task, reader, job.shape, job.voxel_size, params, str(work), mean, std,
+    return [client.submit(_classical_task, reader, job.shape, job.voxel_size, params, str(work), sign * mean, std,
                           job.marks, pure=False, key=f"classical-{job.stem}-{job.key[:8]}")]
 
 
@@ -412,7 +470,7 @@ def _finish(job: _Tomogram, out: Path, method, method_params, outputs: OutputPar
     from ..viz import membranes_preview
 
     clock = time.perf_counter()
-    result = MembraneResult(str(job.source), "done", str(job.store))
+    result = MembraneResult(str(job.source), "done", str(job.store), polarity=job.polarity.describe())
     result.seconds[method] = clock - job.started
     prefix = f"{job.stem}_{method}_predicted"
     chunks = open_image(job.store)[1][0].chunks
@@ -422,20 +480,30 @@ def _finish(job: _Tomogram, out: Path, method, method_params, outputs: OutputPar
     else:
         logits = zarr.open_array(str(job.marks.folder / "classical" / "score.zarr"), mode="r")
         mask = da.from_zarr(str(job.marks.folder / "classical" / "mask.zarr")) > 0
+    if job.input_grid is not None:  # from the working grid back onto the tomogram's
+        from ..io.resample import from_working
+
+        shape, vs = job.input_grid
+        working = job.voxel_size
+        logits = from_working(da.from_array(logits, chunks=mask.chunks, asarray=True), shape, vs, working, chunks,
+                              order=1)
+        mask = from_working(mask.astype(np.uint8), shape, vs, working, chunks, order=0) > 0
     colors = {1: [64, 160, 255, 255]}
     where_to = dict(layout=outputs.layout, out=out, stem=job.stem, colors=colors)
     name = f"{method}_predicted_mask"
     mask_path = out / f"{job.stem}_{name}.zarr" if outputs.layout == "portal" else job.store / "labels" / name
     if not job.marks.done("outputs/labels"):  # written once: a rewrite would restart the post-processing
         write_segmentation(job.store, name, mask.astype(np.uint8), **where_to,
-                           properties=[{"label-value": 1, "class": f"membrane ({method})"}])
+                           properties=[{"label-value": 1, "class": f"membrane ({method})",
+                                        "cryodask-polarity": job.polarity.metadata()}])
         job.marks.mark("outputs/labels")
     result.mask_fraction = float(da.from_zarr(str(mask_path / "0")).mean().compute())
     result.files.append(export(mask_path, out / f"{prefix}_mask.mrc"))
     if outputs.layout == "portal":
         result.files.append(mask_path)
     if outputs.store_logits:
-        result.files.append(write_mrc(out / f"{prefix}_logits.mrc", logits, job.voxel_size, slab=16,
+        result.files.append(write_mrc(out / f"{prefix}_logits.mrc", logits,
+                                      job.input_grid[1] if job.input_grid else job.voxel_size, slab=16,
                                       position=source_position(job.store)))  # the tomogram's origin/nstart
     if outputs.post_process:
         post = postprocess(mask_path, out / f"{prefix}_post_processed_mask.mrc",

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,8 @@ class Tomogram:
     chunks: tuple[int, int, int]
     source: object = None  # a cryodask.io.volumes.VolumeSource (MRC/TIFF), or
     array: str | None = None  # the level-0 zarr array of an OME-Zarr image
+    sign: float = 1.0  # -1 for a bright tomogram: every slice is read with dense matter dark
+    polarity: dict | None = None  # how that was decided (cryodask.polarity.Polarity.metadata)
 
     def read(self, region) -> np.ndarray:
         """One region as float32; NaN or Inf is an ``InputError`` naming the file."""
@@ -111,7 +113,8 @@ class Tomogram:
             data = np.asarray(zarr.open_array(self.array, mode="r")[region])
             if data.dtype.kind == "f" and not np.isfinite(data).all():
                 raise where(self.path, "contains NaN or Inf values")
-        return np.asarray(data, dtype=np.float32)
+        data = np.asarray(data, dtype=np.float32)
+        return data if self.sign > 0 else -data
 
     def slices(self, axis: int, indices) -> np.ndarray:
         """Slices ``indices`` (sorted) across ``axis`` as a (k, a, b) float32 stack.
@@ -302,7 +305,7 @@ def _slab_task(tomo: Tomogram, model_path: str, task: SlabTask, mean: float, std
 # ------------------------------------------------------------------ the step
 
 def extract_features(tomogram, out, *, checkpoint=None, weights=None, params: FeatureParams = FeatureParams(),
-                     client=None, device: str = "auto", voxel_size=None) -> Path:
+                     client=None, device: str = "auto", voxel_size=None, polarity: str = "auto") -> Path:
     """DINOv2 tri-view features of a tomogram at CryoSAM's grid ratios, as a zarr store.
 
     Parameters
@@ -315,6 +318,8 @@ def extract_features(tomogram, out, *, checkpoint=None, weights=None, params: Fe
     client : a ``distributed.Client``; default: the current one, else a local cluster
     device : "auto" (GPU where a worker has one), "cpu" or "gpu"
     voxel_size : Å, overrides the file's
+    polarity : "auto", "dark", "bright" or a decided ``cryodask.polarity.Polarity``: a bright
+        tomogram is read negated, so features of tomograms of either polarity compare
 
     Returns
     -------
@@ -337,14 +342,18 @@ def extract_features(tomogram, out, *, checkpoint=None, weights=None, params: Fe
     out = Path(out)
     if out.suffix.lower() != ".zarr":
         raise where(out, "output must end in .zarr")
+    from ..polarity import resolve_polarity
+
     tomo = open_tomogram(tomogram, voxel_size)
     model = describe_dinov2(resolve_dinov2(checkpoint, weights).resolve())
     if params.image_size % model.patch_size:
         raise InputError(f"--image-size {params.image_size} is not a multiple of the model's patch size "
                          f"{model.patch_size}")
     check_output_dir(out.parent)
+    contrast = resolve_polarity(polarity, tomo.read, tomo.shape, tomo.voxel_size)
+    tomo = replace(tomo, sign=1.0 if contrast.dark else -1.0, polarity=contrast.metadata())
     key = params_hash({**asdict(params), "tomogram": str(Path(tomogram).resolve()), "shape": tomo.shape,
-                       "voxel_size": tomo.voxel_size, "model": model.as_dict()})
+                       "voxel_size": tomo.voxel_size, "model": model.as_dict(), "polarity": contrast.polarity})
     marks = DoneMarks(out.parent / ".cryodask" / out.name, STEP, key)
     state = _existing(out)
     if state is None or state.get("key") != key:
@@ -407,7 +416,8 @@ def _create_store(out: Path, tomo: Tomogram, model, params: FeatureParams, key: 
                                            "voxel_size": [v * r for v in tomo.voxel_size]})
     group.attrs["cryodask"] = {STEP: {
         "key": key, "complete": False, "params": asdict(params), "model": model.as_dict(),
-        "source": {"path": tomo.path, "shape": list(tomo.shape), "voxel_size": list(tomo.voxel_size)},
+        "source": {"path": tomo.path, "shape": list(tomo.shape), "voxel_size": list(tomo.voxel_size),
+                   "polarity": tomo.polarity},
         "normalisation": {"mean": mean, "std": std},
         "ratios": list(params.ratios), "views": list(VIEWS),
         "layout": "<ratio>/<view>: (ceil(Z/r), ceil(Y/r), ceil(X/r), C); "
