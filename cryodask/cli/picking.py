@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from . import app
-from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, REPORT, THREADS, WORKERS, cluster_session, parse_triple
+from .options import (CLUSTER, CLUSTER_CONFIG, MEMORY, POLARITY, REPORT, THREADS, WORKERS, cluster_session,
+                      parse_triple)
 
 
 def parse_prompt(text: str) -> tuple[float, float, float]:
@@ -36,6 +37,7 @@ def features(
     batch: int = typer.Option(8, "--batch", help="Slices per model call."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | gpu (on the workers)."),
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å, if the input has none."),
+    polarity: str = POLARITY,
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
@@ -45,13 +47,17 @@ def features(
     from ..io.folders import check_output_dir
     from ..io.volumes import open_reader
     from ..models.dinov2 import describe_dinov2, resolve_dinov2
+    from ..polarity import check_polarity, resolve_polarity
     from ..prompting.features import FeatureParams, extract_features
 
     check_spec(cluster)
+    check_polarity(polarity)
     vs = parse_triple(voxel_size, "--voxel-size", float)
     params = FeatureParams(image_size=image_size, batch=batch)
     describe_dinov2(resolve_dinov2(checkpoint, weights))
-    open_reader(tomogram, vs)
+    read, shape, vs_read, _ = open_reader(tomogram, vs)
+    contrast = resolve_polarity(polarity, read, shape, vs_read)  # before a cluster starts
+    typer.echo(f"{tomogram}: {contrast.describe()}")
     out = check_output_dir(out)
     store = out / f"{tomogram.name.split('.')[0]}_features.zarr"
     from ..report import run_report
@@ -60,7 +66,7 @@ def features(
             cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
             run_report(report_dir, client, command="features", echo=typer.echo):
         path = extract_features(tomogram, store, checkpoint=checkpoint, weights=weights, params=params, client=client,
-                                device=device, voxel_size=vs)
+                                device=device, voxel_size=vs, polarity=contrast)
     typer.echo(f"wrote {path}")
 
 
@@ -70,9 +76,14 @@ def pick(
     out: Path = typer.Option(..., "--out", help="Output folder."),
     method: str = typer.Option("log", "--method", help="log (no weights) | cryosam (SAM2 + DINOv2 weights)."),
     diameter: float = typer.Option(None, "--diameter", help="Particle diameter in Å (log: required; cryosam: sizes the masks)."),
-    threshold: float = typer.Option(None, "--threshold", help="log: response threshold in standard deviations."),
+    threshold: float = typer.Option(None, "--threshold", help="log: response threshold in robust standard deviations "
+                                    "above the median response (default 4)."),
     min_distance: float = typer.Option(None, "--min-distance", help="log: closest two picks, Å."),
     max_picks: int = typer.Option(None, "--max-picks", help="log: keep the best N."),
+    min_roundness: str = typer.Option(None, "--min-roundness", help="log: Hessian roundness at a pick, at least "
+                                      "(default 0.2; balls 0.33-0.38 under any wedge, sheets 0); none: off."),
+    max_scale_ratio: str = typer.Option(None, "--max-scale-ratio", help="log: response at 1.5σ over at σ, at most (default "
+                                        "0.85: a ball of the diameter 0.7, 1.25x it 1.1); none: off."),
     prompt: list[str] = typer.Option(None, "--prompt", help="cryosam: a clicked particle z,y,x in voxels (repeatable)."),
     prompts: Path = typer.Option(None, "--prompts", help="cryosam: prompts as STAR, CSV or copick JSON."),
     sam_checkpoint: Path = typer.Option(None, "--sam-checkpoint", help="cryosam: SAM2.1 checkpoint ({'model': state_dict})."),
@@ -102,6 +113,7 @@ def pick(
     layout: str = typer.Option("default", "--layout", help="cryosam labels: default (labels/ of the tomogram's OME-Zarr) or portal (the CryoET Data Portal's: each its own <out>/<stem>_cryosam_<name>.zarr)."),
     copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): an MRC input is converted into the project, picks written as user cryodask-<method>, the object added to the config."),
     copick_type: str = typer.Option("wbp", "--copick-type", help="copick tomogram type written with --copick."),
+    polarity: str = POLARITY,
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
@@ -115,8 +127,10 @@ def pick(
     from ..io.picks import StarStyle
     from ..io.volumes import is_zarr, open_reader
     from ..picking.pipeline import load_prompts, pick as run, sam2_checkpoint
+    from ..polarity import check_polarity, resolve_polarity
 
     check_spec(cluster)
+    check_polarity(polarity)
     vs = parse_triple(voxel_size, "--voxel-size", float)
     block = parse_triple(chunks, "--chunks")
     if method not in ("log", "cryosam"):
@@ -135,8 +149,10 @@ def pick(
 
         if diameter is None:
             raise InputError("--method log needs --diameter (Å)")
-        LogParams(diameter, **{k: v for k, v in (("threshold", threshold), ("min_distance", min_distance),
-                                                 ("max_picks", max_picks)) if v is not None})
+        from ..picking.pipeline import log_options
+
+        LogParams(diameter, **log_options(threshold=threshold, min_distance=min_distance, max_picks=max_picks,
+                                          min_roundness=min_roundness, max_scale_ratio=max_scale_ratio))
     else:
         from ..models.dinov2 import describe_dinov2, resolve_dinov2
         from ..models.sam2 import config_path
@@ -147,6 +163,7 @@ def pick(
         sam2_checkpoint(sam_checkpoint, weights, model_config)
         describe_dinov2(resolve_dinov2(dinov2_checkpoint, weights))
     check_output_dir(out)
+    contrast = resolve_polarity(polarity, *open_reader(tomogram, vs, block, dtype="float32")[:3])  # before a cluster
     project = None
     if copick is not None:
         from ..io.copick import check_writable, open_project
@@ -161,11 +178,12 @@ def pick(
             tomogram = tomograms_into(project, [tomogram], tomo_type=copick_type, chunks=block, voxel_size=vs,
                                       work=out, client=client)[tomogram]
         result = run(tomogram, out, method=method, diameter=diameter, threshold=threshold, min_distance=min_distance,
-                     max_picks=max_picks, prompts=points, prompts_file=prompts, sam_checkpoint=sam_checkpoint,
+                     max_picks=max_picks, min_roundness=min_roundness, max_scale_ratio=max_scale_ratio,
+                     prompts=points, prompts_file=prompts, sam_checkpoint=sam_checkpoint,
                      dinov2_checkpoint=dinov2_checkpoint, weights=weights, config=model_config, image_size=image_size,
                      feature_image_size=feature_image_size, iou_threshold=iou_threshold, sim_threshold=sim_threshold,
                      top_k=top_k, matching=matching, object_name=object_name, voxel_size=vs, chunks=block,
-                     device=device, star=style, tomograms=tomograms, client=client, layout=layout)
+                     device=device, star=style, tomograms=tomograms, client=client, layout=layout, polarity=contrast)
         if project is not None:
             from ..io.copick import run_of, segmentation_from_labels, write_picks_into
 
@@ -175,6 +193,8 @@ def pick(
             if result.store and (Path(result.store) / "labels" / "cryosam_semantic").exists():
                 result.files.append(segmentation_from_labels(project, result.store, run_name, "cryosam_semantic",
                                                              tool=method, name=object_name))
+    for note in result.notes:
+        typer.echo(note)
     typer.echo(f"{len(result.picks)} picks ({method}); time: "
                + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     for path in result.files:

@@ -32,6 +32,7 @@ class PickResult:
     seconds: dict = field(default_factory=dict)
     store: str | None = None
     prompts: int = 0
+    notes: list = field(default_factory=list)  # lines for the user: what each LoG rule removed
 
 
 def load_prompts(prompts=None, prompts_file=None, *, shape, voxel_size, tomograms=None, tomo_name=None) -> np.ndarray:
@@ -92,18 +93,20 @@ def write_outputs(out: Path, stem: str, method: str, picks: pd.DataFrame, voxel_
 
 
 def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, threshold: float | None = None,
-         min_distance: float | None = None, max_picks: int | None = None, prompts=None, prompts_file=None,
+         min_distance: float | None = None, max_picks: int | None = None, min_roundness=None, max_scale_ratio=None,
+         prompts=None, prompts_file=None,
          sam_checkpoint=None, dinov2_checkpoint=None, weights=None, config: str = "sam2.1_hiera_l",
          image_size: int | None = None, feature_image_size: int = 518, iou_threshold: float = 0.5,
          sim_threshold: float = 0.5, top_k: int = 512, matching: str = "hierarchical", object_name: str = "particle",
          voxel_size=None, chunks=(64, 256, 256), device: str = "auto", batch: int = 8, seed: int = 0,
-         star=None, tomograms=None, client=None, layout: str = "default") -> PickResult:
+         star=None, tomograms=None, client=None, layout: str = "default", polarity="auto") -> PickResult:
     """Pick particles in one tomogram (MRC/TIFF or OME-Zarr).
 
     Parameters
     ----------
     method : "log" (needs ``diameter`` in Å) or "cryosam" (needs prompts, SAM2 and DINOv2 weights)
     diameter, threshold, min_distance, max_picks : the LoG picker's options (Å)
+    min_roundness, max_scale_ratio : the LoG shape tests: ``None`` keeps the default, ``"none"`` switches one off
     prompts, prompts_file : z, y, x voxel triples and/or a STAR, CSV or copick JSON file
     sam_checkpoint, dinov2_checkpoint, weights, config, image_size : CryoSAM's models
     iou_threshold, sim_threshold, top_k, matching : CryoSAM's options (matching "naive" for comparison)
@@ -111,6 +114,8 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
     tomograms : the tomograms.star of RELION 5 prompts, when it is not found beside them
     layout : cryosam's labels in ``labels/`` of the tomogram's OME-Zarr ("default") or, "portal",
         each its own ``<out>/<stem>_cryosam_{instances,semantic}.zarr`` (the CryoET Data Portal's)
+    polarity : "auto", "dark", "bright" or a decided ``cryodask.polarity.Polarity``: a bright
+        tomogram is read negated, so both methods see dense matter dark
 
     Examples
     --------
@@ -120,10 +125,16 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
     from ..io.folders import check_output_dir
     from ..io.volumes import open_reader
 
+    from ..polarity import check_polarity, dark_reader, resolve_polarity
+
     if method not in ("log", "cryosam"):
         raise InputError(f"--method must be log or cryosam, got {method!r}")
-    read, shape, vs, _ = open_reader(tomogram, voxel_size, chunks, dtype="float32")
+    if not hasattr(polarity, "polarity"):
+        check_polarity(polarity)
+    raw, shape, vs, _ = open_reader(tomogram, voxel_size, chunks, dtype="float32")
     out = check_output_dir(out).resolve()
+    contrast = resolve_polarity(polarity, raw, shape, vs)
+    read = dark_reader(raw, contrast)  # dense matter dark from here on
     stem = Path(tomogram).name.split(".")[0]
     star = _star_style(star, tomogram, shape, vs)
     if method == "log":
@@ -131,9 +142,13 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
 
         if diameter is None:
             raise InputError("--method log needs --diameter (Å)")
-        params = LogParams(float(diameter), **{k: v for k, v in (("threshold", threshold),
-                           ("min_distance", min_distance), ("max_picks", max_picks)) if v is not None})
-        return _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client, star=star)
+        params = LogParams(float(diameter), **log_options(threshold=threshold, min_distance=min_distance,
+                                                          max_picks=max_picks, min_roundness=min_roundness,
+                                                          max_scale_ratio=max_scale_ratio))
+        result = _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client, star=star, raw=raw,
+                           contrast=contrast)
+        result.notes.insert(0, contrast.describe())
+        return result
     points = load_prompts(prompts, prompts_file, shape=shape, voxel_size=vs[2], tomograms=tomograms, tomo_name=stem)
     from ..models.dinov2 import describe_dinov2, resolve_dinov2
     from ..models.sam2 import config_path
@@ -156,12 +171,27 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
         from ..cluster import connect
 
         with connect("local") as local:
-            return _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name,
-                                 config, sam, dino, image_size, feature_image_size, device, batch, seed, chunks, local,
-                                 star=star, layout=layout)
-    return _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name, config,
-                         sam, dino, image_size, feature_image_size, device, batch, seed, chunks, client, star=star,
-                         layout=layout)
+            result = _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name,
+                                   config, sam, dino, image_size, feature_image_size, device, batch, seed, chunks,
+                                   local, star=star, layout=layout, raw=raw, contrast=contrast)
+    else:
+        result = _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name,
+                               config, sam, dino, image_size, feature_image_size, device, batch, seed, chunks, client,
+                               star=star, layout=layout, raw=raw, contrast=contrast)
+    result.notes.insert(0, contrast.describe())
+    return result
+
+
+def log_options(**given) -> dict:
+    """``LogParams`` keywords from the options given (``None``: the default); the shape tests
+    take ``"none"`` to switch them off."""
+    from .log import number_or_none
+
+    options = {k: v for k, v in given.items() if v is not None}
+    for name in ("min_roundness", "max_scale_ratio"):
+        if name in options:
+            options[name] = number_or_none(options[name], "--" + name.replace("_", "-"))
+    return options
 
 
 def _star_style(star, tomogram, shape, vs):
@@ -177,7 +207,8 @@ def _star_style(star, tomogram, shape, vs):
     return style
 
 
-def _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client, star=None) -> PickResult:
+def _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client, star=None, raw=None,
+              contrast=None) -> PickResult:
     """LoG picks with per-block done-marks under ``<out>/.cryodask/<stem>/pick-log-<key>/``:
     a killed run resumes at its unfinished blocks; the marks go once the files are written."""
     import shutil
@@ -186,19 +217,20 @@ def _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client, s
     from ..blocks import DoneMarks
     from ..io.volumes import source_identity
     from ..params import params_hash
-    from .log import log_pick
+    from .log import describe, log_pick
 
     clock = time.perf_counter()
+    raw = read if raw is None else raw  # as stored: its identity, and the preview as the user sees it
     key = params_hash({**asdict(params), "chunks": list(chunks), "voxel_size": list(vs),
-                       "source": source_identity(read)})
+                       "source": source_identity(raw), "polarity": contrast.polarity if contrast else "dark"})
     marks = DoneMarks(out / ".cryodask" / stem, "pick-log", key)
     if not marks.folder.exists():
         marks.clear_step()  # other parameters' or inputs' blocks are of no use now
     picks = log_pick(read, shape, vs, params, chunks=chunks, client=client, marks=marks)
-    result = PickResult(picks)
+    result = PickResult(picks, notes=[describe(picks, params)])
     result.seconds["log"] = time.perf_counter() - clock
     result.files = write_outputs(out, stem, "log", picks, vs[2], object_name, shape=shape, star=star)
-    result.files.append(_preview(read, shape, out / f"{stem}_log_picks.png", picks, stem, "log", vs,
+    result.files.append(_preview(raw, shape, out / f"{stem}_log_picks.png", picks, stem, "log", vs,
                                  params.diameter / 2))
     shutil.rmtree(marks.folder, ignore_errors=True)
     return result
@@ -233,7 +265,7 @@ def _groups(points: np.ndarray, size: int) -> list[np.ndarray]:
 
 def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name, config, sam,
                   dino, image_size, feature_image_size, device, batch, seed, chunks, client, star=None,
-                  layout="default") -> PickResult:
+                  layout="default", raw=None, contrast="auto") -> PickResult:
     from ..prompting.features import FeatureParams, extract_features, open_features
     from ..prompting.matching import match
     from ..prompting.selfprompt import query_from_instances, robust_range, segment_instances
@@ -246,7 +278,7 @@ def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, ou
     result.store = str(store)
     features_store = out / f"{stem}_features.zarr"
     extract_features(store, features_store, checkpoint=dino, params=FeatureParams(image_size=feature_image_size),
-                     client=client, device="gpu" if device == "cuda" else device)
+                     client=client, device="gpu" if device == "cuda" else device, polarity=contrast)
     result.seconds["features"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -271,7 +303,8 @@ def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, ou
     result.seconds["instances"] = time.perf_counter() - clock
     result.picks = detections.reset_index(drop=True)
     result.files = write_outputs(out, stem, "cryosam", result.picks, vs[2], object_name, shape=shape, star=star)
-    result.files.append(_preview(read, shape, out / f"{stem}_cryosam_picks.png", result.picks, stem, "cryosam", vs,
+    result.files.append(_preview(read if raw is None else raw, shape, out / f"{stem}_cryosam_picks.png", result.picks,
+                                 stem, "cryosam", vs,
                                  sp_params.diameter * vs[2] / 2 if sp_params.diameter else None))
     result.files += _write_labels(store, instances, result.picks["score"].to_numpy(), layout=layout, out=out, stem=stem)
     return result
