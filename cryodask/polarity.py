@@ -125,7 +125,7 @@ def decide_polarity(read, shape, voxel_size, *, max_voxels: int = MAX_VOXELS) ->
     vs = np.broadcast_to(np.asarray(voxel_size, dtype=float), (3,)) * factor
     volume = binned(read, shape, factor)
     if not np.isfinite(volume).all():
-        raise InputError("the volume holds NaN or infinite values")
+        raise InputError("contains NaN or Inf values")
     if not volume.std() > 0:
         return Polarity("dark", "auto-undecided", 0.0, 0.0)
     s, z = band_skewness(volume, vs)
