@@ -132,6 +132,17 @@ def test_features_equal_cryosam_reference(client, models, tomo, volume, tmp_path
     assert attrs["model"]["hidden_size"] == 32 and attrs["params"]["image_size"] == 56
     assert attrs["normalisation"]["mean"] == pytest.approx(volume.mean(dtype=np.float64), rel=1e-6)
     assert attrs["normalisation"]["std"] == pytest.approx(volume.std(dtype=np.float64), rel=1e-6)
+    assert attrs["source"]["polarity"]["polarity"] == "dark"  # decided (or undecided: dark) by auto
+
+
+def test_a_bright_tomogram_is_read_negated(client, models, tomo, volume, tmp_path):
+    """--polarity bright: every slice is read negated, so the stored normalisation is the negated
+    volume's, and the choice is kept with the store."""
+    out = extract_features(tomo, tmp_path / "bright.zarr", checkpoint=models["plain"], params=PARAMS, client=client,
+                           device="cpu", polarity="bright")
+    attrs = zarr.open_group(str(out), mode="r").attrs["cryodask"]["features"]
+    assert attrs["source"]["polarity"] == {"polarity": "bright", "decided": "given"}
+    assert attrs["normalisation"]["mean"] == pytest.approx(-volume.mean(dtype=np.float64), rel=1e-6)
 
 
 def test_ome_zarr_input_and_pickled_levels(client, models, tomo, volume, tmp_path):
