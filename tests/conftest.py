@@ -63,6 +63,17 @@ def one_line_error(call, path, match):
     return message
 
 
+def cli_error(capsys, argv) -> str:
+    """``cryodask argv`` exits 2 with one ``error: ...`` line on stderr; returns that line."""
+    from cryodask.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
 def validate_ome_zarr(store):
     """``store`` through ome-zarr-models' own models (raises if it is not valid OME-Zarr): the image,
     and each label image its ``labels/`` group lists. NGFF 0.4 or 0.5, from the metadata."""

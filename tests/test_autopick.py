@@ -12,6 +12,7 @@ import starfile
 import torch
 from scipy.spatial import cKDTree
 
+from conftest import cli_error
 from cryodask.cli import main
 from cryodask.errors import InputError
 from cryodask.io.particles import read_particles, write_box, write_particles_star
@@ -248,14 +249,6 @@ def test_cli_trains_repicks_and_classifies(synthetic, client, tmp_path, capsys):
     assert {(r["stage"], r["block"]) for r in records} == {(s, "mic40.mrc") for s in ("read", "preprocess", "infer")}
 
 
-def _error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
 def test_cli_bad_input_is_one_line(synthetic, tmp_path, capsys):
     root, _, _ = synthetic
     held = root / "held"
@@ -264,32 +257,32 @@ def test_cli_bad_input_is_one_line(synthetic, tmp_path, capsys):
     stray = tmp_path / "stray"
     stray.mkdir()
     write_box(stray / "other_micrograph.box", [[50, 50]] * 6, BOX)
-    assert "matches no micrograph" in _error(capsys, base + ["--good", str(stray), "--bad", str(held / "bad")])
+    assert "matches no micrograph" in cli_error(capsys, base + ["--good", str(stray), "--bad", str(held / "bad")])
     outside = tmp_path / "outside"
     outside.mkdir()
     write_box(outside / "mic40.box", [[50, 50], [900, 40]], BOX)
-    assert "outside" in _error(capsys, base + ["--good", str(outside), "--bad", str(held / "bad")])
+    assert "outside" in cli_error(capsys, base + ["--good", str(outside), "--bad", str(held / "bad")])
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "mic40.box").write_text("")
-    assert "no coordinates" in _error(capsys, base + ["--good", str(held / "good"), "--bad", str(empty)])
+    assert "no coordinates" in cli_error(capsys, base + ["--good", str(held / "good"), "--bad", str(empty)])
     few = tmp_path / "few"
     few.mkdir()
     write_box(few / "mic40.box", [[50, 50]], BOX)
-    assert "at least" in _error(capsys, base + ["--good", str(held / "good"), "--bad", str(few)])
+    assert "at least" in cli_error(capsys, base + ["--good", str(held / "good"), "--bad", str(few)])
     small = ["autopick", "train", "--micrographs", str(held / "mics"), "--box-size", "8", "--bin", str(BIN),
              "--out", str(tmp_path / "m"), "--good", str(held / "good"), "--bad", str(held / "bad")]
-    assert "--box-size" in _error(capsys, small)
+    assert "--box-size" in cli_error(capsys, small)
     repick_args = ["--micrographs", str(held / "mics"), "--out", str(tmp_path / "p")]
-    assert "no such model folder" in _error(capsys, ["autopick", "repick", "--model", str(tmp_path / "none")] + repick_args)
+    assert "no such model folder" in cli_error(capsys, ["autopick", "repick", "--model", str(tmp_path / "none")] + repick_args)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.pt").write_bytes(b"not a model")
-    assert "cannot be read as a model" in _error(capsys, ["autopick", "repick", "--model", str(broken)] + repick_args)
+    assert "cannot be read as a model" in cli_error(capsys, ["autopick", "repick", "--model", str(broken)] + repick_args)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     torch.save({"weights": 1}, foreign / "model.pt")
-    assert "not an Autopick-BC model" in _error(capsys, ["autopick", "repick", "--model", str(foreign)] + repick_args)
+    assert "not an Autopick-BC model" in cli_error(capsys, ["autopick", "repick", "--model", str(foreign)] + repick_args)
     assert not (tmp_path / "p").exists()  # nothing written, no cluster started
 
 

@@ -13,6 +13,7 @@ import pytest
 from scipy.ndimage import zoom
 from scipy.spatial import cKDTree
 
+from conftest import cli_error
 from cryodask.cli import main
 from cryodask.errors import InputError
 from cryodask.io.particles import read_particles, write_box
@@ -60,12 +61,18 @@ def flipped_set(tmp_path_factory):
     return root, make_set(root, range(4), flipped=True)
 
 
-def _error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
+def _held_out(tmp_path):
+    """A held-out micrograph at the training pixel size (``held/mics``), its truth, its image, and
+    the same micrograph upsampled 2x at half the pixel size (``fine``)."""
+    held = tmp_path / "held"
+    held_truth = make_set(held, [40])["mic40"]
+    image = np.squeeze(mrcfile.read(held / "mics" / "mic40.mrc"))
+    fine = tmp_path / "fine"
+    fine.mkdir()
+    with mrcfile.new(fine / "mic40.mrc") as mrc:
+        mrc.set_data(zoom(image, 2, order=1, grid_mode=True, mode="grid-mirror").astype(np.float32))
+        mrc.voxel_size = PIXEL / 2
+    return held, held_truth, image, fine
 
 
 def _train_args(root, out, *extra):
@@ -141,7 +148,7 @@ def test_held_out_result_at_the_class_prior_is_refused():
 
 def test_cli_refuses_flipped_and_unbalanced_inputs(flipped_set, tmp_path, capsys):
     root, _ = flipped_set
-    err = _error(capsys, _train_args(root, tmp_path / "m"))
+    err = cli_error(capsys, _train_args(root, tmp_path / "m"))
     assert "look flipped" in err and "--flip-y yes" in err
     assert not (tmp_path / "m" / "model.pt").exists()
     one = tmp_path / "one_good"
@@ -149,7 +156,7 @@ def test_cli_refuses_flipped_and_unbalanced_inputs(flipped_set, tmp_path, capsys
     (one / "mic00.box").write_bytes((root / "good" / "mic00.box").read_bytes())
     args = _train_args(root, tmp_path / "u", "--flip-y", "yes")
     args[args.index("--good") + 1] = str(one)
-    err = _error(capsys, args)
+    err = cli_error(capsys, args)
     assert "for each good" in err or "same micrographs" in err, err
     assert not (tmp_path / "u" / "model.pt").exists()
 
@@ -168,14 +175,7 @@ def test_cli_auto_flip_trains_and_records_pixel_size(flipped_set, tmp_path, caps
     assert check_model(model).pixel_size == pytest.approx(PIXEL, abs=1e-3)
 
     # repick a held-out micrograph as taken (1.77 Å/px) and upsampled 2× (0.885 Å/px)
-    held = tmp_path / "held"
-    held_truth = make_set(held, [40])["mic40"]
-    image = np.squeeze(mrcfile.read(held / "mics" / "mic40.mrc"))
-    fine = tmp_path / "fine"
-    fine.mkdir()
-    with mrcfile.new(fine / "mic40.mrc") as mrc:
-        mrc.set_data(zoom(image, 2, order=1, grid_mode=True, mode="grid-mirror").astype(np.float32))
-        mrc.voxel_size = PIXEL / 2
+    held, held_truth, image, fine = _held_out(tmp_path)
     lines = sampling_note(check_model(model), micrograph_set(fine))
     assert lines and "rescaled to the model's 1.77 Å/px" in lines[0]
     coarse = repick(held / "mics", model, tmp_path / "p1", client=client)
@@ -217,7 +217,7 @@ def test_crisp_train_refuses_flipped_boxes_and_auto_flips(flipped_set, tmp_path,
     base = ["crisp", "train", "--micrographs", str(root / "mics"), "--particles", str(root / "good"), "--diameter",
             str(DIAMETER), "--bin", "2", "--widths", "8,16,32", "--epochs", "20", "--crop", "64", "--lr", "0.01",
             "--threads", "1"]
-    err = _error(capsys, base + ["--out", str(tmp_path / "m")])
+    err = cli_error(capsys, base + ["--out", str(tmp_path / "m")])
     assert "look flipped" in err and "--flip-y yes" in err
     assert not (tmp_path / "m" / "model.pt").exists()
     assert main(base + ["--out", str(tmp_path / "a"), "--flip-y", "auto"]) == 0
@@ -226,14 +226,7 @@ def test_crisp_train_refuses_flipped_boxes_and_auto_flips(flipped_set, tmp_path,
     assert config["flip_y"] is True and config["pixel_size"] == pytest.approx(PIXEL, abs=1e-3)
 
     # crisp predict on a micrograph at half the pixel size: rescaled, the same particles found
-    held = tmp_path / "held"
-    held_truth = make_set(held, [40])["mic40"]
-    image = np.squeeze(mrcfile.read(held / "mics" / "mic40.mrc"))
-    fine = tmp_path / "fine"
-    fine.mkdir()
-    with mrcfile.new(fine / "mic40.mrc") as mrc:
-        mrc.set_data(zoom(image, 2, order=1, grid_mode=True, mode="grid-mirror").astype(np.float32))
-        mrc.voxel_size = PIXEL / 2
+    held, held_truth, image, fine = _held_out(tmp_path)
     found = {}
     for name, mics, factor in (("coarse", held / "mics", 1), ("fine", fine, 2)):
         code = main(["crisp", "predict", "--model", str(tmp_path / "a"), "--micrographs", str(mics), "--out",

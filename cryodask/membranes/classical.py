@@ -444,10 +444,8 @@ def _mask_task(block: Block, shape, spacing, params: ClassicalParams, low: float
         centres = _hysteresis(score, low, high) & ridge.astype(bool)
         local = _within(near, grown)
         peak = _sparse_peak(centres[local], score[local], _ellipsoid(radii))
-        inner = _within(block.region, near)
-        here = score[_within(block.region, grown)]
-        mask = (centres[_within(block.region, grown)] | (np.isfinite(peak[inner])
-                                                           & (here >= band_level(spacing, params) * peak[inner])))
+        inner, own = _within(block.region, near), _within(block.region, grown)
+        mask = centres[own] | (np.isfinite(peak[inner]) & (score[own] >= band_level(spacing, params) * peak[inner]))
         mask = mask.astype(np.uint8)
     with stage("write", block=block.name, step="classical-mask", bytes_written=mask.nbytes):
         zarr.open_array(mask_path, mode="r+")[block.region] = mask

@@ -125,12 +125,10 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
     from ..io.folders import check_output_dir
     from ..io.volumes import open_reader
 
-    from ..polarity import check_polarity, dark_reader, resolve_polarity
+    from ..polarity import dark_reader, resolve_polarity
 
     if method not in ("log", "cryosam"):
         raise InputError(f"--method must be log or cryosam, got {method!r}")
-    if not hasattr(polarity, "polarity"):
-        check_polarity(polarity)
     raw, shape, vs, _ = open_reader(tomogram, voxel_size, chunks, dtype="float32")
     out = check_output_dir(out).resolve()
     contrast = resolve_polarity(polarity, raw, shape, vs)
