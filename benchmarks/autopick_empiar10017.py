@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--results", default=str(HERE / "results" / "autopick_empiar10017.json"))
     args = parser.parse_args()
 
-    from cryodask.cluster import connect
+    from cryodask.engine.cluster import connect
     from cryodask.io.particles import read_particles
     from cryodask.metrics.picking import match_picks
     from cryodask.micrographs.autopick.classify import classify

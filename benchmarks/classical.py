@@ -72,7 +72,7 @@ def code_version(package: Path) -> str:
 
 def blocks_with_halo(shape, chunks, halo):
     """(grown region, the block inside it, the block in the volume) of every block."""
-    from cryodask.blocks import plan_blocks
+    from cryodask.engine.blocks import plan_blocks
 
     for block in plan_blocks(shape, chunks):
         grown = tuple(slice(max(0, r.start - h), min(n, r.stop + h)) for r, h, n in zip(block.region, halo, shape))

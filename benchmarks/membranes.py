@@ -54,7 +54,7 @@ def run_method(method: str, folder: Path, config: str, image_size: int, batch: i
     import torch
     import zarr
 
-    from cryodask.blocks import DoneMarks
+    from cryodask.engine.blocks import DoneMarks
     from cryodask.membranes.etsam import EtsamParams, TiledLogits, two_stage_column
     from cryodask.membranes.normalize import from_extremes
     from cryodask.io.volumes import ZarrReader

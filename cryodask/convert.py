@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
-from .cluster import current_client
+from .engine.blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
+from .engine.cluster import current_client
 from .io.folders import check_output_dir
 from .errors import CryodaskError, InputError, where
 from .io.omezarr import NGFF, PORTAL_CHUNKS, check_layout, create_image, level_shapes, merge_window, sketch, write_omero
@@ -364,7 +364,7 @@ def convert(inputs, out, *, chunks=(64, 256, 256), levels: int = 3, ngff: str = 
                            layout=layout)
     client = client or current_client()
     if client is None and plan.todo:
-        from .cluster import connect
+        from .engine.cluster import connect
 
         with connect("local") as local_client:
             return run_conversion(plan, local_client, block_bytes=block_bytes, progress=progress)

@@ -118,7 +118,7 @@ def check_weights(folder=None) -> list[Check]:
 
 def check_cluster(spec: str = "local", config=None, timeout: float = 5.0) -> list[Check]:
     """A scheduler address is connected to; a batch system renders its job script; local is started."""
-    from .cluster import check_spec
+    from .engine.cluster import check_spec
 
     try:
         spec = check_spec(spec)
@@ -135,7 +135,7 @@ def check_cluster(spec: str = "local", config=None, timeout: float = 5.0) -> lis
             return [Check("cluster", "fail", f"{spec}: {type(exc).__name__}", "is the scheduler running and reachable "
                           "from this node (firewall, address)?")]
     if spec in ("slurm", "pbs", "sge", "lsf"):
-        from .cluster import jobqueue_cluster, load_config
+        from .engine.cluster import jobqueue_cluster, load_config
 
         try:
             options = load_config(config).get(spec, {}) if config else {}

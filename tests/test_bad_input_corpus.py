@@ -736,9 +736,9 @@ def test_bad_input(name, tmp_path, capsys, monkeypatch, request):
     if c.cluster:
         args += ["--cluster", request.getfixturevalue("client").scheduler.address]
     else:
-        import cryodask.cluster
+        import cryodask.engine.cluster
 
-        monkeypatch.setattr(cryodask.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
+        monkeypatch.setattr(cryodask.engine.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
     code, out, err = run(capsys, args)
     assert "Traceback" not in out + err
     assert not [line for line in err.splitlines() if "Warning" in line], err

@@ -78,9 +78,9 @@ def test_bad_inputs_each_fail_in_one_line_and_good_ones_convert(tmp_path, capsys
     (["good.mrc", "--cluster", "kubernetes"], "--cluster"),
 ])
 def test_option_and_path_errors_stop_before_any_cluster(tmp_path, capsys, monkeypatch, args, words):
-    import cryodask.cluster
+    import cryodask.engine.cluster
 
-    monkeypatch.setattr(cryodask.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
+    monkeypatch.setattr(cryodask.engine.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
     write_raw_mrc(tmp_path / "good.mrc", np.zeros((4, 4, 4), np.float32))
     (tmp_path / "x.txt").write_text("hello")
     monkeypatch.chdir(tmp_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cryodask.cluster import check_spec, connect, jobqueue_cluster, load_config, make_cluster
+from cryodask.engine.cluster import check_spec, connect, jobqueue_cluster, load_config, make_cluster
 from cryodask.errors import InputError
 
 

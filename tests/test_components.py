@@ -179,10 +179,10 @@ def test_mask_larger_than_worker_memory(tmp_path):
     (["m.mrc", "--out", "o.mrc", "--device", "tpu"], "--device"),
 ])
 def test_cli_errors_before_any_cluster(tmp_path, capsys, monkeypatch, args, words):
-    import cryodask.cluster
+    import cryodask.engine.cluster
     from cryodask.cli import main
 
-    monkeypatch.setattr(cryodask.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
+    monkeypatch.setattr(cryodask.engine.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
     write_raw_mrc(tmp_path / "m.mrc", np.zeros((4, 4, 4), np.uint8))
     monkeypatch.chdir(tmp_path)
     assert main(["postprocess", *args]) == 2

@@ -17,7 +17,7 @@ import yaml
 from conftest import ROOT
 
 from cryodask.cli import main
-from cryodask.cluster import (job_script, jobqueue_cluster, load_config, make_cluster, replace_retired_jobs,
+from cryodask.engine.cluster import (job_script, jobqueue_cluster, load_config, make_cluster, replace_retired_jobs,
                               requested_gpus, walltime_seconds)
 from cryodask.errors import InputError
 

@@ -168,10 +168,10 @@ def test_cli(membranes, picks, tmp_path, client):
 
 
 def test_cli_checks_inputs_before_starting_a_cluster(membranes, tmp_path, capsys, monkeypatch):
-    import cryodask.cluster
+    import cryodask.engine.cluster
     from cryodask.cli import main
 
-    monkeypatch.setattr(cryodask.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
+    monkeypatch.setattr(cryodask.engine.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
     _, _, files, _ = membranes
     code = main(["evaluate", "membranes", str(files["pred"]), str(tmp_path / "missing.mrc")])
     err = capsys.readouterr().err

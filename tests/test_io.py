@@ -9,7 +9,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cryodask.blocks import DoneMarks, plan_blocks
+from cryodask.engine.blocks import DoneMarks, plan_blocks
 from cryodask.errors import InputError
 from cryodask.io.mrc import mrc_dtype, write_mrc
 from cryodask.io.omezarr import create_image, open_image, write_labels

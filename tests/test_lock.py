@@ -15,13 +15,13 @@ import pytest
 from conftest import write_raw_mrc
 from cryodask.cli import main
 from cryodask.errors import InputError
-from cryodask.lock import output_lock
+from cryodask.engine.lock import output_lock
 
 
 def test_second_writer_is_refused_and_the_lock_is_released(tmp_path):
     with output_lock(tmp_path, "convert") as path:
         assert json.loads(path.read_text())["pid"] == os.getpid()
-        child = subprocess.run([sys.executable, "-c", "from cryodask.lock import output_lock\n"
+        child = subprocess.run([sys.executable, "-c", "from cryodask.engine.lock import output_lock\n"
                                 f"with output_lock({str(tmp_path)!r}, 'membranes'): pass"],
                                capture_output=True, text=True)
         assert child.returncode != 0 and "is writing to this folder" in child.stderr and "convert" in child.stderr

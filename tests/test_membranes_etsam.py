@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sam2")
 
 from conftest import write_raw_mrc  # noqa: E402
-from cryodask.blocks import DoneMarks  # noqa: E402
+from cryodask.engine.blocks import DoneMarks  # noqa: E402
 from cryodask.cli import main  # noqa: E402
 from cryodask.errors import InputError  # noqa: E402
 from cryodask.io.omezarr import open_image  # noqa: E402
@@ -174,7 +174,7 @@ def test_zarr_input_gets_labels_in_place_and_bad_inputs_fail_alone(weights, tomo
 
 
 def test_cli_loads_checkpoints_and_fails_in_one_line(weights, tomogram, tmp_path, capsys, client, monkeypatch):
-    import cryodask.cluster
+    import cryodask.engine.cluster
 
     write_raw_mrc(tmp_path / "t.mrc", tomogram, voxel_size=10)
     base = ["membranes", str(tmp_path / "t.mrc"), "--out", str(tmp_path / "out"), "--model-config", CONFIG,
@@ -184,7 +184,7 @@ def test_cli_loads_checkpoints_and_fails_in_one_line(weights, tomogram, tmp_path
     assert code == 0, err
     assert "t_etsam_predicted_mask.mrc" in out and (tmp_path / "out" / "t_etsam_predicted_logits.mrc").exists()
 
-    monkeypatch.setattr(cryodask.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
+    monkeypatch.setattr(cryodask.engine.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
     monkeypatch.delenv("CRYODASK_WEIGHTS", raising=False)
     cases = [
         (["--method", "etsam", "--weights", str(tmp_path)], ["etsam_stage1_v1.pt", "17571925"]),

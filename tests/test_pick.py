@@ -99,9 +99,9 @@ def test_cryosam_end_to_end_from_one_prompt(cryosam_weights, tmp_path, client):
 
 
 def test_cryosam_prompt_errors_stop_before_any_cluster(cryosam_weights, tmp_path, capsys, monkeypatch):
-    import cryodask.cluster
+    import cryodask.engine.cluster
 
-    monkeypatch.setattr(cryodask.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
+    monkeypatch.setattr(cryodask.engine.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
     write_raw_mrc(tmp_path / "t.mrc", np.zeros((16, 16, 16), np.float32), voxel_size=10.0)
     write_picks(tmp_path / "empty.star", np.zeros((0, 3)))
     (tmp_path / "broken.star").write_text("data_\nloop_\n_rlnCoordinateX #1\nabc def\n")

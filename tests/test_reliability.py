@@ -253,7 +253,7 @@ def _membrane_recomputed(log: Path, kind: str) -> Counter:
 def test_classical_membranes_killed_and_rerun_redo_only_unmarked_blocks(tmp_path, client):
     """Slow (~20 s on 2 cores): convert + classical filter + exports + post-processing of two
     tomograms, killed and rerun in processes with their own clusters."""
-    from cryodask.blocks import plan_blocks
+    from cryodask.engine.blocks import plan_blocks
     from cryodask.synth.tomogram import synth_tomogram
 
     seed = 300
@@ -343,7 +343,7 @@ def test_etsam_killed_and_rerun_redo_only_unmarked_stages(tmp_path, client, etsa
 # ------------------------------------------------------------------ pick
 
 def test_log_pick_killed_and_rerun_redoes_only_unmarked_blocks(tmp_path, client):
-    from cryodask.blocks import plan_blocks
+    from cryodask.engine.blocks import plan_blocks
     from cryodask.synth.tomogram import synth_tomogram, write_tomogram
 
     seed = 505

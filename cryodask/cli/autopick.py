@@ -50,9 +50,9 @@ def train_command(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Train the classifier on windows cut around good and bad particles; report test scores."""
-    from ..cluster import check_spec
+    from ..engine.cluster import check_spec
     from ..io.folders import check_output_dir
-    from ..lock import output_lock
+    from ..engine.lock import output_lock
     from ..errors import InputError
     from ..micrographs.autopick.checks import parse_flip
     from ..micrographs.autopick.train import TrainParams, train, training_inputs
@@ -100,9 +100,9 @@ def repick_command(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Score a sliding window over every micrograph; keep the best windows (NMS) as picks."""
-    from ..cluster import check_spec
+    from ..engine.cluster import check_spec
     from ..io.folders import check_output_dir
-    from ..lock import output_lock
+    from ..engine.lock import output_lock
     from ..micrographs.autopick.inputs import micrograph_set
     from ..micrographs.autopick.repick import RepickParams, repick
     from ..micrographs.autopick.score import check_model
@@ -144,10 +144,10 @@ def classify_command(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Score existing picks and split them into true and false STAR files."""
-    from ..cluster import check_spec
+    from ..engine.cluster import check_spec
     from ..errors import InputError
     from ..io.folders import check_output_dir
-    from ..lock import output_lock
+    from ..engine.lock import output_lock
     from ..micrographs.autopick.classify import classify
     from ..micrographs.autopick.inputs import micrograph_set, read_centres
     from ..micrographs.autopick.score import check_model

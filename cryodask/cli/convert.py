@@ -26,10 +26,10 @@ def convert(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Convert tomograms to chunked multiscale OME-Zarr (resumable; bad inputs are listed, the rest converted)."""
-    from ..cluster import check_spec
+    from ..engine.cluster import check_spec
     from ..convert import plan_conversion, run_conversion
     from ..io.folders import check_output_dir
-    from ..lock import output_lock
+    from ..engine.lock import output_lock
     from ..report import run_report
 
     check_spec(cluster)

@@ -54,7 +54,7 @@ def train_command(
     """Train a segmentation network from particle coordinates or masks."""
     from ..errors import InputError
     from ..io.folders import check_output_dir
-    from ..lock import output_lock
+    from ..engine.lock import output_lock
     from ..micrographs.crisp.train import TrainParams, check_labels, train
 
     params = TrainParams(model=model, loss=loss, widths=_widths(widths), bin=bin, epochs=epochs, crop=crop,
@@ -121,8 +121,8 @@ def predict_command(
     over the micrograph); metrics.csv/json with truth."""
     from dataclasses import fields
 
-    from ..cluster import check_spec
-    from ..lock import output_lock
+    from ..engine.cluster import check_spec
+    from ..engine.lock import output_lock
     from ..micrographs.crisp.crf import CRFParams
     from ..micrographs.crisp.predict import PredictParams, plan_prediction, run_prediction
 

@@ -19,8 +19,8 @@ def demo(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
 ):
     """Synthesise a small collection, convert it on a cluster, evaluate against the truth, write previews."""
-    from ..cluster import check_spec
-    from ..lock import output_lock
+    from ..engine.cluster import check_spec
+    from ..engine.lock import output_lock
     from ..io.folders import check_output_dir
     from ..demo import run_demo
 

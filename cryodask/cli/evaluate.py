@@ -32,7 +32,7 @@ def membranes(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG,
 ):
     """Voxel-wise Dice, IoU, precision, recall (and AP with --logits), block by block on a cluster."""
-    from ..cluster import check_spec
+    from ..engine.cluster import check_spec
     from ..errors import where
     from ..evaluate import evaluate_membranes, load_volume
 

@@ -25,7 +25,7 @@ def jobscript(
                                        "named after its job id, so the script can be submitted many times."),
 ):
     """Print the batch job script for one worker job; nothing is started or submitted."""
-    from ..cluster import JOB_ID, JOBQUEUE, SUBMIT, job_script, read_config
+    from ..engine.cluster import JOB_ID, JOBQUEUE, SUBMIT, job_script, read_config
     from ..errors import InputError
 
     if cluster not in JOBQUEUE:

@@ -66,8 +66,8 @@ def membranes(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Segment membranes; outputs use ETSAM's names: <stem>_<method>_predicted_{mask,logits,post_processed_mask}.mrc."""
-    from ..cluster import check_spec
-    from ..lock import output_lock
+    from ..engine.cluster import check_spec
+    from ..engine.lock import output_lock
     from ..report import run_report
     from ..errors import InputError
     from ..membranes.classical import ClassicalParams

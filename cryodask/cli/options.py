@@ -26,7 +26,7 @@ def cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config) ->
 @contextmanager
 def cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config):
     """Start (or reach) the cluster for a command and print its dashboard link."""
-    from ..cluster import connect
+    from ..engine.cluster import connect
 
     with connect(cluster, **cluster_kwargs(workers, threads_per_worker, memory_limit, cluster_config)) as client:
         typer.echo(f"dashboard: {client.dashboard_link}")

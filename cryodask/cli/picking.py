@@ -42,8 +42,8 @@ def features(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Per-slice DINOv2 features of the z, y and x views, stored as a float16 pyramid at ratios 4, 8, 16."""
-    from ..cluster import check_spec
-    from ..lock import output_lock
+    from ..engine.cluster import check_spec
+    from ..engine.lock import output_lock
     from ..io.folders import check_output_dir
     from ..io.volumes import open_reader
     from ..models.dinov2 import describe_dinov2, resolve_dinov2
@@ -119,8 +119,8 @@ def pick(
 ):
     """Pick particles; writes <stem>_<method>_picks.star (RELION 5, with tomograms.star) and .csv, and
     copick/ExperimentRuns/<stem>/Picks/*.json."""
-    from ..cluster import check_spec
-    from ..lock import output_lock
+    from ..engine.cluster import check_spec
+    from ..engine.lock import output_lock
     from ..report import run_report
     from ..errors import InputError
     from ..io.folders import check_output_dir

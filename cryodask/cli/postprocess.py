@@ -31,8 +31,8 @@ def postprocess(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
     """Keep the connected components of a mask that pass the filters; identical to scipy on the whole array."""
-    from ..cluster import check_spec
-    from ..lock import output_lock
+    from ..engine.cluster import check_spec
+    from ..engine.lock import output_lock
     from ..errors import InputError, where
     from ..postprocess.pipeline import PostprocessParams, open_mask, postprocess as run
 

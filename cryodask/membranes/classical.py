@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
+from ..engine.blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
 from ..errors import InputError
 from ..report.stages import stage
 from .hessian import GaussianHessian, ridge, sheet_eigen

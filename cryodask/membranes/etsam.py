@@ -156,7 +156,7 @@ def two_stage_column(read_raw, norm: norm_mod.Normalization, n_slices: int, ys: 
     batch saves no time but costs activation memory (benchmarks/results/README.md).
     Returns the tile name.
     """
-    from ..blocks import fault_injection_delay
+    from ..engine.blocks import fault_injection_delay
     from ..models.sam2 import cached_predictor, pick_device
 
     _set_threads()

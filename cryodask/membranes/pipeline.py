@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..blocks import DoneMarks
+from ..engine.blocks import DoneMarks
 from ..errors import CryodaskError, InputError, where
 from ..io.volumes import ZarrReader
 from ..params import params_hash
@@ -253,11 +253,11 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
     if not found:
         return report
     if client is None:
-        from ..cluster import current_client
+        from ..engine.cluster import current_client
 
         client = current_client()
     if client is None:
-        from ..cluster import connect
+        from ..engine.cluster import connect
 
         with connect("local") as local:
             return _run(found, out, method, method_params, outputs, voxel_size, chunks, levels, batch, device,

@@ -55,7 +55,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from ..blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
+from ..engine.blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
 from ..errors import InputError
 from ..report.stages import RecordedRead, stage
 

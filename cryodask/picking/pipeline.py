@@ -162,11 +162,11 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
     sp_params = SelfPromptParams(iou_threshold=float(iou_threshold), diameter=diameter_px)
     match_params = MatchParams(sim_threshold=float(sim_threshold), top_k=int(top_k), matching=matching)
     if client is None:
-        from ..cluster import current_client
+        from ..engine.cluster import current_client
 
         client = current_client()
     if client is None:
-        from ..cluster import connect
+        from ..engine.cluster import connect
 
         with connect("local") as local:
             result = _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name,
@@ -212,7 +212,7 @@ def _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client, s
     import shutil
     from dataclasses import asdict
 
-    from ..blocks import DoneMarks
+    from ..engine.blocks import DoneMarks
     from ..io.volumes import source_identity
     from ..params import params_hash
     from .log import describe, log_pick

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
 
-from ..blocks import Block, plan_blocks
+from ..engine.blocks import Block, plan_blocks
 from ..errors import InputError
 
 CONNECTIVITY = (6, 18, 26)

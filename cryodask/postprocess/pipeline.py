@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
+from ..engine.blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
 from ..errors import InputError, where
 from ..io.volumes import VolumeReader, open_reader, source_identity, source_position
 from ..params import params_hash
@@ -242,7 +242,7 @@ def postprocess(mask, out, *, connectivity: int = 26, min_slices: int = 0, min_v
         from ..io.omezarr import PORTAL_CHUNKS
 
         block_chunks = PORTAL_CHUNKS
-    from ..cluster import current_client
+    from ..engine.cluster import current_client
     from ..io.folders import check_output_dir
 
     check_output_dir(out.parent)
@@ -256,7 +256,7 @@ def postprocess(mask, out, *, connectivity: int = 26, min_slices: int = 0, min_v
     client = client or current_client()
     try:
         if client is None:
-            from ..cluster import connect
+            from ..engine.cluster import connect
 
             with connect("local") as local_client:
                 return _run(read, shape, vs, block_chunks, params, out, marks, key, local_client, device, result)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..blocks import DoneMarks, fault_injection_delay, plan_blocks
+from ..engine.blocks import DoneMarks, fault_injection_delay, plan_blocks
 from ..errors import InputError, where
 from ..params import params_hash
 
@@ -364,11 +364,11 @@ def extract_features(tomogram, out, *, checkpoint=None, weights=None, params: Fe
         if not state.get("complete"):
             _set_complete(out, True)
         return out
-    from ..cluster import current_client
+    from ..engine.cluster import current_client
 
     client = client or current_client()
     if client is None:
-        from ..cluster import connect
+        from ..engine.cluster import connect
 
         with connect("local") as local_client:
             return _run(tomo, model, params, out, key, marks, state, tasks, local_client, device)

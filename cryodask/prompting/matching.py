@@ -66,7 +66,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from ..blocks import overlap, plan_blocks
+from ..engine.blocks import overlap, plan_blocks
 from ..errors import InputError
 
 try:  # zarr 3 runs its asyncio API on its own event loop; ``sync`` waits for a coroutine there

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..blocks import overlap
+from ..engine.blocks import overlap
 from ..errors import InputError
 
 VIEWS = ("z", "y", "x")

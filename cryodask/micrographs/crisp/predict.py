@@ -444,13 +444,13 @@ def predict(micrographs, model_dir, out, *, params: PredictParams = PredictParam
     ...                  truth_masks="masks/")  # doctest: +SKIP
     >>> report.summary["crf"]["pooled"]["iou"]  # doctest: +SKIP
     """
-    from ...cluster import current_client
+    from ...engine.cluster import current_client
 
     plan = plan_prediction(micrographs, model_dir, out, params=params, truth_masks=truth_masks,
                            truth_particles=truth_particles, truth_flip_y=truth_flip_y)
     client = client or current_client()
     if client is None and plan.jobs:
-        from ...cluster import connect
+        from ...engine.cluster import connect
 
         with connect("local") as local:
             return run_prediction(plan, local)

@@ -21,7 +21,7 @@ import re
 import shlex
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
 KINDS = ("local", "cuda", *JOBQUEUE)
