@@ -234,7 +234,7 @@ def run_cryodask(src: Path, out: Path, min_slices: int, workers: int, chunks, me
 
 
 def run_cryodask_gpu(*args, **kwargs) -> dict:
-    return run_cryodask(*args, **{**kwargs, "device": "gpu"})
+    return run_cryodask(*args, **{**kwargs, "device": "cuda"})
 
 
 METHODS = {"scipy": run_scipy, "cc3d": run_cc3d, "cryodask": run_cryodask, "cryodask-gpu": run_cryodask_gpu}

@@ -108,7 +108,7 @@ def time_workers(kind: str, workers: int, paths: list[Path], out: Path, step: st
 
     from cryodask.report import run_report
 
-    device = "gpu" if kind == "gpu" else "cpu"
+    device = "cuda" if kind == "gpu" else "cpu"
     runs, stages = [], None
     with _cluster(kind, workers) as cluster, Client(cluster) as client:
         client.wait_for_workers(workers)
@@ -172,8 +172,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--results", default=str(HERE / "results"))
     args = parser.parse_args(argv)
-    from cryodask.report.plots import scaling_png
     from cryodask.report.summary import machine
+    from plots import scaling_png
 
     counts = [int(w) for w in args.workers.split(",") if w.strip()]
     gpu_counts = [int(w) for w in args.gpu_workers.split(",") if w.strip()]

@@ -208,12 +208,12 @@ def test_cli_end_to_end(tmp_path, capsys, client, membrane_mask):
 def test_gpu_tasks_ask_for_a_gpu_only_where_workers_have_one(client):
     from distributed import Client, LocalCluster
 
-    from cryodask.postprocess.pipeline import gpu_resources
+    from cryodask.engine.cluster import gpu_resources
 
-    assert gpu_resources(client, "cpu") is None and gpu_resources(client, "gpu") is None
+    assert gpu_resources(client) is None
     with LocalCluster(n_workers=1, threads_per_worker=1, resources={"GPU": 1}, dashboard_address=":0") as cluster, \
             Client(cluster) as gpu_client:
-        assert gpu_resources(gpu_client, "gpu") == {"GPU": 1}
+        assert gpu_resources(gpu_client) == {"GPU": 1}
 
 
 def test_killed_postprocess_resumes_to_the_same_result(tmp_path, membrane_mask):

@@ -222,7 +222,7 @@ def test_errors(client, models, tomo, volume, tmp_path, monkeypatch):
     shutil.copy(models["plain"] / "model.safetensors", mixed / "model.safetensors")
     with pytest.raises(InputError, match="mixed: weights do not match"):
         load_dinov2(mixed, "cpu")
-    with pytest.raises(InputError, match="--slab 10 must be a multiple"):
+    with pytest.raises(InputError, match="^slab 10 must be a multiple"):
         FeatureParams(slab=10)
     with pytest.raises(InputError, match="--image-size 50 is not a multiple"):
         extract_features(tomo, out, checkpoint=models["plain"], params=FeatureParams(image_size=50, slab=16),

@@ -11,6 +11,7 @@ import zarr
 from cryodask.errors import InputError
 from cryodask.membranes import classical
 from cryodask.membranes.classical import ClassicalParams, classical_segment, halo, membrane_score
+from cryodask.validate import cli_message
 from cryodask.metrics.segmentation import segmentation_scores
 from cryodask.io.volumes import ZarrReader
 from cryodask.synth import synth_tomogram
@@ -89,31 +90,32 @@ def test_anisotropic_voxels(tmp_path):
 def test_bright_membranes_flip_the_sign():
     t = synth_tomogram((32, 48, 48), voxel_size=10.0, seed=1, snr=0.5)
     dark = membrane_score(t.volume, 10.0, ClassicalParams(), mean=0.0, std=1.0)
-    bright = membrane_score(-t.volume, 10.0, ClassicalParams(dark_membranes=False), mean=0.0, std=1.0)
+    bright = membrane_score(-t.volume, 10.0, ClassicalParams(dark=False), mean=0.0, std=1.0)
     np.testing.assert_allclose(bright, dark, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, option", [
-    ({"thickness": 0}, "--thickness"),
-    ({"thickness": -45.0}, "--thickness"),
-    ({"thickness": float("nan")}, "--thickness"),
-    ({"thickness": "thick"}, "--thickness"),
-    ({"low": 9.0, "high": 8.0}, "--low"),
-    ({"high": float("inf")}, "--high"),
-    ({"scale": 0.0}, "--scale"),
-    ({"reach": -1.0}, "--reach"),
-    ({"dark_membranes": "yes"}, "--dark-membranes"),
+    ({"thickness": 0}, "thickness must be a positive number"),
+    ({"thickness": -45.0}, "thickness"),
+    ({"thickness": float("nan")}, "thickness"),
+    ({"thickness": "thick"}, "thickness"),
+    ({"low": 9.0, "high": 8.0}, "low"),
+    ({"high": float("inf")}, "high"),
+    ({"scale": 0.0}, "scale"),
+    ({"reach": -1.0}, "reach must be a number >= 0"),
+    ({"dark": "yes"}, "dark must be true or false"),
 ])
 def test_bad_parameters_are_one_line_input_errors(kwargs, option):
-    with pytest.raises(InputError, match=option) as error:
+    with pytest.raises(InputError, match=f"^{option}") as error:  # the field in its Python form
         ClassicalParams(**kwargs)
     assert "\n" not in str(error.value)
+    assert cli_message(error.value).startswith("--" + option.split()[0].replace("_", "-"))  # the flag on the CLI
 
 
 def test_bad_voxel_size_and_shape():
     block = np.zeros((8, 8, 8), np.float32)
     for bad in (0.0, -1.0, (10.0, 10.0), "ten", (10.0, float("nan"), 10.0)):
-        with pytest.raises(InputError, match="--voxel-size"):
+        with pytest.raises(InputError, match="^voxel_size"):
             membrane_score(block, bad, ClassicalParams())
     with pytest.raises(InputError, match="3D"):
         membrane_score(block[0], 10.0, ClassicalParams())

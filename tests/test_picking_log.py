@@ -13,6 +13,7 @@ from cryodask.metrics import picking_scores
 from cryodask.picking import log
 from cryodask.picking.log import Geometry, LogParams, log_pick, log_response, pick_block
 from cryodask.synth.tomogram import synth_tomogram
+from cryodask.validate import cli_message
 
 
 def blobs(shape, centres, std, contrast=None, noise=0.0, seed=0):
@@ -151,16 +152,17 @@ def test_log_response_peaks_at_a_dark_ball_and_drops_the_mean():
 # ---------------------------------------------------------------- bad parameters
 
 @pytest.mark.parametrize("kwargs, option", [
-    ({"diameter": 0}, "--diameter"), ({"diameter": -5}, "--diameter"), ({"diameter": float("nan")}, "--diameter"),
-    ({"diameter": "big"}, "--diameter"), ({"diameter": 100, "threshold": -1}, "--threshold"),
-    ({"diameter": 100, "min_distance": 0}, "--min-distance"), ({"diameter": 100, "max_picks": 0}, "--max-picks"),
-    ({"diameter": 100, "max_picks": 2.5}, "--max-picks"), ({"diameter": 100, "min_roundness": 0.5}, "--min-roundness"),
-    ({"diameter": 100, "max_scale_ratio": 0}, "--max-scale-ratio"), ({"diameter": 100, "dark": "yes"}, "--dark"),
+    ({"diameter": 0}, "diameter"), ({"diameter": -5}, "diameter"), ({"diameter": float("nan")}, "diameter"),
+    ({"diameter": "big"}, "diameter"), ({"diameter": 100, "threshold": -1}, "threshold"),
+    ({"diameter": 100, "min_distance": 0}, "min_distance"), ({"diameter": 100, "max_picks": 0}, "max_picks"),
+    ({"diameter": 100, "max_picks": 2.5}, "max_picks"), ({"diameter": 100, "min_roundness": 0.5}, "min_roundness"),
+    ({"diameter": 100, "max_scale_ratio": 0}, "max_scale_ratio"), ({"diameter": 100, "dark": "yes"}, "dark"),
 ])
 def test_bad_parameters_are_one_line_errors(kwargs, option):
-    with pytest.raises(InputError, match=option) as info:
+    with pytest.raises(InputError, match=f"^{option} must be ") as info:  # the field in its Python form
         LogParams(**kwargs)
     assert "\n" not in str(info.value)
+    assert cli_message(info.value).startswith(f"--{option.replace('_', '-')} must be ")  # the flag on the CLI
 
 
 def test_bad_voxel_sizes_and_diameters_are_refused_before_any_work():
@@ -168,9 +170,9 @@ def test_bad_voxel_sizes_and_diameters_are_refused_before_any_work():
         raise AssertionError("read before validation")
 
     for voxel_size in (0, -1, (10, 10), float("inf")):
-        with pytest.raises(InputError, match="--voxel-size"):
+        with pytest.raises(InputError, match="^voxel_size must be"):
             log_pick(never, (16, 16, 16), voxel_size, LogParams(diameter=120))
-    with pytest.raises(InputError, match="--diameter 30 .* under 4 voxels"):
+    with pytest.raises(InputError, match="^diameter 30 .* under 4 voxels"):
         log_pick(never, (16, 16, 16), 10.0, LogParams(diameter=30))
 
 

@@ -70,7 +70,8 @@ class DoneMarks:
         return (self.folder / name).exists()
 
     def mark(self, name: str, payload=None) -> None:
-        """Mark a block done; a ``payload`` array is written whole, then renamed (never half a mark)."""
+        """Mark a block done; a ``payload`` (an array, or a dict of arrays) is written whole,
+        then renamed (never half a mark): what the block's task returned, for a rerun."""
         path = self.folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if payload is None:
@@ -78,16 +79,24 @@ class DoneMarks:
             return
         import numpy as np
 
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as f:
-            np.save(f, np.asarray(payload))
-        os.replace(partial, path)
+        from ..io.folders import atomic_write
+
+        with atomic_write(path) as partial, open(partial, "wb") as f:
+            if isinstance(payload, dict):
+                np.savez(f, **{k: np.asarray(v) for k, v in payload.items()})
+            else:
+                np.save(f, np.asarray(payload))
 
     def payload(self, name: str):
-        """The array kept in a mark by :meth:`mark` (``OSError``/``ValueError`` when there is none)."""
+        """The array (or dict of arrays) kept in a mark by :meth:`mark` (``OSError``/``ValueError``
+        when there is none)."""
         import numpy as np
 
-        return np.load(self.folder / name)
+        loaded = np.load(self.folder / name)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return dict(loaded)
+        return loaded
 
     def count(self) -> int:
         return sum(1 for p in self.folder.rglob("*") if p.is_file())

@@ -1,27 +1,11 @@
 """The classical membrane filter: Hessian sheet score, ridge thinning, hysteresis. No weights.
 
-In the spirit of TomoSegMemTV (Martinez-Sanchez et al.): a membrane is a thin dark sheet, so
-at the scale of the bilayer one eigenvalue of the Hessian is large and positive (the profile
-across the sheet is a minimum) and the other two are near zero (it is flat along the sheet).
-Where TomoSegMemTV smooths the sheet field with tensor voting and thins it with non-maximum
-suppression, this filter keeps the ridge (local maxima of the score across the sheet) inside a
-hysteresis mask and gives it back the bilayer's thickness (voxels near a ridge whose score says
-they lie within half the thickness of the sheet, :func:`band_level`), so the output is a
-full-thickness membrane mask whatever the noise level and the sampling, as the truth masks of
-MemBrain-seg and ETSAM are. The Hessian's scale has a floor of one voxel (:func:`sigma_A`).
-
-Speed (benchmarks/classical.py, one thread, 128x256x256 at 10 Å): 2.4-2.7 Mvox/s for the whole
-filter, 4.1-4.3x the code before closed-form eigenvalues, cropped separable passes, a ridge test
-without map_coordinates, cc3d hysteresis and a sparse band search; 3.4-3.8x scikit-image's
-hessian_matrix + hessian_matrix_eigvals on the same blocks.
-
-Whole tomograms run block by block: each block is read with a halo wide enough that its
-score equals the whole-array score, and every write covers whole zarr chunks. Three passes:
-(1) global mean and std of the input (skipped when given); (2) score and ridge of each block,
-plus a histogram of the score; (3) the hysteresis mask. The thresholds come from the summed
-histograms. They are in units of the score's robust spread over the whole volume (its median
-and interquartile range). Seeds must also reach a fraction of the strongest scores (the 99.9th
-percentile). So one default works across noise levels, voxel sizes and tomogram sizes.
+A membrane is a thin dark sheet: at the bilayer's scale one Hessian eigenvalue is large and the
+other two near zero (TomoSegMemTV's idea). The ridge of that score inside a hysteresis mask,
+given back the bilayer's thickness, is a full-thickness mask like the truth masks of
+MemBrain-seg and ETSAM; thresholds in units of the score's robust spread let one default work
+across noise levels, voxel sizes and tomogram sizes. The passes, the halo and the speed:
+docs/architecture.md, "Classical membranes".
 """
 
 from __future__ import annotations
@@ -34,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
+from .. import validate
+from ..engine.blocks import DoneMarks, plan_blocks
+from ..engine.runner import Region, grow, lazy, run_blocks, within
 from ..errors import InputError
-from ..report.stages import stage
 from .hessian import GaussianHessian, ridge, sheet_eigen
 
 TRUNCATE = 4.0  # Gaussian kernels reach 4 sigma (scipy's default); the halo follows from it
@@ -74,7 +59,8 @@ class ClassicalParams:
     scale : the Gaussian sigma of the Hessian, as a fraction of ``thickness``.
     reach : how far (Å) a seed's hysteresis region can extend into a neighbouring block. It is
         also the halo of the mask pass.
-    dark_membranes : True when dense matter is dark (low values), as in reconstructed tomograms.
+    dark : True when dense matter is dark (low values), as in reconstructed tomograms (the same
+        polarity switch as ``LogParams.dark``).
 
     Examples
     --------
@@ -83,7 +69,7 @@ class ClassicalParams:
     >>> ClassicalParams(low=9.0)
     Traceback (most recent call last):
     ...
-    cryodask.errors.InputError: --low (9.0) must not exceed --high (6.0)
+    cryodask.validate.FieldError: low (9.0) must not exceed high (6.0)
     """
 
     thickness: float = 45.0
@@ -103,28 +89,18 @@ class ClassicalParams:
     # back the true thickness, so the wider response does not fatten the mask.
     scale: float = 0.7
     reach: float = 200.0
-    dark_membranes: bool = True
+    dark: bool = True
 
     def __post_init__(self):
-        for name, minimum, strict in (("thickness", 0.0, True), ("scale", 0.0, True), ("reach", 0.0, False),
-                                      ("high_fraction", 0.0, False), ("low_fraction", 0.0, False),
-                                      ("low", -math.inf, False),
-                                      ("high", -math.inf, False)):
-            value = getattr(self, name)
-            option = f"--{name.replace('_', '-')}"
-            try:
-                x = float(value)
-            except (TypeError, ValueError):
-                raise InputError(f"{option} must be a number, got {value!r}") from None
-            if isinstance(value, bool) or not math.isfinite(x) or (x <= minimum if strict else x < minimum):
-                rule = "a positive number" if strict else ("a number >= 0" if minimum == 0 else "a finite number")
-                raise InputError(f"{option} must be {rule}, got {value!r}")
-            object.__setattr__(self, name, x)  # 3 and 3.0 are the same parameters (and hash)
+        for name in ("thickness", "scale"):
+            object.__setattr__(self, name, validate.positive(name, getattr(self, name)))
+        for name in ("reach", "high_fraction", "low_fraction"):
+            object.__setattr__(self, name, validate.number(name, getattr(self, name), low=0))
+        for name in ("low", "high"):  # 3 and 3.0 are the same parameters (and hash)
+            object.__setattr__(self, name, validate.number(name, getattr(self, name)))
         if self.low > self.high:
-            raise InputError(f"--low ({self.low}) must not exceed --high ({self.high})")
-        if not isinstance(self.dark_membranes, (bool, np.bool_)):
-            raise InputError(f"--dark-membranes must be true or false, got {self.dark_membranes!r}")
-        object.__setattr__(self, "dark_membranes", bool(self.dark_membranes))
+            raise validate.FieldError("low", f"({self.low}) must not exceed high ({self.high})")
+        object.__setattr__(self, "dark", validate.boolean("dark", self.dark))
 
     def sigma(self) -> float:
         """The Gaussian sigma of the Hessian, in Å."""
@@ -134,14 +110,8 @@ class ClassicalParams:
 # ------------------------------------------------------------------ geometry in voxels
 
 def _spacing(voxel_size) -> tuple[float, float, float]:
-    """(z, y, x) voxel size in Å from a number or a triple; anything else is an InputError."""
-    try:
-        values = (float(voxel_size),) * 3 if np.ndim(voxel_size) == 0 else tuple(float(v) for v in voxel_size)
-    except (TypeError, ValueError):
-        values = ()
-    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise InputError(f"--voxel-size must be a positive number or z,y,x triple in Å, got {voxel_size!r}")
-    return values
+    """(z, y, x) voxel size in Å from a number or a triple (``validate.voxel_size``, None refused)."""
+    return validate.voxel_size(voxel_size if voxel_size is not None else math.nan)
 
 
 def sigma_A(spacing, params: ClassicalParams) -> float:
@@ -209,16 +179,6 @@ def band_level(spacing, params: ClassicalParams) -> float:
     return float((1 - d2 / s2) * math.exp(-d2 / (2 * s2)))
 
 
-def _grow(region, margin, shape) -> tuple[slice, ...]:
-    """``region`` grown by ``margin`` voxels per axis, clipped to the volume."""
-    return tuple(slice(max(0, r.start - m), min(n, r.stop + m)) for r, m, n in zip(region, margin, shape))
-
-
-def _within(inner, outer) -> tuple[slice, ...]:
-    """Where ``inner`` lies inside ``outer``, as slices of an array that holds ``outer``."""
-    return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
-
-
 def _ellipsoid(radii) -> np.ndarray:
     """A boolean ball of the given radius per axis (voxels), for anisotropic voxels."""
     reach = [int(math.floor(r + 1e-6)) for r in radii]
@@ -257,7 +217,7 @@ def _eigen(hessian, spacing, sigma: float, region=None):
 def _normalised(block, mean, std, params: ClassicalParams) -> np.ndarray:
     """``(block - mean) / std`` with the GLOBAL statistics, negated for bright membranes."""
     std = float(std) if std and math.isfinite(std) else 1.0  # a constant volume scores 0
-    sign = 1.0 if params.dark_membranes else -1.0
+    sign = 1.0 if params.dark else -1.0
     return ((np.asarray(block, dtype=np.float32) - np.float32(mean)) * np.float32(sign / std)).astype(np.float32)
 
 
@@ -292,6 +252,33 @@ def membrane_score(block: np.ndarray, voxel_size, params: ClassicalParams, *, me
     return _eigen(_hessian(x, _sigmas(spacing, params)), spacing, sigma_A(spacing, params))[0]
 
 
+def sheet_score(array, voxel_size, params: ClassicalParams | None = None, *, mean=None, std=None):
+    """:func:`membrane_score` of a whole (z, y, x) dask (or numpy) array, lazily: a dask array.
+
+    Each chunk is scored with :func:`halo` voxels of its neighbours, so the result equals the
+    whole-array score and, given the same ``mean`` and ``std``, the score ``classical_segment``
+    writes. Without them the array is normalised with its own (lazy) mean and std.
+
+    >>> import dask.array as da
+    >>> score = sheet_score(da.zeros((32, 64, 64), chunks=16), 10.0)  # nothing computed yet
+    >>> score.shape, score.dtype
+    ((32, 64, 64), dtype('float32'))
+    """
+    import dask.array as da
+
+    params = params or ClassicalParams()
+    if not isinstance(params, ClassicalParams):
+        raise InputError(f"params must be ClassicalParams, got {type(params).__name__}")
+    spacing = _spacing(voxel_size)
+    array = da.asarray(array)
+    if array.ndim != 3:
+        raise InputError(f"sheet_score needs a 3D (z, y, x) array, got shape {array.shape}")
+    if mean is None or std is None:
+        array = array.astype(np.float32)
+        array, mean, std = (array - array.mean()) / array.std(), 0.0, 1.0
+    return lazy(membrane_score, array, halo(spacing, params), voxel_size=spacing, params=params, mean=mean, std=std)
+
+
 def _ridge(score: np.ndarray, normal: np.ndarray, inner, spacing) -> np.ndarray:
     """Non-maximum suppression across the sheet: True where the score is at least its value
     one step either side along the normal (trilinear interpolation; the step is the smallest
@@ -306,8 +293,8 @@ def _ridge(score: np.ndarray, normal: np.ndarray, inner, spacing) -> np.ndarray:
 
 # ------------------------------------------------------------------ global statistics
 
-def _moments_task(block: Block, read):
-    data = np.asarray(read(block.region), dtype=np.float64)
+def _moments_kernel(region: Region, data):
+    data = np.asarray(data, dtype=np.float64)
     mean = float(data.mean()) if data.size else 0.0
     return data.size, mean, float(((data - mean) ** 2).sum())
 
@@ -353,44 +340,50 @@ def robust_stats(counts: np.ndarray) -> tuple[float, float]:
     return median, (q75 - q25) / IQR_TO_SIGMA
 
 
-# ------------------------------------------------------------------ block tasks
+# ------------------------------------------------------------------ block kernels (the runner does the rest)
 
-def _histogram_path(marks: DoneMarks, block: Block) -> Path:
-    return marks.folder / "histograms" / f"{block.name}.npy"
+def _score_kernel(region: Region, data, shape, spacing, params: ClassicalParams, mean: float, std: float):
+    """Score and ridge of one block from its data read with :func:`halo`; the halo trimmed."""
+    near = grow(region.write, (1, 1, 1), shape)  # what the ridge test needs
+    x = _normalised(data, mean, std, params)
+    hessian = _hessian(x, _sigmas(spacing, params))
+    score, normal = _eigen(hessian, spacing, sigma_A(spacing, params), within(near, region.read))
+    inner = within(region.write, near)
+    return score[inner], _ridge(score, normal[inner], inner, spacing).astype(np.uint8)
 
 
-def _score_task(block: Block, read, shape, spacing, params: ClassicalParams, mean: float, std: float,
-                score_path: str, ridge_path: str, marks: DoneMarks | None = None) -> np.ndarray:
-    """Score and ridge of one block, written as whole chunks; returns the score histogram
-    (with ``marks``, also kept on disk and marked done, so a rerun reads it back)."""
-    import zarr
+@dataclass(frozen=True)
+class _Arrays:
+    """Reads (with a tuple of regions' worth of arrays) or writes whole chunks of zarr arrays."""
 
-    if marks is not None and marks.done(f"score/{block.name}"):
-        return np.load(_histogram_path(marks, block))
-    fault_injection_delay(f"classical {Path(score_path).parent} score/{block.name}")
-    grown = _grow(block.region, halo(spacing, params), shape)  # what the Hessian needs
-    near = _grow(block.region, (1, 1, 1), shape)  # what the ridge test needs
-    with stage("read", block=block.name, step="classical-score") as s:
-        data = read(grown)
-        s.bytes_read = data.nbytes
-    with stage("infer", block=block.name, step="classical-score"):
-        x = _normalised(data, mean, std, params)
-        hessian = _hessian(x, _sigmas(spacing, params))
-        score, normal = _eigen(hessian, spacing, sigma_A(spacing, params), _within(near, grown))
-        inner = _within(block.region, near)
-        ridge = _ridge(score, normal[inner], inner, spacing).astype(np.uint8)
-    with stage("write", block=block.name, step="classical-score", bytes_written=score[inner].nbytes + ridge.nbytes):
-        zarr.open_array(score_path, mode="r+")[block.region] = score[inner]
-        zarr.open_array(ridge_path, mode="r+")[block.region] = ridge
-    counts = _histogram(score[inner])
-    if marks is not None:
-        path = _histogram_path(marks, block)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".partial"), "wb") as f:
-            np.save(f, counts)
-        path.with_name(path.name + ".partial").replace(path)
-        marks.mark(f"score/{block.name}")
-    return counts
+    paths: tuple[str, ...]
+
+    def __call__(self, region):
+        import zarr
+
+        return tuple(zarr.open_array(p, mode="r")[region] for p in self.paths)
+
+    def write(self, region: Region, arrays):
+        import zarr
+
+        for path, data in zip(self.paths, arrays):
+            zarr.open_array(path, mode="r+")[region.write] = data
+        return arrays
+
+
+@dataclass(frozen=True)
+class _WriteScore(_Arrays):
+    def __call__(self, region: Region, result):
+        """Score and ridge as whole chunks; the block hands back (and marks) the score's histogram."""
+        self.write(region, result)
+        return _histogram(result[0])
+
+
+@dataclass(frozen=True)
+class _WriteMask(_Arrays):
+    def __call__(self, region: Region, mask):
+        self.write(region, (mask,))
+        return int(np.count_nonzero(mask))
 
 
 def _hysteresis(score, low, high):
@@ -424,46 +417,18 @@ def _sparse_peak(centres, score, footprint):
     return peak[tuple(slice(r, r + n) for r, n in zip(reach, shape))]
 
 
-def _mask_task(block: Block, shape, spacing, params: ClassicalParams, low: float, high: float,
-               score_path: str, ridge_path: str, mask_path: str, marks: DoneMarks | None = None) -> int:
-    """Hysteresis on the score around one block, ridge kept, thickness given back (voxels near a
-    kept ridge that score at least :func:`band_level` of it); whole chunks."""
-    import zarr
-
-    if marks is not None and marks.done(f"mask/{block.name}"):
-        return int(np.count_nonzero(zarr.open_array(mask_path, mode="r")[block.region]))
-    fault_injection_delay(f"classical {Path(score_path).parent} mask/{block.name}")
-    grown = _grow(block.region, _mask_halo(spacing, params), shape)
+def _mask_kernel(region: Region, data, shape, spacing, params: ClassicalParams, low: float, high: float):
+    """Hysteresis on the score around one block (read with :func:`_mask_halo`), ridge kept,
+    thickness given back (voxels near a kept ridge that score at least :func:`band_level` of it)."""
+    score, ridge = data
     radii = _band_radii(spacing, params)
-    near = _grow(block.region, tuple(math.ceil(r) for r in radii), shape)
-    with stage("read", block=block.name, step="classical-mask") as s:
-        score = zarr.open_array(score_path, mode="r")[grown]
-        ridge = zarr.open_array(ridge_path, mode="r")[grown]
-        s.bytes_read = score.nbytes + ridge.nbytes
-    with stage("post-process", block=block.name, step="classical-mask"):
-        centres = _hysteresis(score, low, high) & ridge.astype(bool)
-        local = _within(near, grown)
-        peak = _sparse_peak(centres[local], score[local], _ellipsoid(radii))
-        inner, own = _within(block.region, near), _within(block.region, grown)
-        mask = centres[own] | (np.isfinite(peak[inner]) & (score[own] >= band_level(spacing, params) * peak[inner]))
-        mask = mask.astype(np.uint8)
-    with stage("write", block=block.name, step="classical-mask", bytes_written=mask.nbytes):
-        zarr.open_array(mask_path, mode="r+")[block.region] = mask
-    if marks is not None:
-        marks.mark(f"mask/{block.name}")
-    return int(np.count_nonzero(mask))
-
-
-def _run(client, fn, blocks, **kwargs) -> list:
-    """``fn(block, **kwargs)`` for every block: on the cluster if there is one, else here."""
-    if client is None:
-        return [fn(block=b, **kwargs) for b in blocks]
-    futures = client.map(fn, blocks, pure=False, **kwargs)
-    try:
-        return client.gather(futures)
-    except BaseException:
-        client.cancel(futures)  # the other blocks' work is of no use now
-        raise
+    near = grow(region.write, tuple(math.ceil(r) for r in radii), shape)
+    centres = _hysteresis(score, low, high) & ridge.astype(bool)
+    local = within(near, region.read)
+    peak = _sparse_peak(centres[local], score[local], _ellipsoid(radii))
+    inner, own = within(region.write, near), region.inner
+    mask = centres[own] | (np.isfinite(peak[inner]) & (score[own] >= band_level(spacing, params) * peak[inner]))
+    return mask.astype(np.uint8)
 
 
 # ------------------------------------------------------------------ the step
@@ -524,7 +489,8 @@ def classical_segment(read, shape, voxel_size, chunks, params: ClassicalParams, 
 
     clock = time.perf_counter()
     if mean is None or std is None:
-        mean, std = _combine_moments(_run(client, _moments_task, blocks, read=read))
+        mean, std = _combine_moments(run_blocks(client, _moments_kernel, blocks, step="moments", read=read,
+                                                stage="preprocess", name="classical-moments"))
     mean, std = float(mean), float(std)
     seconds["moments"] = time.perf_counter() - clock
 
@@ -534,8 +500,10 @@ def classical_segment(read, shape, voxel_size, chunks, params: ClassicalParams, 
     if marks is None or not any(marks.done(f"score/{b.name}") for b in blocks):  # else resume in them
         for path, dtype in ((score_path, np.float32), (mask_path, np.uint8), (ridge_path, np.uint8)):
             zarr.create_array(str(path), shape=shape, chunks=chunks, dtype=dtype, fill_value=0, overwrite=True)
-    counts = sum(_run(client, _score_task, blocks, read=read, shape=shape, spacing=spacing, params=params,
-                      mean=mean, std=std, score_path=str(score_path), ridge_path=ridge_path, marks=marks))
+    label = f"classical {Path(score_path).parent}"  # the fault-injection line names the tomogram's work folder
+    counts = sum(run_blocks(client, _score_kernel, blocks, step="score", args=(shape, spacing, params, mean, std),
+                            marks=marks, shape=shape, halo=halo(spacing, params), read=read,
+                            write=_WriteScore((str(score_path), ridge_path)), label=label, name="classical-score"))
     median, spread = robust_stats(counts)
     spread = max(spread, np.finfo(np.float32).tiny)  # a constant score: nothing passes the thresholds
     top = _quantile(counts, TOP_QUANTILE)
@@ -545,8 +513,10 @@ def classical_segment(read, shape, voxel_size, chunks, params: ClassicalParams, 
     seconds["score"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    ones = sum(_run(client, _mask_task, blocks, shape=shape, spacing=spacing, params=params, low=low, high=high,
-                    score_path=str(score_path), ridge_path=ridge_path, mask_path=mask_path, marks=marks))
+    ones = sum(run_blocks(client, _mask_kernel, blocks, step="mask", args=(shape, spacing, params, low, high),
+                          marks=marks, shape=shape, halo=_mask_halo(spacing, params),
+                          read=_Arrays((str(score_path), ridge_path)), write=_WriteMask((mask_path,)),
+                          restore=int, stage="post-process", label=label, name="classical-mask"))
     shutil.rmtree(ridge_path, ignore_errors=True)
     seconds["mask"] = time.perf_counter() - clock
     return {"mean": mean, "std": std, "median": median, "spread": spread, "top": top, "low": low, "high": high,

@@ -1,48 +1,10 @@
 """LoG blob picker: every particle of a given diameter, with no weights (``--method log``).
 
-Why a Laplacian of Gaussian: a dense particle in a tomogram is a dark ball, and the
-scale-normalised LoG ``σ²∇²G_σ * image`` answers most strongly at the centre of a ball of
-radius ``r`` when ``σ = r/√3`` (the pick scale). A LoG alone also fires on the other dark
-things of a tomogram, membranes and particles of another size; three tests keep it to the
-particles asked for. The defaults were chosen on three generators that share no code (an
-independent one of soft spheres with a Fourier missing wedge, planes and vesicles; the
-projection simulator, WBP of a CTF tilt series; ``synth tomogram``) at 7-40 Å/voxel, SNR
-0.05-0.5, tilts to ±60° and ±45°, for the best worst case, not the best score on one of them:
-
-* **significance**: the score is the response above its median over the whole tomogram, in
-  robust standard deviations (1.4826 × median absolute deviation; ``threshold``, default 4).
-  The median and MAD follow the background (noise, ice) and not the objects: a plain standard
-  deviation grows with the membranes and particles themselves and lost weak particles where
-  they fill many voxels (at 7 Å: F1 0.57 with 3.5 plain standard deviations, 0.81 with 4
-  robust ones, same shape tests). 3.5 lets in more small dense things that are not the
-  particle asked for (projection simulator); 4.5 loses weak particles at 7 and 20 Å.
-* **roundness**: a membrane is a sheet, dark across it and flat along it: its Hessian has one
-  large eigenvalue and two near zero, a ball three equal ones. The missing wedge stretches a
-  ball along z (its z eigenvalue falls towards zero at ±45°) but never in y, x; a sheet that
-  survives the wedge is a sheet in y, x too. So roundness is the smaller of ``middle
-  eigenvalue / trace`` (0 for any sheet) and ``smallest / trace`` of the y, x block (0 for a
-  sheet or a filament that the wedge leaves visible); a ball gives 1/3 without a wedge and
-  0.35-0.38 with tilts to ±60°-±30°, noisy particles 0.22-0.4 (2nd-98th percentile), sheets 0
-  before noise (the old ``smallest / trace`` gave balls 0.2 at ±60°, 0.05-0.1 at ±45°, 0 at ±30°).
-  Candidates under ``min_roundness`` (default 0.2) are dropped.
-* **size**: a larger particle also peaks at the small scale but answers more at a larger one.
-  Candidates whose normalised response at ``1.5σ`` is above ``max_scale_ratio`` (default 0.85)
-  times the one at ``σ`` are dropped: a ball of the asked diameter gives 0.7 (less with noise),
-  one 1.25x as large 1.1, one 1.5x 1.8, under any wedge. A lobe of a larger particle that is
-  itself about the asked size passes: this test cannot tell it from a particle.
-
-Peaks on the first or last voxel of the volume are dropped (mirrored edges fold there).
-Non-maximum suppression then keeps a candidate only if no higher candidate that passed the
-tests lies within ``min_distance`` (default: the particle radius; centres of particles that
-do not overlap are at least a diameter apart, so the radius never removes a true neighbour,
-and a second pick within the radius of a particle could only ever be a false positive).
-
-Blockwise and exact: the tomogram is normalised with one global mean and standard deviation
-(one reduction pass), every block is read with a halo that covers the filters, the suppression
-distance and the shape tests, and a block keeps only the picks inside it. Each rule above
-depends on the data within that halo only, and the threshold's median and MAD come from the
-response on a lattice of voxels fixed by the volume's shape (about 2 million), so the picks
-and the per-rule counts are the same for any block size, on a cluster or in-process.
+A dense particle is a dark ball, and the scale-normalised LoG answers most at the centre of a
+ball of radius r when σ = r/√3; three tests (a robust significance threshold, roundness that
+tells balls from sheets under a missing wedge, and a scale ratio against larger particles) keep
+it to the particles asked for. Blockwise and exact: the picks are the same for any block size.
+How the defaults were chosen and why each test: docs/architecture.md, "LoG picker".
 """
 
 from __future__ import annotations
@@ -55,9 +17,11 @@ import pandas as pd
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from ..engine.blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
+from .. import validate
+from ..engine.blocks import Block, DoneMarks, plan_blocks
+from ..engine.runner import Region, lazy, run_blocks
 from ..errors import InputError
-from ..report.stages import RecordedRead, stage
+from ..report.stages import RecordedRead
 
 SIGMA_PER_RADIUS = 1 / math.sqrt(3)  # where the normalised LoG of a solid ball peaks
 LARGER_SCALE = 1.5  # the scale of the size test, as a multiple of σ
@@ -91,20 +55,17 @@ class LogParams:
     max_scale_ratio: float | None = 0.85
 
     def __post_init__(self):
-        _check(self.diameter, "--diameter", "a positive number of Å", lambda x: x > 0)
-        _check(self.threshold, "--threshold", "a number >= 0 (robust standard deviations of the response)",
-               lambda x: x >= 0)
-        if self.min_distance is not None:
-            _check(self.min_distance, "--min-distance", "a positive number of Å", lambda x: x > 0)
-        if not isinstance(self.dark, (bool, np.bool_)):
-            raise InputError(f"--dark must be true or false, got {self.dark!r}")
-        if self.max_picks is not None and (isinstance(self.max_picks, (bool, np.bool_))
-                                           or not isinstance(self.max_picks, (int, np.integer)) or self.max_picks < 1):
-            raise InputError(f"--max-picks must be a whole number >= 1, got {self.max_picks!r}")
-        if self.min_roundness is not None:
-            _check(self.min_roundness, "--min-roundness", "in [0, 0.5)", lambda x: 0 <= x < 0.5)
-        if self.max_scale_ratio is not None:
-            _check(self.max_scale_ratio, "--max-scale-ratio", "a positive number", lambda x: x > 0)
+        object.__setattr__(self, "diameter", validate.positive("diameter", self.diameter, unit="Å"))
+        object.__setattr__(self, "threshold", validate.number(
+            "threshold", self.threshold, low=0, rule="a number >= 0 (robust standard deviations of the response)"))
+        object.__setattr__(self, "min_distance", validate.positive("min_distance", self.min_distance, unit="Å",
+                                                                   none=True))
+        object.__setattr__(self, "dark", validate.boolean("dark", self.dark))
+        object.__setattr__(self, "max_picks", validate.count("max_picks", self.max_picks, 1, none=True))
+        object.__setattr__(self, "min_roundness", validate.number("min_roundness", self.min_roundness, low=0, high=0.5,
+                                                                  strict_high=True, none=True))
+        object.__setattr__(self, "max_scale_ratio", validate.positive("max_scale_ratio", self.max_scale_ratio,
+                                                                      none=True))
 
     @property
     def distance(self) -> float:
@@ -127,24 +88,9 @@ def number_or_none(value, option: str):
         raise InputError(f"{option} must be a number or none, got {value!r}") from None
 
 
-def _check(value, option: str, rule: str, ok) -> None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        x = math.nan
-    if isinstance(value, (bool, np.bool_)) or not (math.isfinite(x) and ok(x)):
-        raise InputError(f"{option} must be {rule}, got {value!r}")
-
-
 def voxel_sizes(voxel_size) -> tuple[float, float, float]:
-    """``voxel_size`` (one number, or z, y, x) as three positive floats in Å."""
-    try:
-        values = tuple(float(v) for v in np.broadcast_to(np.asarray(voxel_size, dtype=float), (3,)))
-    except (TypeError, ValueError):
-        values = (math.nan,)
-    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise InputError(f"--voxel-size must be a positive number of Å (or three, z,y,x), got {voxel_size!r}")
-    return values
+    """``voxel_size`` (one number, or z, y, x) as three positive floats in Å (``validate.voxel_size``)."""
+    return validate.voxel_size(voxel_size if voxel_size is not None else math.nan)
 
 
 # ------------------------------------------------------------------ geometry of one pick scale
@@ -166,8 +112,8 @@ class Geometry:
         vs = voxel_sizes(voxel_size)
         sigma = tuple(params.sigma / v for v in vs)
         if params.diameter < 4 * max(vs):  # σ would be about a voxel: the filters are not sampled
-            raise InputError(f"--diameter {params.diameter:g} Å is under 4 voxels of {max(vs):g} Å: "
-                             "too small to pick at this voxel size (check the units, or bin less)")
+            raise validate.FieldError("diameter", f"{params.diameter:g} Å is under 4 voxels of {max(vs):g} Å: "
+                                      "too small to pick at this voxel size (check the units, or bin less)")
         sigma_big = tuple(s * LARGER_SCALE for s in sigma)
         field = tuple(int(TRUNCATE * s + 0.5) for s in sigma)  # scipy's kernel radius
         patch = tuple(max(f, int(TRUNCATE * s + 0.5)) for f, s in zip(field, sigma_big))
@@ -197,6 +143,35 @@ def log_response(block, voxel_size, params: LogParams, *, mean=0.0, std=1.0) -> 
     g = Geometry.of(params, voxel_size)
     x = (np.asarray(block, dtype=np.float32) - np.float32(mean)) / np.float32(std)
     return _response(x, g, params.dark)
+
+
+def laplacian_of_gaussian(array, voxel_size, params: LogParams, *, mean=None, std=None):
+    """:func:`log_response` of a whole (z, y, x) dask (or numpy) array, lazily: a dask array.
+
+    Each chunk is filtered with the kernels' reach (scipy's radius, ``4σ``) of its neighbours,
+    so the result equals the whole-array response. Without ``mean`` and ``std`` the array is
+    normalised with its own (lazy) mean and std.
+
+    >>> import dask.array as da
+    >>> r = laplacian_of_gaussian(da.zeros((32, 64, 64), chunks=16), 10.0, LogParams(diameter=80))
+    >>> r.shape, r.dtype
+    ((32, 64, 64), dtype('float32'))
+    """
+    import dask.array as da
+
+    g = Geometry.of(params, voxel_size)
+    array = da.asarray(array)
+    if array.ndim != 3:
+        raise InputError(f"a tomogram must be 3D (z, y, x), got shape {array.shape}")
+    if mean is None or std is None:
+        array = array.astype(np.float32)
+        array, mean, std = (array - array.mean()) / array.std(), 0.0, 1.0
+    return lazy(log_response, array, response_halo(g), voxel_size=g.voxel_size, params=params, mean=mean, std=std)
+
+
+def response_halo(g: Geometry) -> tuple[int, int, int]:
+    """Voxels of neighbours the response of a block needs to equal the whole array's."""
+    return tuple(int(TRUNCATE * s + 0.5) for s in g.sigma)
 
 
 def _response(x: np.ndarray, g: Geometry, dark: bool) -> np.ndarray:
@@ -421,12 +396,10 @@ class ArrayReader:
         return self.array[region]
 
 
-def _block_stats(read, block: Block) -> tuple[float, float, int]:
+def _stats_kernel(region: Region, data) -> tuple[float, float, int]:
     from ..io.mrc import region_stats
 
-    with stage("preprocess", block=block.name, step="log-stats"):
-        data = np.asarray(RecordedRead(read)(block.region), dtype=np.float32)
-        _, _, total, squares, count = region_stats(data)
+    _, _, total, squares, count = region_stats(np.asarray(data, dtype=np.float32))
     return total, squares, count
 
 
@@ -438,52 +411,31 @@ def _mean_std(stats) -> tuple[float, float]:
     return mean, math.sqrt(max(squares / count - mean * mean, 0.0))
 
 
-def volume_stats(read, shape, *, chunks=(64, 256, 256), client=None) -> tuple[float, float]:
-    """Mean and standard deviation of a whole volume, one block-wise reduction pass."""
-    blocks = plan_blocks(shape, chunks)
-    return _mean_std(_map(client, _block_stats, read, [(b,) for b in blocks], {}, "log-stats"))
+def _stats(client, read, blocks) -> tuple[float, float]:
+    return _mean_std(run_blocks(client, _stats_kernel, blocks, step="stats", read=read, stage="preprocess",
+                                name="log-stats"))
 
 
-def _pick_task(read, block: Block, shape, voxel_size, params: LogParams, *, mean: float, std: float,
-               floor: float | None = None, marks: DoneMarks | None = None, step: str = "pick") -> BlockPicks:
-    """:func:`pick_block` as a block task; with ``marks``, its picks are kept on disk
-    (``<marks>/<step>-picks/<block>.npz``) and the block marked, so a rerun reads them back."""
-    path = marks.folder / f"{step}-picks" / f"{block.name}.npz" if marks is not None else None
-    if marks is not None and marks.done(f"{step}/{block.name}"):
-        with np.load(path) as saved:
-            return BlockPicks(saved["coords"], saved["response"], saved["sample"], float(saved["floor"]),
-                              saved["fates"], int(saved["below"]))
-    fault_injection_delay(f"log {step}/{block.name}")
-    with stage("infer", block=block.name, step=f"log-{step}"):  # its read is a stage of its own
-        result = pick_block(RecordedRead(read), block, shape, voxel_size, params, mean=mean, std=std, floor=floor)
-    if marks is not None:
-        partial = path.with_name(path.name + ".partial")
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        with stage("write", block=block.name, step=f"log-{step}") as s, open(partial, "wb") as f:
-            np.savez(f, coords=result.coords, response=result.response, floor=result.floor, sample=result.sample,
-                     fates=result.fates, below=result.below)
-            s.bytes_written = f.tell()
-        partial.replace(path)
-        marks.mark(f"{step}/{block.name}")
-    return result
+def _pick_kernel(region: Region, read, shape, voxel_size, params: LogParams, mean: float, std: float,
+                 floor: float | None) -> BlockPicks:
+    """:func:`pick_block` (its halo is ``Geometry.halo``; its read is a stage of its own)."""
+    return pick_block(RecordedRead(read), region.block, shape, voxel_size, params, mean=mean, std=std, floor=floor)
 
 
-def _map(client, func, read, items: list[tuple], kwargs: dict, name: str) -> list:
-    """``func(read, *item, **kwargs)`` for each item: block tasks on the cluster, or a plain loop.
+def _keep(picks: BlockPicks) -> dict:
+    """A block's picks as a done-mark payload, so a rerun reads them back."""
+    return {"coords": picks.coords, "response": picks.response, "sample": picks.sample, "floor": picks.floor,
+            "fates": picks.fates, "below": picks.below}
 
-    On a cluster the reader is scattered once (it may hold an array) and every task retries once.
-    """
-    if client is None:
-        return [func(read, *item, **kwargs) for item in items]
-    if not items:
-        return []
-    import uuid
 
-    token = uuid.uuid4().hex[:8]
-    shared = client.scatter(read, hash=False)
-    futures = [client.submit(func, shared, *item, **kwargs, key=f"{name}-{token}-{i}", retries=1)
-               for i, item in enumerate(items)]
-    return client.gather(futures)
+def _restore(saved: dict) -> BlockPicks:
+    return BlockPicks(saved["coords"], saved["response"], saved["sample"], float(saved["floor"]), saved["fates"],
+                      int(saved["below"]))
+
+
+def _pick(client, read, blocks, shape, voxel_size, params, mean, std, marks, floor=None, step="pick") -> list:
+    return run_blocks(client, _pick_kernel, blocks, step=step, args=(read, shape, voxel_size, params, mean, std, floor),
+                      marks=marks, keep=_keep, restore=_restore, label="log", name=f"log-{step}")
 
 
 def empty_picks() -> pd.DataFrame:
@@ -535,22 +487,20 @@ def log_pick(read, shape, voxel_size, params: LogParams, *, chunks=(64, 256, 256
         read = ArrayReader(read)
     blocks = plan_blocks(shape, chunks)
     if mean is None or std is None:
-        stats = _map(client, _block_stats, read, [(b,) for b in blocks], {}, "log-stats")
-        mean, std = _mean_std(stats)
+        mean, std = _stats(client, read, blocks)
     if not (math.isfinite(mean) and math.isfinite(std)):
         raise InputError(f"the volume has non-finite values (mean {mean}, std {std})")
     if std <= 0 or not blocks:
         return _flat(empty_picks())  # a constant volume has no blobs
-    common = dict(mean=float(mean), std=float(std), marks=marks)
-    results = _map(client, _pick_task, read, [(b, shape, voxel_size, params) for b in blocks], common, "log-pick")
+    results = _pick(client, read, blocks, shape, voxel_size, params, float(mean), float(std), marks)
     median, spread = robust_spread(np.concatenate([r.sample for r in results]))
     if spread <= 0:
         return _flat(empty_picks())
     cut = median + params.threshold * spread
     redo = [i for i, r in enumerate(results) if r.floor > cut]
     if redo:  # a block's own floor was above the global threshold: pick it again down to the threshold
-        again = _map(client, _pick_task, read, [(blocks[i], shape, voxel_size, params) for i in redo],
-                     {**common, "floor": cut, "step": "again"}, "log-pick-again")
+        again = _pick(client, read, [blocks[i] for i in redo], shape, voxel_size, params, float(mean), float(std),
+                      marks, floor=cut, step="again")
         for i, r in zip(redo, again):
             results[i] = r
     coords = np.concatenate([r.coords for r in results])

@@ -1,19 +1,12 @@
 """ETSAM's per-slice removal of "parallel-membrane misconnections" (short bridges).
 
-A membrane segmentation often fuses two parallel membranes (the two leaflets of a cristae, a
-vesicle pressed against a plasma membrane) with short rungs. ETSAM cuts them slice by slice:
-skeletonize the slice, split the skeleton at its junctions (pixels with >= 3 skeleton
-neighbours), call every remaining piece of <= ``max_bridge_len`` pixels that touches two
-different junctions a bridge, and remove from the mask every pixel whose nearest skeleton pixel
-lies on a bridge. Optionally, dead-end spurs of <= ``max_spur_len`` pixels go the same way.
-
-This reproduces ``sever_connections_bridge`` / ``sever_mask_connections`` of ETSAM's
-``postprocess.py`` (github.com/jianlin-cheng/ETSAM, commits d5c8de3 and 4c8169d, identical there)
-pixel for pixel; ``tests/test_bridges.py`` holds a transcription of it and checks equality.
-Only the bookkeeping is vectorised: the junction clusters a segment touches are found with a
-3x3 min/max filter instead of eight shifted copies and Python sets.
-
-Slices are independent, so the 3D function can run on z-slabs (whole y,x slices) as dask blocks.
+Two parallel membranes are often fused by short rungs; ETSAM cuts them slice by slice on the
+skeleton: a piece of <= ``max_bridge_len`` pixels between two junctions is a bridge, and every
+mask pixel whose nearest skeleton pixel lies on one goes (optionally dead-end spurs too). This
+reproduces ``sever_connections_bridge`` / ``sever_mask_connections`` of ETSAM's ``postprocess.py``
+(github.com/jianlin-cheng/ETSAM, commits d5c8de3 and 4c8169d) pixel for pixel
+(``tests/test_bridges.py`` checks it against a transcription); only the bookkeeping is
+vectorised. Slices are independent, so the 3D function runs on whole z-slabs as dask blocks.
 """
 
 from __future__ import annotations

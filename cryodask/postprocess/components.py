@@ -1,24 +1,10 @@
 """Exact connected components of a mask of any size, block by block on a cluster.
 
 Equal to ``scipy.ndimage.label`` + ``find_objects`` on the whole array (ETSAM's
-post-processing), without ever holding the array:
-
-1. **label** each block (cc3d; cuCIM on GPU workers) and give its labels global uint64 ids,
-   ``block_index << 32 | local``; save per label its voxel count, z range and first voxel
-   (raster order), and the block's boundary planes;
-2. **equivalences**: at every block boundary, pair the ids that touch across it (within the
-   connectivity's in-plane neighbourhood, which also covers blocks meeting only at an edge or
-   corner);
-3. **union-find** over those pairs on the client (scipy's sparse connected components), sum the
-   statistics per component, filter (``min_slices``: bounding-box z extent, ETSAM's rule;
-   ``min_voxels``), and number the kept components by their first voxel in raster order —
-   the numbering scipy gives;
-4. **relabel** each block with its own slice of that map (its local labels are kept from
-   step 1 in a compressed work store: mostly zeros, cheaper to read back than to label again)
-   and write it: whole chunks of an OME-Zarr, or its rows of an MRC file.
-
-Written here rather than taken from dask-image because its ``label`` chains block offsets
-serially and ships the whole relabel vector to every block (infra.md §1.1).
+post-processing) without ever holding it: label blocks with block-index ids, pair ids across
+block faces, one union-find on the client, relabel each block with its own slice of the map.
+Not dask-image's ``label``, which chains block offsets serially and ships the whole relabel
+vector to every block. The four passes: docs/architecture.md, "Post-processing".
 """
 
 from __future__ import annotations
@@ -26,16 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
 
+from .. import validate
 from ..engine.blocks import Block, plan_blocks
-from ..errors import InputError
 
 CONNECTIVITY = (6, 18, 26)
 
 
 def check_connectivity(connectivity: int) -> int:
-    if connectivity not in CONNECTIVITY:
-        raise InputError(f"--connectivity must be 6, 18 or 26, got {connectivity}")
-    return connectivity
+    return validate.choice("connectivity", connectivity, CONNECTIVITY)
 
 
 def structure(connectivity: int) -> np.ndarray:
@@ -47,7 +31,7 @@ def structure(connectivity: int) -> np.ndarray:
 
 def label_block(block: np.ndarray, connectivity: int, device: str = "cpu") -> tuple[np.ndarray, int]:
     """Local labels (uint32, 0 = background) of one block, and how many there are."""
-    if device == "gpu":
+    if device == "cuda":
         from .gpu import label_block_gpu
 
         return label_block_gpu(block, connectivity)

@@ -1,4 +1,4 @@
-"""Connected-component labelling of one block on the GPU (CuPy), for ``device="gpu"``.
+"""Connected-component labelling of one block on the GPU (CuPy), for ``device="cuda"``.
 
 The GPU path is optional (DESIGN rule 6): CuPy is imported inside the functions, so importing
 this module never needs a GPU, and a missing CuPy is a one-line ``InputError``, not a traceback.

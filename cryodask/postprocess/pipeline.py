@@ -15,18 +15,29 @@ from __future__ import annotations
 
 import shutil
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..engine.blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
+from .. import validate
+from ..engine.blocks import Block, DoneMarks, plan_blocks
+from ..engine.cluster import gpu_resources
+from ..engine.runner import run_blocks
 from ..errors import InputError, where
-from ..io.volumes import VolumeReader, open_reader, source_identity, source_position
+from ..io.volumes import open_volume, source_identity, source_position
 from ..params import params_hash
 from ..report.stages import RecordedRead, stage
-from .components import block_table, boundaries, check_connectivity, equivalence_pass, label_pass, merge, plan
+from .components import (
+    BlockLabels,
+    block_table,
+    boundaries,
+    check_connectivity,
+    equivalence_pass,
+    label_pass,
+    merge,
+    plan,
+)
 
 STEP = "postprocess"
 MRC_DATA_OFFSET = 1024  # create_mrc writes no extended header
@@ -50,8 +61,9 @@ class PostprocessParams:
         check_layout(self.layout)
         check_connectivity(self.connectivity)
         for name in ("min_slices", "min_voxels", "max_bridge_len"):
-            if getattr(self, name) < 0:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+            object.__setattr__(self, name, validate.count(name, getattr(self, name), 0))
+        for name in ("remove_bridges", "labels"):
+            object.__setattr__(self, name, validate.boolean(name, getattr(self, name)))
 
 
 @dataclass
@@ -66,11 +78,6 @@ class PostprocessResult:
     status: str = "done"
 
 
-def open_mask(path, voxel_size=None, chunks=(64, 256, 256)):
-    """A picklable region reader, the shape, the voxel size (z, y, x) and the chunks of a mask."""
-    return open_reader(path, voxel_size, chunks)
-
-
 # ------------------------------------------------------------------ where blocks are written
 
 @dataclass(frozen=True)
@@ -78,6 +85,11 @@ class ZarrTarget:
     """Whole chunks of a zarr array."""
 
     path: str
+
+    def __call__(self, region) -> np.ndarray:
+        import zarr
+
+        return zarr.open_array(self.path, mode="r")[region]
 
     def write(self, region, data) -> None:
         import zarr
@@ -123,58 +135,83 @@ def load_block_labels(folder: str, block: Block) -> np.ndarray:
     return np.frombuffer(numcodecs.Zstd().decode(path.read_bytes()), dtype=dtype).reshape(block.shape)
 
 
-def _label_task(read, block, grid, shape, connectivity, device, labels_folder, marks: DoneMarks):
-    """Label one block; its local labels and its ``BlockLabels`` (statistics and faces) are kept
-    in ``labels_folder`` and the block marked, so a rerun reads them back instead."""
+def _faces_path(folder: str, name: str) -> Path:
+    return Path(folder) / f"{name}.faces.pkl"
+
+
+def _label_kernel(region, read, grid, shape, connectivity, device, labels_folder):
+    """Label one block; its local labels and its boundary planes are kept in ``labels_folder``
+    (read back by the write and pairs passes), its statistics in its done-mark."""
     import pickle
 
-    path = Path(labels_folder) / f"{block.name}.faces.pkl"
-    if marks.done(f"label/{block.name}"):
-        return pickle.loads(path.read_bytes())
-    fault_injection_delay(f"{STEP} label/{block.name}")
-    with stage("post-process", block=block.name, step="label"):  # its read is a stage of its own
-        labelled, labels = label_pass(RecordedRead(read), block, grid, shape, connectivity, device)
-    with stage("write", block=block.name, step="label") as s:
-        save_block_labels(labels_folder, block, labels, len(labelled.ids))
-        partial = path.with_name(path.name + ".partial")
-        s.bytes_written = labels.nbytes + partial.write_bytes(pickle.dumps(labelled, protocol=pickle.HIGHEST_PROTOCOL))
-        partial.replace(path)
-    marks.mark(f"label/{block.name}")
-    return labelled
+    from ..io.folders import atomic_write
+
+    labelled, labels = label_pass(RecordedRead(read), region.block, grid, shape, connectivity, device)
+    with stage("write") as s:
+        save_block_labels(labels_folder, region.block, labels, len(labelled.ids))
+        with atomic_write(_faces_path(labels_folder, region.name)) as partial:
+            s.bytes_written = labels.nbytes + partial.write_bytes(pickle.dumps(labelled.faces, pickle.HIGHEST_PROTOCOL))
+    return replace(labelled, faces={})  # the client gets the statistics only
 
 
-def _stats_only(labelled):
-    from dataclasses import replace
-
-    return replace(labelled, faces={})
+def _label_keep(labelled: BlockLabels) -> dict:
+    return {name: getattr(labelled, name) for name in ("ids", "count", "zmin", "zmax", "first")}
 
 
-def _pairs_task(axis, lows, highs, shape, connectivity):
-    return equivalence_pass([(b, r.faces[axis, "hi"]) for b, r in lows], [(b, r.faces[axis, "lo"]) for b, r in highs],
-                            axis, shape, connectivity)
+def _label_restore(saved: dict) -> BlockLabels:
+    return BlockLabels(**saved, faces={})
 
 
-def _write_task(labels_folder: str, block: Block, table: np.ndarray, mask_target, labels_target, marks: DoneMarks):
-    """Map one block's local labels through its table; write the mask (and labels)."""
+@dataclass(frozen=True)
+class _Boundary:
+    """The blocks on either side of one plane between blocks (the pairs pass's unit of work)."""
+
+    name: str
+    axis: int
+    lows: tuple
+    highs: tuple
+
+
+def _pairs_kernel(region, labels_folder, shape, connectivity):
+    import pickle
+
+    boundary: _Boundary = region.block
+
+    def faces(blocks, side):
+        return [(b, pickle.loads(_faces_path(labels_folder, b.name).read_bytes())[boundary.axis, side]) for b in blocks]
+
+    with stage("read"):
+        lows, highs = faces(boundary.lows, "hi"), faces(boundary.highs, "lo")
+    return equivalence_pass(lows, highs, boundary.axis, shape, connectivity)
+
+
+def _write_kernel(region, labels_folder: str, tables: dict, mask_target, labels_target) -> dict:
+    """Map one block's local labels through its table; write the mask (and labels). Returns the
+    block's own statistics, kept with its done-mark: the header and the summary need no reread."""
     from ..io.mrc import region_stats
 
-    fault_injection_delay(f"{STEP} write/{block.name}")
-    with stage("read", block=block.name, step="relabel") as s:
-        local = load_block_labels(labels_folder, block)
+    with stage("read") as s:
+        local = load_block_labels(labels_folder, region.block)
         s.bytes_read = local.nbytes
-    with stage("post-process", block=block.name, step="relabel"):
-        mask = (table > 0).astype(np.uint8)[local]
-    with stage("write", block=block.name, step="relabel", bytes_written=mask.nbytes):
-        mask_target.write(block.region, mask)
+    table = tables[region.name]
+    mask = (table > 0).astype(np.uint8)[local]
+    with stage("write", bytes_written=mask.nbytes):
+        mask_target.write(region.write, mask)
     stats = {"mask": mask_stats(mask)}
     if labels_target is not None:
-        with stage("post-process", block=block.name, step="relabel"):
-            final = table.astype(np.uint32)[local]
-        with stage("write", block=block.name, step="relabel", bytes_written=final.nbytes):
-            labels_target.write(block.region, final)
+        final = table.astype(np.uint32)[local]
+        with stage("write", bytes_written=final.nbytes):
+            labels_target.write(region.write, final)
         stats["labels"] = region_stats(final)
-    marks.mark(f"write/{block.name}")
     return stats
+
+
+def _stats_keep(stats: dict) -> dict:
+    return {name: np.asarray(value, dtype=np.float64) for name, value in stats.items()}
+
+
+def _stats_restore(saved: dict) -> dict:
+    return {name: (*(float(v) for v in value[:4]), int(value[4])) for name, value in saved.items()}
 
 
 def mask_stats(mask: np.ndarray) -> tuple[float, float, float, float, int]:
@@ -185,19 +222,12 @@ def mask_stats(mask: np.ndarray) -> tuple[float, float, float, float, int]:
     return (0.0 if ones < mask.size else 1.0, 1.0 if ones else 0.0, float(ones), float(ones), mask.size)
 
 
-def _bridges_task(source_path: str, target, block: Block, max_bridge_len: int, marks: DoneMarks):
-    import zarr
-
+def _bridges_kernel(region, data, target, max_bridge_len: int) -> dict:
     from .bridges import remove_bridges
 
-    with stage("read", block=block.name, step="bridges") as s:
-        data = zarr.open_array(source_path, mode="r")[block.region]
-        s.bytes_read = data.nbytes
-    with stage("post-process", block=block.name, step="bridges"):
-        cleaned = remove_bridges(data, max_bridge_len=max_bridge_len).astype(np.uint8)
-    with stage("write", block=block.name, step="bridges", bytes_written=cleaned.nbytes):
-        target.write(block.region, cleaned)
-    marks.mark(f"bridges/{block.name}")
+    cleaned = remove_bridges(data, max_bridge_len=max_bridge_len).astype(np.uint8)
+    with stage("write", bytes_written=cleaned.nbytes):
+        target.write(region.write, cleaned)
     return {"mask": mask_stats(cleaned)}
 
 
@@ -221,7 +251,7 @@ def postprocess(mask, out, *, connectivity: int = 26, min_slices: int = 0, min_v
     remove_bridges, max_bridge_len : ETSAM's per-slice removal of short skeleton bridges
     labels : also write the kept components' labels (1..n in raster order of their first voxel)
     chunks : block shape for MRC input (OME-Zarr input uses its own chunks)
-    device : "cpu" (cc3d) or "gpu" (CuPy on the workers)
+    device : "cpu" (cc3d) or "cuda" (CuPy on the workers)
     layout : "portal" writes a ``.zarr`` out the CryoET Data Portal's way: int8 mask, 3 levels,
         256^3 chunks (also the blocks), Blosc lz4, the labels as their own ``<out>_components.zarr``
 
@@ -230,14 +260,15 @@ def postprocess(mask, out, *, connectivity: int = 26, min_slices: int = 0, min_v
     >>> postprocess("tomo_mask.mrc", "tomo_post.mrc", min_slices=10)  # doctest: +SKIP
     """
     params = PostprocessParams(connectivity, min_slices, min_voxels, remove_bridges, max_bridge_len, labels, layout)
-    if device not in ("cpu", "gpu"):
-        raise InputError(f"--device must be cpu or gpu, got {device}")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda, got {device}")
     out = Path(out)
     if out.suffix.lower() not in (".mrc", ".zarr"):
         raise where(out, "output must end in .mrc or .zarr")
     if layout == "portal" and out.suffix.lower() != ".zarr":
         raise where(out, "--layout portal writes an OME-Zarr: the output must end in .zarr")
-    read, shape, vs, block_chunks = open_mask(mask, voxel_size, chunks)
+    read = open_volume(mask, voxel_size, chunks=chunks)
+    shape, vs, block_chunks = read.shape, read.voxel_size, read.chunks
     if layout == "portal":  # blocks of whole 256^3 chunks: no two tasks write one chunk
         from ..io.omezarr import PORTAL_CHUNKS
 
@@ -348,31 +379,20 @@ def _prepare(out: Path, shape, chunks, vs, params: PostprocessParams, key: str, 
     return mask_target, (targets[1] if params.labels else None), targets[0], filtered
 
 
-def gpu_resources(client, device: str) -> dict | None:
-    """``{"GPU": 1}`` for GPU tasks when workers advertise GPUs (dask-cuda, jobqueue with
-    ``--resources GPU=1``), so they never land on a CPU-only worker of a mixed cluster."""
-    if device != "gpu":
-        return None
-    workers = client.scheduler_info().get("workers", {}).values()
-    return {"GPU": 1} if any("GPU" in w.get("resources", {}) for w in workers) else None
-
-
 def _block_shape(read, out: Path, shape, chunks) -> tuple[int, ...]:
     """Between two MRC files, blocks of whole rows (thinner in z to stay in budget): reads
     and writes are then one run per slice. Otherwise the chunks, merged along x by ``plan``."""
     from .components import BLOCK_BYTES
 
-    if isinstance(read, VolumeReader) and read.source.format == "mrc" and out.suffix.lower() == ".mrc":
+    if read.format == "mrc" and out.suffix.lower() == ".mrc":
         rows = chunks[1] * shape[2]
         return (max(1, min(chunks[0], BLOCK_BYTES // 4 // max(rows, 1))), chunks[1], shape[2])
     return tuple(chunks)
 
 
 def _run(read, shape, vs, chunks, params, out: Path, marks: DoneMarks, key: str, client, device, result):
-    from distributed import wait
-
     clock = time.perf_counter()
-    resources = gpu_resources(client, device)
+    resources = gpu_resources(client) if device == "cuda" else None
     if not marks.folder.exists():
         marks.clear_step()  # other parameters' work is of no use now
     marks.folder.mkdir(parents=True, exist_ok=True)
@@ -380,19 +400,19 @@ def _run(read, shape, vs, chunks, params, out: Path, marks: DoneMarks, key: str,
     labels_path.mkdir(exist_ok=True)
     labels_path = str(labels_path)
     blocks, grid = plan(shape, _block_shape(read, out, shape, chunks))
-    labelled = {b.name: client.submit(_label_task, read, b, grid, shape, params.connectivity, device, labels_path,
-                                      marks, key=f"cc-label-{key[:8]}-{b.name}", retries=1, resources=resources) for b in blocks}
-    stats = {name: client.submit(_stats_only, f, key=f"cc-stats-{key[:8]}-{name}") for name, f in labelled.items()}
-    pair_futures = [client.submit(_pairs_task, axis, [(b, labelled[b.name]) for b in lows], [(b, labelled[b.name]) for b in highs],
-                                  shape, params.connectivity, key=f"cc-pairs-{key[:8]}-{axis}-{i}", retries=1)
-                    for i, (axis, lows, highs) in enumerate(boundaries(blocks, shape))]
-    block_stats = dict(zip(stats, client.gather(list(stats.values()))))
-    pairs = client.gather(pair_futures)
-    client.cancel(list(labelled.values()) + list(stats.values()) + pair_futures)
+    common = {"marks": marks, "label": STEP, "stage": "post-process", "keep": _stats_keep, "restore": _stats_restore,
+              "key": key}
+    block_stats = run_blocks(client, _label_kernel, blocks, step="label", name="cc-label", report="label",
+                             args=(read, grid, shape, params.connectivity, device, labels_path),
+                             resources=resources, **{**common, "keep": _label_keep, "restore": _label_restore})
+    sides = [_Boundary(f"{axis}.{i}", axis, tuple(lows), tuple(highs))
+             for i, (axis, lows, highs) in enumerate(boundaries(blocks, shape))]
+    pairs = run_blocks(client, _pairs_kernel, sides, step="pairs", name="cc-pairs", report="pairs", key=key,
+                       fault=False, args=(labels_path, shape, params.connectivity))
     result.seconds["label + equivalences"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    comps = merge(list(block_stats.values()), pairs, min_slices=params.min_slices, min_voxels=params.min_voxels)
+    comps = merge(block_stats, pairs, min_slices=params.min_slices, min_voxels=params.min_voxels)
     result.n_components, result.n_kept = comps.n_components, comps.n_kept
     if params.labels and comps.n_kept >= 2**32:
         raise InputError(f"{comps.n_kept} components do not fit uint32 labels")
@@ -401,22 +421,17 @@ def _run(read, shape, vs, chunks, params, out: Path, marks: DoneMarks, key: str,
     clock = time.perf_counter()
     mask_target, labels_target, final_mask, filtered = _prepare(out, shape, chunks, vs, params, key, marks, comps.n_kept,
                                                                 _position(read))
-    writes = [client.submit(_write_task, labels_path, b, block_table(comps, block_stats[b.name]), mask_target,
-                            labels_target, marks, key=f"cc-write-{key[:8]}-{b.name}", retries=1)
-              for b in blocks if not marks.done(f"write/{b.name}")]
-    wait(writes)
-    _raise_first_error(writes)
-    result.blocks_written = len(writes)
-    mask_stats = [f.result()["mask"] for f in writes]
-    label_stats = [f.result()["labels"] for f in writes if "labels" in f.result()]
+    result.blocks_written = sum(not marks.done(f"write/{b.name}") for b in blocks)
+    tables = {b.name: block_table(comps, s) for b, s in zip(blocks, block_stats)}
+    written = run_blocks(client, _write_kernel, blocks, step="write", name="cc-write", report="relabel",
+                         args=(labels_path, tables, mask_target, labels_target), **common)
+    mask_stats = [s["mask"] for s in written]  # every block's, this run's and the marked ones'
+    label_stats = [s["labels"] for s in written if "labels" in s]
     if params.remove_bridges:
         slabs = plan_blocks(shape, (chunks[0], shape[1], shape[2]))
-        bridges = [client.submit(_bridges_task, filtered, final_mask, s, params.max_bridge_len, marks,
-                                 key=f"cc-bridges-{key[:8]}-{s.name}", retries=1)
-                   for s in slabs if not marks.done(f"bridges/{s.name}")]
-        wait(bridges)
-        _raise_first_error(bridges)
-        mask_stats = [f.result()["mask"] for f in bridges]
+        cleaned = run_blocks(client, _bridges_kernel, slabs, step="bridges", name="cc-bridges", report="bridges",
+                             args=(final_mask, params.max_bridge_len), read=ZarrTarget(filtered), **common)
+        mask_stats = [s["mask"] for s in cleaned]
     result.voxels_kept = int(sum(s[2] for s in mask_stats))  # the mask is 0/1: its sum counts voxels
     result.seconds["relabel + write"] = time.perf_counter() - clock
 
@@ -428,14 +443,7 @@ def _run(read, shape, vs, chunks, params, out: Path, marks: DoneMarks, key: str,
 
 def _position(read) -> dict | None:
     """The origin/nstart of the tomogram a mask came from: its MRC header, or its OME-Zarr's."""
-    return source_position(read.source.path if isinstance(read, VolumeReader) else Path(read.path).parent)
-
-
-def _raise_first_error(futures) -> None:
-    for f in futures:
-        if f.status != "finished":
-            exc = f.exception() if f.status == "error" else InputError(f"block task {f.status}")
-            raise exc
+    return source_position(Path(read.array).parent if read.array else read.path)
 
 
 def _finish(out: Path, params, key: str, marks: DoneMarks, mask_stats, label_stats) -> list[Path]:
@@ -465,15 +473,8 @@ def _finish(out: Path, params, key: str, marks: DoneMarks, mask_stats, label_sta
 
 
 def _finish_mrc(path: Path, stats) -> Path:
-    """Header statistics from the blocks' own, or, after a resumed run that wrote only some
-    blocks, from the file itself slab by slab; then the file gets its name."""
-    import mrcfile
+    """Header statistics from the blocks' own (the marked blocks' kept with their marks, so a
+    resumed run never reads the file back); then the file gets its name."""
+    from ..io.mrc import finish_mrc
 
-    from ..io.mrc import finish_mrc, region_stats
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with mrcfile.mmap(_partial(path), mode="r", permissive=True) as mrc:
-            if sum(s[4] for s in stats) != mrc.data.size:
-                stats = [region_stats(np.array(mrc.data[z:z + 32])) for z in range(0, mrc.data.shape[0], 32)]
     return finish_mrc(_partial(path), path, stats)

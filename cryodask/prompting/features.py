@@ -1,34 +1,15 @@
 """``cryodask features``: CryoSAM's DINOv2 tri-view features of a tomogram as a zarr pyramid.
 
-CryoSAM runs every z-, y- and x-slice through DINOv2 and keeps (D+H+W) x 37x37 x 1024
-floats on the GPU (12 GB for a 300x928x928 tomogram); the matcher then looks up the feature
-of a grid point by ``grid_sample`` (bilinear, ``align_corners=True``) in each view's patch
-map at its in-plane position and concatenates the three. Here those lookups are done once,
-at the grid points of every ratio, and written to a store the matcher reads lazily::
+Computed once, at the grid points of every ratio, so the matcher reads features lazily instead
+of holding every view's patch maps on a GPU as CryoSAM does. The store::
 
     <out>.zarr/<r>/<view>    r in ratios (4, 8, 16), view in z, y, x
         shape (ceil(Z/r), ceil(Y/r), ceil(X/r), C), float16; grid point (i, j, k) sits at
         voxel (i*r, j*r, k*r); <r>/z[i, j, k] is slice z=i*r's patch map sampled at (y, x)
-    attrs["cryodask"]["features"]: key, complete, params, model, source (path, shape,
-        voxel size), normalisation (mean, std)
+    attrs["cryodask"]["features"]: key, complete, params, model, source, normalisation
 
-:func:`open_features` joins the three views: ``features[r][z0:z1, y0:y1, x0:x1]`` is a float32
-(..., 3C) array ``[z-view | y-view | x-view]`` (not L2-normalised).
-
-Grid points sit on voxels ``i*r`` (so ``nonzero * r``, CryoSAM's own detection -> voxel rule,
-is exact): along a view's slice axis that is slice ``i*r`` itself, and the in-plane lookup is
-``grid_sample`` at ``(j*r, k*r)``, i.e. CryoSAM's ``utils.sample`` at full resolution. CryoSAM's
-``down_sample`` instead resamples the slice axis to ``D//r`` planes with ``align_corners=True``
-(plane i at voxel ``i*(D-1)/(D//r-1)``, a blend of two slices); the two grids differ by less
-than r voxels, and this one needs no blending and keeps the ``ceil(Z/r)`` border planes.
-
-Tasks: one per (view, slab of ``slab`` voxels along that view's slice axis). A task reads
-only the slices that are grid planes of some ratio in its slab (multiples of 4 for the
-default ratios: a quarter of CryoSAM's model work), runs them through DINOv2 in batches
-of ``batch``, samples them at every ratio's grid points and writes, tile by tile, whole
-chunks of ``<r>/<view>`` (``slab/r`` planes deep, ``tile`` grid points wide), then its
-done-mark. Memory per task: the slab's patch maps plus one chunk. A global mean/std pass
-(CryoSAM normalises every slice with the whole volume's statistics) comes first.
+:func:`open_features` joins the three views. Why this grid and these tasks:
+docs/architecture.md, "CryoSAM".
 """
 
 from __future__ import annotations
@@ -40,11 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.blocks import DoneMarks, fault_injection_delay, plan_blocks
+from .. import validate
+from ..engine.blocks import DoneMarks, plan_blocks
+from ..engine.runner import run_blocks
 from ..errors import InputError, where
 from ..params import params_hash
 
 STEP = "features"
+SLAB = "slab"  # the done-mark of a slab task: <marks>/slab/<view>/<index>
 VIEWS = ("z", "y", "x")
 STATS_BLOCK_VOXELS = 8 * 2**20  # 32 MB of float32 per block of the mean/std pass
 
@@ -74,18 +58,16 @@ class FeatureParams:
         try:
             ratios = tuple(int(r) for r in self.ratios)
         except (TypeError, ValueError):
-            raise InputError(f"--ratios must be positive integers, got {self.ratios}") from None
-        object.__setattr__(self, "ratios", ratios)
+            ratios = ()
         if not ratios or min(ratios) < 1 or len(set(ratios)) != len(ratios):
-            raise InputError(f"--ratios must be distinct positive integers, got {self.ratios}")
+            raise validate.FieldError("ratios", f"must be distinct positive integers, got {self.ratios}")
+        object.__setattr__(self, "ratios", ratios)
         for name in ("image_size", "batch", "slab", "tile"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+            object.__setattr__(self, name, validate.count(name, getattr(self, name), 1))
         if any(self.slab % r for r in ratios):
-            raise InputError(f"--slab {self.slab} must be a multiple of every ratio {ratios} "
-                             f"(e.g. {math.lcm(*ratios) * max(1, self.slab // math.lcm(*ratios))})")
-        if self.dtype not in ("float16", "float32"):
-            raise InputError(f"--dtype must be float16 or float32, got {self.dtype}")
+            raise validate.FieldError("slab", f"{self.slab} must be a multiple of every ratio {ratios} "
+                                      f"(e.g. {math.lcm(*ratios) * max(1, self.slab // math.lcm(*ratios))})")
+        validate.choice("dtype", self.dtype, ("float16", "float32"))
 
 
 # ------------------------------------------------------------------ the tomogram on workers
@@ -98,22 +80,13 @@ class Tomogram:
     shape: tuple[int, int, int]
     voxel_size: tuple[float, float, float]
     chunks: tuple[int, int, int]
-    source: object = None  # a cryodask.io.volumes.VolumeSource (MRC/TIFF), or
-    array: str | None = None  # the level-0 zarr array of an OME-Zarr image
+    source: object = None  # the cryodask.io.volumes.Volume read (float32)
     sign: float = 1.0  # -1 for a bright tomogram: every slice is read with dense matter dark
     polarity: dict | None = None  # how that was decided (cryodask.polarity.Polarity.metadata)
 
     def read(self, region) -> np.ndarray:
         """One region as float32; NaN or Inf is an ``InputError`` naming the file."""
-        if self.source is not None:
-            data = self.source.read(region)
-        else:
-            import zarr
-
-            data = np.asarray(zarr.open_array(self.array, mode="r")[region])
-            if data.dtype.kind == "f" and not np.isfinite(data).all():
-                raise where(self.path, "contains NaN or Inf values")
-        data = np.asarray(data, dtype=np.float32)
+        data = np.asarray(self.source.read(region), dtype=np.float32)
         return data if self.sign > 0 else -data
 
     def slices(self, axis: int, indices) -> np.ndarray:
@@ -125,7 +98,7 @@ class Tomogram:
         def index(i):
             return tuple(i if a == axis else slice(None) for a in range(3))
 
-        if self.source is not None and getattr(self.source, "format", "") == "mrc" and axis < 2:
+        if self.source.format == "mrc" and axis < 2:
             return np.stack([self.read(index(int(i))) for i in indices])
         lo, hi = int(indices[0]), int(indices[-1]) + 1
         box = self.read(index(slice(lo, hi)))
@@ -133,28 +106,14 @@ class Tomogram:
 
 
 def open_tomogram(path, voxel_size=None) -> Tomogram:
-    """Validate an MRC/TIFF file or an OME-Zarr image (level 0) before any cluster starts."""
-    path = Path(path)
-    if path.is_dir():
-        from ..io.omezarr import open_image
-
-        _, arrays, vs, _ = open_image(path)
-        level0 = arrays[0]
-        if level0.ndim != 3 or min(level0.shape) < 1:
-            raise where(path, f"not a 3D image (shape {tuple(level0.shape)})")
-        if np.dtype(level0.dtype).kind not in "iuf":
-            raise where(path, f"unsupported data type {level0.dtype}")
-        if voxel_size is not None:
-            vs = (float(voxel_size),) * 3 if np.isscalar(voxel_size) else tuple(float(v) for v in voxel_size)
-        if len(vs) != 3 or not all(np.isfinite(v) and v > 0 for v in vs):
-            raise where(path, "voxel size is missing or 0; pass --voxel-size (Å)")
-        return Tomogram(str(path), tuple(int(s) for s in level0.shape), tuple(vs), tuple(level0.chunks),
-                        array=str(path / level0.path.split("/")[-1]))
+    """Validate an MRC/TIFF file or an OME-Zarr image (level 0) before any cluster starts
+    (``open_volume``); statistics read a file in slabs of whole planes, a zarr in its chunks."""
     from ..io.volumes import open_volume
 
-    source = open_volume(path, voxel_size)
+    source = open_volume(path, voxel_size, dtype="float32")
     plane = source.shape[1] * source.shape[2]
-    chunks = (max(1, min(source.shape[0], STATS_BLOCK_VOXELS // plane)), source.shape[1], source.shape[2])
+    chunks = source.chunks if source.format == "zarr" else \
+        (max(1, min(source.shape[0], STATS_BLOCK_VOXELS // plane)), source.shape[1], source.shape[2])
     return Tomogram(str(path), source.shape, source.voxel_size, chunks, source=source)
 
 
@@ -232,9 +191,9 @@ def grid_weights(n: int, ratio: int, patches: int) -> np.ndarray:
 
 # ------------------------------------------------------------------ tasks
 
-def _moments_task(tomo: Tomogram, region) -> tuple[int, float, float]:
+def _moments_kernel(region, tomo: Tomogram) -> tuple[int, float, float]:
     """Count, mean and sum of squared deviations of one block (float64)."""
-    data = tomo.read(region).astype(np.float64)
+    data = tomo.read(region.write).astype(np.float64)
     if not data.size:
         return 0, 0.0, 0.0
     mean = float(data.mean())
@@ -253,17 +212,17 @@ def combine_moments(parts) -> tuple[float, float]:
     return mean, math.sqrt(m2 / n) if n else 0.0
 
 
-def _slab_task(tomo: Tomogram, model_path: str, task: SlabTask, mean: float, std: float, params: FeatureParams,
-               device: str, store: str, marks: DoneMarks) -> str:
+def _slab_kernel(region, tomo: Tomogram, model_path: str, mean: float, std: float, params: FeatureParams,
+                 device: str, store: str) -> None:
     """Patch maps of the slab's slices, sampled at every ratio's grid points, written as
-    whole chunks; then the done-mark."""
+    whole chunks (the runner marks the slab done after)."""
     import torch
     import zarr
 
     from ..models.dinov2 import load_dinov2, patch_maps
     from ..report import stage
 
-    fault_injection_delay()
+    task: SlabTask = region.block
     model = load_dinov2(model_path, device)
     dev = next(model.parameters()).device
     rows_axis, cols_axis = (a for a in range(3) if a != task.axis)
@@ -298,8 +257,6 @@ def _slab_task(tomo: Tomogram, model_path: str, task: SlabTask, mean: float, std
                         region[cols_axis] = slice(k0, k0 + block.shape[cols_axis])
                         target[(*region, slice(None))] = block
                         written.bytes_written += block.nbytes
-    marks.mark(task.name)
-    return task.name
 
 
 # ------------------------------------------------------------------ the step
@@ -316,7 +273,7 @@ def extract_features(tomogram, out, *, checkpoint=None, weights=None, params: Fe
     weights : weights folder holding ``dinov2-large`` when ``checkpoint`` is not given
     params : :class:`FeatureParams` (image size, ratios, batch, slab, tile, dtype)
     client : a ``distributed.Client``; default: the current one, else a local cluster
-    device : "auto" (GPU where a worker has one), "cpu" or "gpu"
+    device : "auto" (GPU where a worker has one), "cpu" or "cuda"
     voxel_size : Å, overrides the file's
     polarity : "auto", "dark", "bright" or a decided ``cryodask.polarity.Polarity``: a bright
         tomogram is read negated, so features of tomograms of either polarity compare
@@ -337,8 +294,8 @@ def extract_features(tomogram, out, *, checkpoint=None, weights=None, params: Fe
 
     if not isinstance(params, FeatureParams):
         raise TypeError(f"params must be FeatureParams, got {type(params).__name__}")
-    if device not in ("auto", "cpu", "gpu"):
-        raise InputError(f"--device must be auto, cpu or gpu, got {device}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, got {device}")
     out = Path(out)
     if out.suffix.lower() != ".zarr":
         raise where(out, "output must end in .zarr")
@@ -359,7 +316,7 @@ def extract_features(tomogram, out, *, checkpoint=None, weights=None, params: Fe
     if state is None or state.get("key") != key:
         marks.clear_step()
         state = None
-    tasks = [t for t in plan_tasks(tomo.shape, params) if state is None or not marks.done(t.name)]
+    tasks = [t for t in plan_tasks(tomo.shape, params) if state is None or not marks.done(f"{SLAB}/{t.name}")]
     if state is not None and not tasks:
         if not state.get("complete"):
             _set_complete(out, True)
@@ -426,17 +383,12 @@ def _create_store(out: Path, tomo: Tomogram, model, params: FeatureParams, key: 
 
 
 def _run(tomo, model, params, out, key, marks, state, tasks, client, device) -> Path:
-    from distributed import wait
-
-    from ..postprocess.pipeline import gpu_resources
+    from ..engine.cluster import gpu_resources
 
     if state is None:
         blocks = plan_blocks(tomo.shape, tomo.chunks, itemsize=4, max_bytes=4 * STATS_BLOCK_VOXELS)
-        futures = [client.submit(_moments_task, tomo, b.region, key=f"features-stats-{key[:8]}-{b.name}", retries=1)
-                   for b in blocks]
-        wait(futures)
-        _raise_first_error(futures)
-        mean, std = combine_moments(client.gather(futures))
+        mean, std = combine_moments(run_blocks(client, _moments_kernel, blocks, step="stats", key=key, args=(tomo,),
+                                               stage=None, name="features-stats", fault=False))
         if not std > 0:
             raise where(tomo.path, "the volume is constant (standard deviation 0); nothing to normalise")
         _create_store(out, tomo, model, params, key, mean, std)
@@ -445,20 +397,12 @@ def _run(tomo, model, params, out, key, marks, state, tasks, client, device) -> 
         if state.get("complete"):
             _set_complete(out, False)  # some done-marks are gone: not complete until redone
     marks.folder.mkdir(parents=True, exist_ok=True)
-    resources = gpu_resources(client, "gpu") if device in ("auto", "gpu") else None
-    futures = [client.submit(_slab_task, tomo, model.path, t, mean, std, params, device, str(out), marks,
-                             key=f"features-{key[:8]}-{t.view}-{t.index}", retries=1, resources=resources)
-               for t in tasks]
-    wait(futures)
-    _raise_first_error(futures)
+    resources = gpu_resources(client) if device in ("auto", "cuda") else None
+    run_blocks(client, _slab_kernel, tasks, step=SLAB, key=key,
+               args=(tomo, model.path, mean, std, params, device, str(out)), marks=marks, stage=None, label=STEP,
+               name="features", resources=resources)
     _set_complete(out, True)
     return out
-
-
-def _raise_first_error(futures) -> None:
-    for f in futures:
-        if f.status != "finished":
-            raise f.exception() if f.status == "error" else InputError(f"features task {f.status}")
 
 
 # ------------------------------------------------------------------ reading
