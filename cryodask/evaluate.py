@@ -13,12 +13,10 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import pandas as pd
-from dask.base import tokenize
 
 from . import viz
 from .errors import InputError, where
 from .io.folders import check_output_dir
-from .io.omezarr import open_image
 from .io.picks import read_picks
 from .io.volumes import open_volume
 from .metrics import match_picks, pr_curve, segmentation_scores
@@ -26,35 +24,14 @@ from .metrics import match_picks, pr_curve, segmentation_scores
 UNITS = ("px", "angstrom")
 
 
-class _Reader:
-    """Array-like view of a volume file that reads only the region it is sliced with."""
-
-    def __init__(self, source):
-        self.source, self.shape, self.dtype, self.ndim = source, source.shape, np.dtype(source.dtype), len(source.shape)
-
-    def __getitem__(self, region):
-        return self.source.read(region)
-
-
 def load_volume(path, chunks: int = 64) -> da.Array:
-    """Open a volume lazily as a dask array (z, y, x).
+    """A volume as a lazy dask array (z, y, x): an MRC/TIFF file in slabs of ``chunks``
+    z-slices, an OME-Zarr image (``x.zarr``, ``x.zarr/labels/membranes``) in its own chunks.
 
-    ``path`` is an MRC/TIFF file (read in slabs of ``chunks`` z-slices) or an OME-Zarr
-    image folder, read at level 0 with its own chunks: ``x.zarr`` for the image,
-    ``x.zarr/labels/membranes`` for a label image.
-
-    Examples
-    --------
     >>> mask = load_volume("tomo.zarr/labels/membranes")  # doctest: +SKIP
     """
-    path = Path(path)
-    if path.is_dir():
-        _, levels, _, _ = open_image(path)
-        return da.from_zarr(levels[0])
-    source = open_volume(path, voxel_size=1.0)  # voxel size plays no part in voxel-wise scores
-    reader = _Reader(source)
-    return da.from_array(reader, chunks=(chunks, -1, -1), name=f"read-{tokenize(source)}",
-                         meta=np.empty((0,) * reader.ndim, reader.dtype))
+    volume = open_volume(path, voxel_size=1.0)  # voxel size plays no part in voxel-wise scores
+    return volume.to_dask(None if volume.format == "zarr" else (chunks, -1, -1))
 
 
 def _same_shape(reference, ref_path, other, other_path) -> None:

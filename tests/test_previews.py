@@ -133,9 +133,10 @@ def test_tomogram_preview_reads_a_coarse_level_only(tomogram, tmp_path):
 
 
 def test_pick_preview_of_an_mrc_reads_three_slices(tomogram, tmp_path):
-    from cryodask.io.volumes import open_reader
+    from cryodask.io.volumes import open_volume
 
-    read, shape, vs, _ = open_reader(tomogram["tomogram"])
+    read = open_volume(tomogram["tomogram"])
+    shape, vs = read.shape, read.voxel_size
     regions = []
 
     def recording(region):

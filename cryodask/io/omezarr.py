@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .. import validate
 from ..errors import InputError, where
 
 NGFF = ("0.4", "0.5")
@@ -31,8 +32,7 @@ SKETCH_POINTS = 1001  # quantiles kept per block: a merged percentile is within 
 
 
 def check_layout(layout: str, ngff: str = "0.4") -> str:
-    if layout not in LAYOUTS:
-        raise InputError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    validate.choice("layout", layout, LAYOUTS)
     if layout == "portal" and ngff != "0.4":
         raise InputError(f"--layout portal is NGFF 0.4 (zarr v2), not --ngff {ngff}")
     return layout
@@ -345,7 +345,9 @@ def write_segmentation(image_path, name: str, labels, *, layout: str = "default"
     ``<image>/labels/<name>`` (default), or ``<out>/<stem>_<name>.zarr`` (``portal``)."""
     check_layout(layout)
     if layout == "portal":
-        path = Path(out) / f"{stem or Path(image_path).name.split('.')[0]}_{name}.zarr"
+        from .volumes import stem as stem_of
+
+        path = Path(out) / f"{stem or stem_of(image_path)}_{name}.zarr"
         write_mask_store(path, labels, image_path, binary=binary, name=name)
         return path
     write_labels(image_path, name, labels, colors=colors, properties=properties)

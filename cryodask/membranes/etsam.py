@@ -2,7 +2,7 @@
 
 Stage 1 propagates SAM2 through the normalised slices and streams its logits to a zarr array;
 stage 2 reads the tomogram again, adds min-max(clip(stage-1 logits, -5, 5)) and propagates
-the second model (ETSAM §1.2). The min-max uses the extremes of this column's stage-1 logits,
+the second model (ETSAM's ``run_two_stage_inference_on_tomogram``). The min-max uses the extremes of this column's stage-1 logits,
 exactly as ETSAM's split-processing normalises each quadrant on its own. Host memory is one
 encoder batch plus one z-chunk of logits, whatever the tomogram's size.
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputError
-from . import normalize as norm_mod
+from .. import validate
+from ..io import normalize as norm_mod
 from . import prompts as prompt_mod
 from .propagate import propagate
 
@@ -47,12 +47,11 @@ class EtsamParams:
         norm_mod.check_method(self.normalize)
         prompt_mod.check(self.stage1_prompt, 1)
         prompt_mod.check(self.stage2_prompt, 2)
-        if self.grid_interval < 1:
-            raise InputError(f"--grid-interval must be >= 1, got {self.grid_interval}")
-        if self.image_size is not None and (self.image_size < 64 or self.image_size % 16):
-            raise InputError(f"--image-size must be a multiple of 16 and >= 64, got {self.image_size}")
-        if self.tile is not None and (len(self.tile) != 2 or min(self.tile) < 16):
-            raise InputError(f"--tile must be two sizes >= 16 (Y,X), got {self.tile}")
+        object.__setattr__(self, "grid_interval", validate.count("grid_interval", self.grid_interval, 1))
+        if self.image_size is not None and (validate.count("image_size", self.image_size, 64) % 16):
+            raise validate.FieldError("image_size", f"must be a multiple of 16 and >= 64, got {self.image_size}")
+        object.__setattr__(self, "tile", validate.shape("tile", self.tile, 2, 16, none=True))  # (y, x)
+        object.__setattr__(self, "split", validate.boolean("split", self.split))
 
     def key_fields(self) -> dict:
         """The hashed fields: checkpoint identity, not their paths."""
