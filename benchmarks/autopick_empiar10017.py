@@ -1,4 +1,5 @@
-"""Autopick-BC on real β-galactosidase micrographs (EMPIAR-10017, ``shared/data/empiar10017``).
+"""Autopick-BC on real β-galactosidase micrographs (EMPIAR-10017, https://www.ebi.ac.uk/empiar/EMPIAR-10017/;
+``--data``: the CryoSegNet JPEGs and Autopick-BC's box labels, by default in a data folder beside the checkout).
 
 Fixed split of the 14 micrographs: the 4 in ``TEST`` are held out, the other 10 train.
 Good = ``boxes/pos``, bad = ``boxes/neg`` (autopick-bc's manual labels: 216 px EMAN boxes

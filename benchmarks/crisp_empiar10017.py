@@ -1,4 +1,7 @@
-"""CRISP on real micrographs: EMPIAR-10017 β-galactosidase (14 JPEGs in ../shared/data/empiar10017).
+"""CRISP on real micrographs: EMPIAR-10017 β-galactosidase (https://www.ebi.ac.uk/empiar/EMPIAR-10017/).
+
+The 14 micrographs as the CryoSegNet project filtered them (4096² JPEG, 1.77 Å/px) with its particle
+masks and CryoPPP centres, read from ``DATA`` (a data folder beside the checkout).
 
 Fixed split: TEST = the four micrographs below, TRAIN = the other ten. For each ``--configs``
 entry (``network:loss``) a model is trained from the masks (``masks/<name>_mask.jpg`` > 127,

@@ -8,7 +8,7 @@ features: a smooth background (64 random Fourier modes, ~24-voxel correlation le
 ~1), white noise (norm ~0.3, fixed per voxel so the levels agree where they coincide), and
 Gaussian blobs (sigma 8 voxels) of one unit vector per particle kind: ``--particles`` of the
 prompted kind and ``--decoys`` of three other kinds (cosine 0.3 with it), at least 28 voxels
-apart. The query is ``query_vector`` at one particle (a single prompt, as in CryoSAM).
+apart. The query is ``references.query_vector`` at one particle (a single prompt, as in CryoSAM).
 
 Methods, each in its own process, each reading the same zarr pyramid:
   hierarchical   ``match(features, query, MatchParams())`` (16 → 8 → 4, threshold 0.5, NMS 5, top 512)
@@ -23,8 +23,8 @@ Seconds are the matching alone (opening the arrays and the query excluded), medi
 within ``--radius`` voxels, "same vox" at the very same voxel. Against the planted particles
 of the prompted kind (Hungarian matching within ``--radius`` voxels,
 ``cryodask.metrics.picking``): recall of all detections, precision of those >= 0.5, and
-recall of the best N (N = the number of particles). Targets (DESIGN.md): >= 20x faster than
-naive, recall within 1 %.
+recall of the best N (N = the number of particles). Targets: >= 20x faster than
+naive, recall within 1 % (docs/architecture.md, "Targets").
 
 The default layout is float16, uncompressed, chunks of 4×4×4 grid points × D (147 kB): DINOv2
 features hardly compress (zstd saves ~8 %) and decompressing costs more than reading, and a
@@ -220,7 +220,7 @@ def main() -> None:
         print(json.dumps(run_child(args.child, Path(args.scratch), Path(args.output), block, args.workers)))
         return
 
-    from cryodask.prompting.matching import query_vector
+    from references import query_vector
 
     shape = tuple(int(s) for s in args.shape.split(","))
     chunks = tuple(int(c) for c in args.chunks.split(","))

@@ -2,7 +2,7 @@
 
 Both run the same SAM2 models (seeded random weights saved as ETSAM checkpoints: random
 weights cost exactly what real ones do) on the same tomogram, each in its own process:
-  reference   ETSAM's procedure (``cryodask.membranes.reference``): whole tomogram and its
+  reference   ETSAM's procedure (``benchmarks/references.py``): whole tomogram and its
               N×3×S×S frames in RAM, the image encoder one frame at a time, every output kept
   cryodask    ``two_stage_column``: frames streamed from the OME-Zarr level 0, the encoder on
               ``--batch`` slices per call, logits streamed to zarr, bf16 autocast on CUDA
@@ -55,11 +55,11 @@ def run_method(method: str, folder: Path, config: str, image_size: int, batch: i
     import zarr
 
     from cryodask.engine.blocks import DoneMarks
-    from cryodask.membranes.etsam import EtsamParams, TiledLogits, two_stage_column
-    from cryodask.membranes.normalize import from_extremes
+    from cryodask.io.normalize import from_extremes
     from cryodask.io.volumes import ZarrReader
-    from cryodask.membranes.reference import reference_two_stage
+    from cryodask.membranes.etsam import EtsamParams, TiledLogits, two_stage_column
     from cryodask.models.sam2 import cached_predictor, pick_device
+    from references import reference_two_stage
 
     device = pick_device(device)
     ckpts = [str(folder / f"etsam_stage{i}_v1.pt") for i in (1, 2)]

@@ -12,7 +12,8 @@ samples the RSS of the whole process tree: client, scheduler, nanny and workers)
 count the re-picking alone (the cluster's start-up is reported apart), median of
 ``--repeat`` interleaved runs.
 
-Input: the EMPIAR-10017 micrographs (``shared/data/empiar10017/micrographs``, 4096² JPEG) or
+Input: the EMPIAR-10017 micrographs (https://www.ebi.ac.uk/empiar/EMPIAR-10017/, 4096² JPEG as filtered by
+CryoSegNet; by default from a data folder beside the checkout) or
 ``--micrographs`` of your own. The model is the one given with ``--model``, else a seeded
 random Autopick-BC network for box 216 / bin 4 (54 px windows): the weights do not change
 the cost of scoring a window. Default stride box/4 = 54 px: 5776 windows per 4096² micrograph.

@@ -15,7 +15,8 @@ start per command).
 Matrix: simulator {simple = ``synth_tomogram``, projection = ``synth_projection_tomogram``}
 × voxel size {7, 14, 28, 40 Å} × SNR {0.05, 0.1, 0.3} × polarity {dark, bright (negated)};
 volume per cell: the larger of 64×128×128 voxels and a 640×1280×1280 Å box. Targets at SNR ≥ 0.1:
-Dice ≥ 0.75 and F1 ≥ 0.8. Also the real bright crops (``../shared/data/tomograms/*.tif``): the
+Dice ≥ 0.75 and F1 ≥ 0.8. Also two real bright crops (microtubule tomograms
+from cylindra's tests, github.com/hanjinliu/cylindra, 1.052 nm voxels; read from the data folder when present): the
 polarity the default decided and the fraction of voxels the classical filter marks.
 
     python benchmarks/quality.py                                       # the whole matrix (48 cells)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.append(str(HERE))  # sibling modules (plots.py), also when ``cryodask bench`` loads this file by path
 
 
 def _powers_of_two(limit: int) -> str:
@@ -157,7 +158,7 @@ def run_benchmark(bench: Benchmark, quick: bool, repeat: int, raw: Path) -> dict
 
 
 def plots(summary: dict, out: Path) -> list[Path]:
-    from cryodask.report.plots import memory_png, ratio_png, scaling_png, throughput_png
+    from plots import memory_png, ratio_png, scaling_png, throughput_png
 
     files = []
     benches = summary["benchmarks"]

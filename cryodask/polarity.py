@@ -1,27 +1,10 @@
 """Contrast polarity of a tomogram: is dense matter dark (low values) or bright?
 
-Most reconstruction programs write dense matter dark, as the microscope records it; some
-(and many processed or exported tomograms) write it bright. Every weight-free filter here
-looks for dark sheets or dark balls, and ETSAM was trained on dark density, so a bright
-tomogram is negated once, at its reader, and everything downstream sees dark density.
-
-The rule for ``auto`` (:func:`decide_polarity`): dense matter (membranes, proteins, gold,
-filaments) fills a small part of a tomogram and stands out of the ice on one side only, so the
-distribution of the band-passed volume has a long tail on the side of the density. The volume
-is binned to at most ``2**24`` voxels, band-passed as a difference of Gaussians (σ = 20 Å, about
-half a bilayer, minus σ = 160 Å, which removes ice-thickness gradients and the lamella's
-edges) and its skewness is measured: negative is dark, positive is bright. The skewness of
-noise alone is about ``sqrt(6 / n)`` for ``n`` independent samples (one per σ-sized cell), so
-the sign is trusted only beyond ``MIN_Z`` of those standard errors; below that the tomogram
-holds too little dense matter to tell, and it is taken as dark (the usual convention), saying so.
-
-Where it can be wrong: a crop of nearly empty ice or of one large dense body that fills most
-of it (the tail is then on the other side); a volume whose ice or vacuum outside the lamella
-is a large, uniform part of it, with the lamella's own contrast inverted in the reconstruction.
-Pass ``--polarity dark`` or ``bright`` there. Measured on: both cryodask simulators at 7-40 Å
-and SNR 0.05-0.3 (dark: skewness -0.05 to -2.6, at least 8 standard errors), the cylindra
-microtubule crops (bright: +0.60 and +1.62, 12 and 27 standard errors) and the SerialEM int8
-crop (dark: -0.26, 8 standard errors).
+Every weight-free filter looks for dark sheets or dark balls and ETSAM was trained on dark
+density, so a bright tomogram is negated once, at its reader, and everything downstream sees
+dark density. ``auto`` reads the sign of the skewness of the band-passed volume (dense matter
+stands out of the ice on one side only); the rule, its limits and what it was measured on:
+docs/architecture.md, "Contrast polarity".
 """
 
 from __future__ import annotations
@@ -109,7 +92,7 @@ def band_skewness(volume: np.ndarray, voxel_size) -> tuple[float, float]:
 
 
 def decide_polarity(read, shape, voxel_size, *, max_voxels: int = MAX_VOXELS) -> Polarity:
-    """``auto``: the polarity of a tomogram from its data (the module docstring has the rule).
+    """``auto``: the polarity of a tomogram from its data (docs/architecture.md has the rule).
 
     Examples
     --------

@@ -1,6 +1,6 @@
 """A corpus of malformed inputs, generated here, for every command: each one is a single
 ``error:`` line naming the offending file or option, exit code 2, no traceback, and nothing
-of it marked done (DESIGN.md rule 8).
+of it marked done (docs/architecture.md, rule 8: one-line errors, validated before a cluster starts).
 
 MRC headers are written byte by byte (mrcfile's header dtype filled by hand), so the headers
 are exactly as broken as a faulty writer would leave them. Errors that can be found before a

@@ -5,6 +5,8 @@ same answer on a real LocalCluster."""
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,11 @@ import zarr
 
 from cryodask.errors import InputError
 from cryodask.metrics.picking import match_picks
-from cryodask.prompting.matching import MatchParams, match, nms_top_k, query_vector, similarity
+from cryodask.prompting.matching import MatchParams, match, nms_top_k, query_from_instances, similarity
+from cryodask.prompting.selfprompt import Instance
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from references import query_vector  # noqa: E402  (point-sampled query, outside the package)
 
 SHAPE = (96, 128, 128)  # voxels
 RATIOS = (16, 8, 4)
@@ -269,6 +275,34 @@ def test_top_k_truncates_exactly(particles):
 
 
 # ------------------------------------------------------------------ query
+
+
+def test_query_from_instances_is_the_mean_inside_the_masks():
+    rng = np.random.default_rng(2)
+    r, shape = 4, (16, 20, 24)
+    level = rng.normal(size=(4, 5, 6, 7)).astype(np.float32)
+    features = {16: level[::4, ::4, ::4], r: level}
+    instances, painted = [], []
+    for lo, hi in [((1, 2, 3), (10, 13, 9)), ((5, 0, 8), (15, 9, 24))]:
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        mask = rng.random([b - a for a, b in zip(lo, hi)]) < 0.5
+        instances.append((box, mask))
+        vol = np.zeros(shape, bool)
+        vol[box] = mask
+        painted.append(vol)
+    vectors = [level[i, j, k] for vol in painted for i, j, k in np.ndindex(level.shape[:3])
+               if vol[i * r, j * r, k * r]]
+    mean = np.mean(vectors, axis=0)
+    np.testing.assert_allclose(query_from_instances(features, r, instances), mean / np.linalg.norm(mean), rtol=1e-5)
+    # an empty mask falls back to the grid point nearest its prompt
+    empty = Instance((slice(9, 9), slice(9, 9), slice(9, 9)), np.zeros((0, 0, 0), bool), (9.0, 13.9, 1.9))
+    total = np.sum(vectors, axis=0) + level[2, 3, 0]
+    np.testing.assert_allclose(query_from_instances(features, r, instances + [empty]),
+                               total / np.linalg.norm(total), rtol=1e-5)
+    with pytest.raises(InputError, match="no prompt point"):
+        query_from_instances(features, r, [(empty[0], empty[1])])
+    with pytest.raises(InputError, match="level 8"):
+        query_from_instances(features, 8, instances)
 
 
 def test_query_vector_interpolates_linearly():

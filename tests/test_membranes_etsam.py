@@ -3,6 +3,9 @@ as ETSAM checkpoints, compared with ETSAM's own frame-by-frame procedure."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import mrcfile
 import numpy as np
 import pytest
@@ -16,10 +19,12 @@ from cryodask.cli import main  # noqa: E402
 from cryodask.errors import InputError  # noqa: E402
 from cryodask.io.omezarr import open_image  # noqa: E402
 from cryodask.membranes.etsam import EtsamParams, TiledLogits, tiles, two_stage_column  # noqa: E402
-from cryodask.membranes.normalize import from_extremes  # noqa: E402
+from cryodask.io.normalize import from_extremes  # noqa: E402
 from cryodask.membranes.pipeline import segment  # noqa: E402
-from cryodask.membranes.reference import reference_two_stage  # noqa: E402
 from cryodask.models.sam2 import build_predictor  # noqa: E402
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from references import reference_two_stage  # noqa: E402  (ETSAM's own procedure, outside the package)
 
 CONFIG, SIZE = "sam2.1_hiera_t", 128
 

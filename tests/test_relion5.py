@@ -1,5 +1,6 @@
 """RELION 5 tomography STAR out and in: centred Å picks with a ``tomograms.star``, checked with
-``starfile`` and against the real RELION 5 project in ``../shared/data/star/relion-tomo-cylindra``
+``starfile`` and against a real RELION 5 project (``data_dir / "star/relion-tomo-cylindra"``: cylindra's test
+project, github.com/hanjinliu/cylindra, BSD-3)
 (its column names, its ``# version 50001`` lines, its picks placed through its tomograms.star)."""
 
 from __future__ import annotations

@@ -12,11 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cryodask.errors import InputError
-from cryodask.prompting.selfprompt import (
-    EmbeddingCache, Instance, SAM2Slices, SelfPromptParams, SliceDecoder, SliceGeometry, instance_ids,
-    instance_labels, query_from_instances, robust_range, segment_instance, segment_instances, self_prompt,
-    semantic_mask, unit_reader,
-)
+from cryodask.io.normalize import robust_range, unit_reader
+from cryodask.models.sam2_slices import EmbeddingCache, SAM2Slices, SliceDecoder, SliceGeometry
+from cryodask.prompting.instances import semantic_mask
+from cryodask.prompting.selfprompt import Instance, SelfPromptParams, segment_instance, segment_instances, self_prompt
 
 N = 12  # side of the cube the known-mask tests run on
 
@@ -97,7 +96,7 @@ def test_stops_at_volume_edge_and_at_max_extent():
     inst, _ = run(table, point=(6, 5, 5), max_extent=0)
     assert inst.extents == {"z": (6, 7)}
     # the derived cap: ceil(diameter) slices per direction
-    inst, _ = run(table, point=(6, 5, 5), diameter=2.5)
+    inst, _ = run(table, point=(6, 5, 5), diameter_voxels=2.5)
     assert inst.extents == {"z": (3, 10)}
 
 
@@ -127,7 +126,7 @@ def test_area_and_score_filters_pick_the_best_passing_candidate():
     assert inst[1].size == 0 and inst[0] == (slice(6, 6), slice(6, 6), slice(6, 6)) and inst.extents == {"z": None}
     inst, _ = run(table, max_area=200, max_extent=0, score_threshold=-0.5)  # neg passes, big wins
     assert inst[1].sum() == 100
-    inst, _ = run(table, diameter=5, max_area=None, max_extent=0)  # max_area = ceil((1.2 * 5)^2) = 36: small wins
+    inst, _ = run(table, diameter_voxels=5, max_area=None, max_extent=0)  # max_area = ceil((1.2 * 5)^2) = 36: small wins
     assert inst[1].sum() == 9
 
 
@@ -152,32 +151,9 @@ def test_directions_are_united():
     assert firsts == {"z": (5, 7), "y": (6, 7), "x": (6, 5)}
 
 
-def test_geometry_of_non_square_slices():
-    g = SliceGeometry(32, 64, 128, 32)  # stretch: rows x4, columns x2
-    assert g.to_model(0, 0) == (0.5, 1.5) and g.to_model(31, 63) == (127.5 - 1, 127.5 - 2)
-    for r, c in [(0, 0), (10, 20), (31, 63)]:  # low-res pixel under a point maps back next to it
-        x, y = g.to_model(r, c)
-        i, j = int((y + 0.5) // 4), int((x + 0.5) // 4)
-        rr, cc = g.lowres_to_slice(i, j)
-        assert abs(rr - r) <= 1 and abs(cc - c) <= 2
-    assert g.upsample(np.zeros((3, 32, 32))).shape == (3, 32, 64)
-    p = SliceGeometry(32, 64, 128, 32, "pad")  # aspect kept: 64 x 128 of content, rows 64.. padding
-    assert p.content == (64, 128) and p.lowres_content() == (16, 32) and p.scale == (2.0, 2.0)
-    logits = np.zeros((32, 32), np.float32)
-    logits[20, 3] = 9  # in the padding: ignored
-    logits[5, 7] = 1
-    assert p.argmax(logits) == p.lowres_to_slice(5, 7) == (11, 15)
-    images = p.images(np.ones((2, 32, 64), np.float32)).numpy()
-    assert images.shape == (2, 3, 128, 128) and (images[:, :, 64:] == 0).all()
-    np.testing.assert_allclose(images[0, :, 0, 0], (1 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225],
-                               rtol=1e-5)
-    up = p.upsample(np.ones((1, 32, 32)))
-    assert up.shape == (1, 32, 64)
-
-
 def test_params_and_prompts_are_validated_in_one_line():
     for bad in [dict(iou_threshold=1.5), dict(max_area=0), dict(max_extent=-1), dict(views=("z", "w")),
-                dict(views=()), dict(resize="crop"), dict(mask_prompt="soft"), dict(diameter=0),
+                dict(views=()), dict(resize="crop"), dict(mask_prompt="soft"), dict(diameter_voxels=0),
                 dict(score_threshold=float("nan"))]:
         with pytest.raises(InputError):
             SelfPromptParams(**bad)
@@ -194,89 +170,6 @@ def test_params_and_prompts_are_validated_in_one_line():
     assert segment_instances(None, (N, N, N), [], SelfPromptParams(), config="x", checkpoint=None) == []
     with pytest.raises(InputError, match=r"\(N, 3\) array"):
         segment_instances(None, (N, N, N), [(1, 2)], SelfPromptParams(), config="x", checkpoint=None)
-
-
-def test_instance_labels_and_semantic_mask_region_wise():
-    rng = np.random.default_rng(1)
-    shape = (10, 12, 14)
-    instances = []
-    for _ in range(6):
-        lo = rng.integers(0, 6, 3)
-        size = rng.integers(1, 6, 3)
-        box = tuple(slice(int(a), int(min(a + s, n))) for a, s, n in zip(lo, size, shape))
-        instances.append((box, rng.random([b.stop - b.start for b in box]) < 0.6))
-    scores = rng.random(6)
-    whole = instance_labels(instances, shape, scores=scores)
-    ids = instance_ids(instances, scores)
-    assert sorted(ids) == list(range(1, 7)) and ids[np.argmax(scores)] == 1
-    expected = np.zeros(shape, np.uint32)  # brute force: highest score wins every voxel
-    best = np.full(shape, -np.inf)
-    for (box, mask), s, i in zip(instances, scores, ids):
-        full_mask = np.zeros(shape, bool)
-        full_mask[box] = mask
-        take = full_mask & (s > best)
-        expected[take], best[take] = i, s
-    assert (whole == expected).all() and whole.dtype == np.uint32
-    for region in [(slice(0, 5), slice(0, 12), slice(7, 14)), (slice(3, 10), slice(4, 8), slice(0, 14))]:
-        assert (instance_labels(instances, region, scores=scores) == whole[region]).all()
-        assert (semantic_mask(instances, region) == (whole[region] > 0)).all()
-    # scores default to the instances' own, else the input order
-    inst = [Instance(b, m, None, s) for (b, m), s in zip(instances, scores)]
-    assert (instance_labels(inst, shape) == whole).all()
-    assert list(instance_ids(instances)) == [1, 2, 3, 4, 5, 6]
-
-
-def test_query_from_instances_is_the_mean_inside_the_masks():
-    rng = np.random.default_rng(2)
-    r, shape = 4, (16, 20, 24)
-    level = rng.normal(size=(4, 5, 6, 7)).astype(np.float32)
-    features = {16: level[::4, ::4, ::4], r: level}
-    instances, painted = [], []
-    for lo, hi in [((1, 2, 3), (10, 13, 9)), ((5, 0, 8), (15, 9, 24))]:
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        mask = rng.random([b - a for a, b in zip(lo, hi)]) < 0.5
-        instances.append((box, mask))
-        vol = np.zeros(shape, bool)
-        vol[box] = mask
-        painted.append(vol)
-    vectors = [level[i, j, k] for vol in painted for i, j, k in np.ndindex(level.shape[:3])
-               if vol[i * r, j * r, k * r]]
-    mean = np.mean(vectors, axis=0)
-    np.testing.assert_allclose(query_from_instances(features, r, instances), mean / np.linalg.norm(mean), rtol=1e-5)
-    # an empty mask falls back to the grid point nearest its prompt
-    empty = Instance((slice(9, 9), slice(9, 9), slice(9, 9)), np.zeros((0, 0, 0), bool), (9.0, 13.9, 1.9))
-    total = np.sum(vectors, axis=0) + level[2, 3, 0]
-    np.testing.assert_allclose(query_from_instances(features, r, instances + [empty]),
-                               total / np.linalg.norm(total), rtol=1e-5)
-    with pytest.raises(InputError, match="no prompt point"):
-        query_from_instances(features, r, [(empty[0], empty[1])])
-    with pytest.raises(InputError, match="level 8"):
-        query_from_instances(features, 8, instances)
-
-
-def test_robust_range_and_unit_reader():
-    v = np.random.default_rng(3).normal(size=(9, 10, 11)).astype(np.float32)
-    lo, hi = robust_range(lambda reg: v[reg], v.shape, slab_voxels=150)
-    assert (lo, hi) == pytest.approx(tuple(np.percentile(v, [0.5, 99.5])))
-    read = unit_reader(lambda reg: v[reg], (lo, hi))
-    out = read((slice(0, 9), slice(0, 10), slice(0, 11)))
-    assert out.min() == 0 and out.max() == 1 and out.dtype == np.float32
-    with pytest.raises(InputError, match="constant"):
-        robust_range(lambda reg: np.ones((2, 2, 2), np.float32)[reg], (2, 2, 2))
-
-
-def test_embedding_cache_is_lru_and_bounded():
-    cache = EmbeddingCache(max_bytes=30)
-    for i in range(4):
-        cache.put(("z", i), i, 10)
-    assert ("z", 0) not in cache and len(cache) == 3 and cache.nbytes == 30
-    assert cache.get(("z", 1)) == 1  # now the most recent
-    cache.put(("z", 9), 9, 10)
-    assert ("z", 2) not in cache and ("z", 1) in cache
-    assert (cache.hits, cache.misses) == (1, 0)
-    cache.bind("a")
-    with pytest.raises(InputError):
-        cache.bind("b")
 
 
 # ------------------------------------------------------------------ the real SAM2 code, random weights

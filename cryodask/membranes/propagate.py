@@ -1,28 +1,19 @@
 """SAM2 video propagation over a tomogram that is never held in memory.
 
-ETSAM runs ``SAM2VideoPredictor`` over the whole stack: every slice is preprocessed up front
-into an N×3×S×S float32 array (24 GB for 500 slices at 1024²), the image encoder runs one
-frame at a time, and every frame's outputs stay in the inference state. Here the same
-predictor runs the same propagation code, but
-
-- frames are read and preprocessed on demand, a batch at a time (``FrameStream``);
-- the image encoder runs on a whole batch in one call and the propagation consumes the cached
-  features (``BatchedFeatures``, SAM2's own ``cached_features`` hook); the positional
-  encodings, identical for every frame, are stored once;
-- outputs older than the memory bank and object-pointer window are dropped, since SAM2 never
-  reads them again.
-
-With ``batch=1`` the logits are bitwise those of ETSAM's loop; larger batches differ only by
-float rounding inside the encoder.
+ETSAM preprocesses every slice up front (24 GB for 500 slices at 1024²) and keeps every frame's
+outputs; here the same predictor runs the same propagation code on frames made on demand a batch
+at a time (``FrameStream``), the encoder batched through SAM2's ``cached_features`` hook
+(``BatchedFeatures``), and outputs past the memory window dropped. With ``batch=1`` the logits
+are bitwise ETSAM's; larger batches differ only by float rounding inside the encoder.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from contextlib import nullcontext
 
 import numpy as np
 
+from ..models.sam2 import autocast_for
 from .preprocess import frames as to_frames
 
 
@@ -106,15 +97,6 @@ def new_state(predictor, images, height: int, width: int, device: str, *, offloa
         "output_dict_per_obj": {}, "temp_output_dict_per_obj": {}, "frames_tracked_per_obj": {},
     }
     return state
-
-
-def autocast_for(device: str):
-    """bf16 autocast on CUDA, as ETSAM runs; nothing on CPU."""
-    import torch
-
-    if device == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext
 
 
 def memory_window(predictor) -> int:

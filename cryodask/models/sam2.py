@@ -10,6 +10,7 @@ is also how ETSAM publishes ``etsam_stage{1,2}_v1.pt``. Every way a checkpoint c
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 
 from ..errors import InputError, where
@@ -167,3 +168,12 @@ def pick_device(device: str = "auto") -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device visible to this process")
     return device
+
+
+def autocast_for(device: str):
+    """bf16 autocast on CUDA, as ETSAM runs; nothing on CPU."""
+    import torch
+
+    if device == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext

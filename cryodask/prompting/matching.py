@@ -1,56 +1,9 @@
-"""CryoSAM's Hierarchical Feature Matching, computed block by block over the whole volume.
+"""CryoSAM's Hierarchical Feature Matching, block by block over a feature pyramid on disk.
 
-CryoSAM (``xulabs/aitom``, ``CryoSAM.match``) matches one query vector — the mean feature of
-the prompted particles — against a feature pyramid, coarse to fine:
-
-1. at the coarsest ratio (16) every grid point is scored with the cosine similarity;
-2. at each finer ratio (8, then 4) the candidates are the children (nearest upsampling) of
-   the previous level's survivors, and only they are scored; every other point keeps the
-   previous level's similarity, upsampled trilinearly (it can still suppress a neighbour in
-   the NMS, but it is never a detection);
-3. on every level but the last, candidates below ``sim_threshold`` (0.5) are dropped;
-4. on the last level, a candidate is a detection when it is the maximum of its 5×5×5
-   window (``max_pool3d(prob, 5, stride=1, padding=2)``); the ``top_k`` (512) best
-   detections are kept, at voxel ``grid index * ratio``.
-
-``matching="naive"`` scores every point of the finest level and applies the same NMS and
-top-K: the baseline the hierarchy is measured against.
-
-Here the pyramid lives on disk (zarr) and is never loaded whole: each level is cut into
-blocks of grid points, and a block task reads only the chunks that hold candidates (a block
-with none is never read) and converts and scores only the candidates. The coarse levels'
-similarity volumes are small (1/512 of the voxels at ratio 8) and are assembled on the
-client. The last level's is not: each candidate block's scores stay with the task that
-computed them (on a worker, with a client), and each block's NMS takes a halo of
-``nms_window // 2`` grid points from its neighbours' scores, so it is exact across block
-boundaries; each block keeps its own ``top_k`` and the client merges them (the global top-K
-is a subset of the union of the blocks' top-K). With a ``client`` the block tasks run on its
-workers; without one, in this process, one after the other.
-
-How fast the hierarchy is depends on the feature store's chunks: a read costs whole chunks,
-so chunks much smaller than a particle's footprint (e.g. 4×4×4 grid points × D, 16³ voxels
-at ratio 4) let it skip most of the volume, while 16×32×32-point chunks are nearly all hit
-by a few hundred particles (``benchmarks/matching.py``).
-
-Feature pyramid protocol: ``features[r]`` (r in ``ratios``) has shape ``(Zr, Yr, Xr, D)``
-with ``Zr = ceil(Z / r)``; grid point ``i`` sits at voxel ``i * r``; basic slicing returns
-an array (numpy, zarr; float16/32). Vectors need not be L2-normalised: each one is divided
-by its norm when it is scored.
-
-Deviations from CryoSAM's code, all deliberate:
-
-* geometry: grid point ``i`` of ratio ``r`` sits at voxel ``i * r`` (the protocol above; it
-  is also where CryoSAM's ``down_sample`` puts it, with ``align_corners=True``), so the
-  previous similarity is interpolated linearly at ``i * r_child / r_parent`` parent steps
-  (CryoSAM: PyTorch's half-pixel ``align_corners=False`` mapping, which shifts it by half a
-  coarse step). The children of a survivor are CryoSAM's by default (``parent = (i *
-  r_child) // r_parent``); ``children="nearest"`` makes them symmetric around it (see
-  ``MatchParams``);
-* top-K keeps exactly ``top_k`` detections, ties broken by grid position (z, y, x order);
-  CryoSAM keeps every detection tied with the K-th score, so it can return more;
-* a similarity is clipped to [-1, 1], a zero vector scores 0 and a non-finite one -1, so
-  ``sim_threshold=-1`` disables pruning exactly (hierarchical == naive);
-* ``top_k=0`` means "keep every detection" (CryoSAM's ``0 < top_k`` test).
+The query (the mean feature inside the prompted instances) is scored coarse to fine: only the
+children of a coarser level's survivors are read and scored, so a sparse particle field costs
+a small part of naive matching, with exact NMS across block boundaries. The algorithm, the
+pyramid protocol and the deliberate deviations from CryoSAM's code: docs/architecture.md, "CryoSAM".
 """
 
 from __future__ import annotations
@@ -66,8 +19,12 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from .. import validate
 from ..engine.blocks import overlap, plan_blocks
+from ..engine.runner import run_blocks
 from ..errors import InputError
+from .instances import check_instance
+from .selfprompt import check_point
 
 try:  # zarr 3 runs its asyncio API on its own event loop; ``sync`` waits for a coroutine there
     from zarr.core.sync import sync as _sync
@@ -121,27 +78,21 @@ class MatchParams:
     children: str = "cryosam"
 
     def __post_init__(self):
-        t = self.sim_threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) or not -1 <= t <= 1:
-            raise InputError(f"sim_threshold must be a number in [-1, 1], got {t!r}")
+        object.__setattr__(self, "sim_threshold", validate.number("sim_threshold", self.sim_threshold, low=-1, high=1))
         try:
             ratios = tuple(self.ratios)
         except TypeError:
-            raise InputError(f"ratios must be a sequence of integers, got {self.ratios!r}") from None
+            ratios = ()
         if (not ratios or any(not _is_int(r) or r < 1 for r in ratios)
                 or any(a <= b for a, b in zip(ratios, ratios[1:]))):
-            raise InputError(f"ratios must be positive integers, strictly decreasing (coarse to fine), got {self.ratios!r}")
+            raise validate.FieldError("ratios", "must be positive integers, strictly decreasing (coarse to fine), "
+                                      f"got {self.ratios!r}")
         object.__setattr__(self, "ratios", tuple(int(r) for r in ratios))
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise InputError(f"top_k must be an integer >= 0 (0 keeps every detection), got {self.top_k!r}")
-        if not _is_int(self.nms_window) or self.nms_window < 1 or self.nms_window % 2 == 0:
-            raise InputError(f"nms_window must be an odd integer >= 1, got {self.nms_window!r}")
-        if self.matching not in ("hierarchical", "naive"):
-            raise InputError(f"matching must be 'hierarchical' or 'naive', got {self.matching!r}")
-        if not isinstance(self.centre, (bool, np.bool_)):
-            raise InputError(f"centre must be True or False, got {self.centre!r}")
-        if self.children not in ("nearest", "cryosam"):
-            raise InputError(f"children must be 'nearest' or 'cryosam', got {self.children!r}")
+        object.__setattr__(self, "top_k", validate.count("top_k", self.top_k, 0))  # 0 keeps every detection
+        object.__setattr__(self, "nms_window", validate.count("nms_window", self.nms_window, 1, odd=True))
+        validate.choice("matching", self.matching, ("hierarchical", "naive"))
+        object.__setattr__(self, "centre", validate.boolean("centre", self.centre))
+        validate.choice("children", self.children, ("nearest", "cryosam"))
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -411,35 +362,15 @@ def _nms_block(core, shape, ratio, parent: _Parent | None, neighbours, window: i
     return flat[chosen], scores[chosen]
 
 
-# ------------------------------------------------------------------ running blocks
+# ------------------------------------------------------------------ block kernels (run by engine.runner)
 
-class _InProcess:
-    """Runs block tasks here, one after the other (the ``client``'s interface, eagerly)."""
-
-    def submit(self, fn, *args):
-        return fn(*args)
-
-    def gather(self, values):
-        return values
-
-    def scatter(self, value):
-        return value
+def _score_kernel(region, array, candidates: dict, query, tile):
+    return _score_block(array, region.write, candidates[region.name], query, tile)
 
 
-class _OnClient:
-    def __init__(self, client):
-        self.client = client
-
-    def submit(self, fn, *args):
-        from ..report import recorded
-
-        return self.client.submit(recorded(fn, "infer", step="cryosam-match"), *args, pure=False)
-
-    def gather(self, futures):
-        return self.client.gather(futures)
-
-    def scatter(self, value):
-        return self.client.scatter(value, hash=False) if isinstance(value, np.ndarray) else value
+def _nms_kernel(region, shape, ratio, windows: dict, scored: dict, near: dict, window: int, k: int):
+    neighbours = [scored[name] for name in near[region.name]]
+    return _nms_block(region.write, shape, ratio, windows[region.name], neighbours, window, k)
 
 
 def _block_shape(array, block) -> tuple[int, ...]:
@@ -511,52 +442,62 @@ def _check_block(block) -> tuple[int, int, int]:
 
 # ------------------------------------------------------------------ public functions
 
-def query_vector(features, ratio: int, points_zyx, *, interpolation: str = "linear") -> np.ndarray:
-    """The query of Hierarchical Feature Matching: the mean feature at the prompts, L2-normalised.
+def query_from_instances(features, ratio: int, instances, *, points=None) -> np.ndarray:
+    """The query of Hierarchical Feature Matching: the mean feature inside the prompted masks.
 
-    Samples level ``ratio`` of the pyramid (use the finest) at each prompt's voxel
-    coordinates (z, y, x; fractional allowed): trilinearly between the 8 surrounding grid
-    points (``interpolation="linear"``, like CryoSAM's ``grid_sample``) or at the nearest
-    one (``"nearest"``). As in CryoSAM, the raw samples are averaged and the mean is
-    normalised. Points must lie in the volume (0 <= coordinate < grid size * ratio).
+    CryoSAM's masked average pooling (paper eq. 4): every grid point of level ``ratio``
+    (use the finest; grid point (i, j, k) is voxel (i*r, j*r, k*r)) that lies inside an
+    instance mask contributes its vector, pooled over all instances, and the mean is
+    L2-normalised. An instance whose mask holds no grid point (empty, or thinner than the
+    grid) contributes the grid point nearest to its prompt instead (``points``, default each
+    instance's ``point``). CryoSAM's released code samples the mask centroid instead.
 
     Examples
     --------
-    >>> f = {4: np.ones((2, 2, 2, 3), np.float32)}
-    >>> query_vector(f, 4, [[1.0, 2.0, 3.0]]).astype(float).round(3).tolist()
-    [0.577, 0.577, 0.577]
+    >>> f = {4: np.zeros((2, 2, 2, 2), np.float32)}; f[4][0, 0, 0] = (3, 0); f[4][0, 0, 1] = (0, 1)
+    >>> inst = ((slice(0, 1), slice(0, 1), slice(0, 5)), np.ones((1, 1, 5), bool))
+    >>> query_from_instances(f, 4, [inst]).astype(float).round(3).tolist()
+    [0.949, 0.316]
     """
-    array = _level(features, ratio)
-    if interpolation not in ("linear", "nearest"):
-        raise InputError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
-    points = np.asarray(points_zyx, np.float64)
-    if points.ndim == 1:
-        points = points.reshape(1, -1)
-    if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
-        raise InputError(f"points_zyx must be an (N, 3) array of z, y, x voxel coordinates, got shape {points.shape}")
-    grid = np.asarray(array.shape[:3])
-    if not np.isfinite(points).all() or (points < 0).any() or (points >= grid * ratio).any():
-        raise InputError(f"points_zyx must lie in the volume, 0 <= z, y, x < {tuple(int(g) for g in grid * ratio)} voxels")
-    position = np.minimum(points / ratio, grid - 1)
+    if not hasattr(features, "__getitem__") or not hasattr(features, "__contains__") or ratio not in features:
+        raise InputError(f"features must be a mapping {{ratio: array (Z, Y, X, D)}} with level {ratio}")
+    array = features[ratio]
+    grid = tuple(int(n) for n in getattr(array, "shape", ())[:3])
+    if len(getattr(array, "shape", ())) != 4 or min(grid) < 1:
+        raise InputError(f"features[{ratio}] must have shape (Z, Y, X, D), got {getattr(array, 'shape', None)}")
+    r = int(ratio)
+    instances = list(instances)
+    if not instances:
+        raise InputError("no instances to make a query from")
+    if points is not None and len(points) != len(instances):
+        raise InputError(f"points must give one prompt per instance ({len(instances)}), got {len(points)}")
     total = np.zeros(array.shape[3], np.float64)
-    for p in position:
-        if interpolation == "nearest":
-            i = np.minimum(np.floor(p + 0.5).astype(int), grid - 1)
-            total += _read(array, (i[0], i[1], i[2])).astype(np.float64)
+    count = 0
+    for i, inst in enumerate(instances):
+        box, mask = check_instance(inst, i)
+        if any(b.start < 0 or b.stop > g * r for b, g in zip(box, grid)):
+            raise InputError(f"instance {i}: box {box} lies outside the features' volume {tuple(g * r for g in grid)}")
+        first = [-(-b.start // r) for b in box]
+        stop = [min(-(-b.stop // r), g) for b, g in zip(box, grid)]
+        inside = None
+        if all(a < b for a, b in zip(first, stop)):
+            inside = mask[tuple(slice(f * r - b.start, None, r) for f, b in zip(first, box))]
+        if inside is not None and inside.any():
+            vectors = np.asarray(array[tuple(slice(a, b) for a, b in zip(first, stop))])[inside]
+            total += vectors.astype(np.float64).sum(0)
+            count += len(vectors)
             continue
-        i0 = np.floor(p).astype(int)
-        i1 = np.minimum(i0 + 1, grid - 1)
-        t = p - i0
-        cube = _read(array, tuple(slice(a, b + 1) for a, b in zip(i0, i1))).astype(np.float64)
-        for axis in range(3):  # collapse z, then y, then x
-            if cube.shape[0] == 2:
-                cube = cube[0] * (1 - t[axis]) + cube[1] * t[axis]
-            else:
-                cube = cube[0]
-        total += cube
+        point = points[i] if points is not None else getattr(inst, "point", None)
+        if point is None:
+            raise InputError(f"instance {i} holds no grid point of ratio {r} and has no prompt point to fall back on")
+        p = check_point(point, tuple(g * r for g in grid))
+        index = tuple(min(int(math.floor(v / r + 0.5)), g - 1) for v, g in zip(p, grid))
+        total += np.asarray(array[index[0]:index[0] + 1, index[1]:index[1] + 1, index[2]:index[2] + 1],
+                            np.float64).reshape(-1)
+        count += 1
     norm = np.linalg.norm(total)
     if not np.isfinite(norm) or norm == 0:
-        raise InputError("the features at the prompts average to zero (or are not finite): no query")
+        raise InputError("the features inside the instances average to zero (or are not finite): no query")
     return (total / norm).astype(np.float32)
 
 
@@ -579,9 +520,10 @@ def match(features, query, params: MatchParams | None = None, *, client=None, bl
     Parameters
     ----------
     features : mapping ratio -> array (Zr, Yr, Xr, D)
-        The feature pyramid (see the module docstring); zarr arrays are read block by block.
+        The feature pyramid: ``Zr = ceil(Z / r)``, grid point ``i`` at voxel ``i * r``, float16/32,
+        vectors not necessarily L2-normalised; zarr arrays are read block by block.
     query : (D,) array
-        The query feature (``query_vector``); normalised here.
+        The query feature (``query_from_instances``); normalised here.
     params : MatchParams
         Threshold, ratios, top-K, NMS window, hierarchical or naive.
     client : distributed.Client, optional
@@ -612,38 +554,43 @@ def match(features, query, params: MatchParams | None = None, *, client=None, bl
     arrays = _check_pyramid(features, levels)
     q = _check_query(query, arrays[0].shape[3])
     block = _check_block(block)
-    runner = _OnClient(client) if client is not None else _InProcess()
 
     stats, parent, started = [], None, time.perf_counter()
     for level, (ratio, array) in enumerate(zip(levels, arrays)):
         last = level == len(levels) - 1
         t0 = time.perf_counter()
         shape = tuple(array.shape[:3])
-        source = runner.scatter(array)
         blocks = plan_blocks(shape, _block_shape(array, block))
-        tasks, candidates = {}, 0
+        cands = {}
         for b in blocks:  # score the candidates, block by block; skip blocks without any
             cand = parent.children(b.region, ratio) if parent else np.ones(b.shape, bool)
             if cand.any():
-                candidates += int(cand.sum())
-                tasks[b.index] = (b, runner.submit(_score_block, source, b.region, cand, q, _tile(array)))
+                cands[b.name] = cand
+        candidates = sum(int(c.sum()) for c in cands.values())
+        scored = [b for b in blocks if b.name in cands]
+        results = run_blocks(client, _score_kernel, scored, step="score", args=(array, cands, q, _tile(array)),
+                             name="cryosam-match-score", report="cryosam-match", fault=False)
+        tasks = {b.index: (b, scores) for b, scores in zip(scored, results)}
+        del cands
         if not last:
             prob, keep = _start(tuple(slice(0, n) for n in shape), ratio, parent)
-            for (b, _), scores in zip(tasks.values(), runner.gather([f for _, f in tasks.values()])):
+            for b, scores in tasks.values():
                 scored = ~np.isnan(scores)
                 prob[b.region][scored] = scores[scored]
             keep &= prob >= np.float32(params.sim_threshold)
             parent = _Parent(prob, keep, (0, 0, 0), shape, ratio, params.children)
         else:
             grid = [math.ceil(n / s) for n, s in zip(shape, blocks[0].shape)] if blocks else [0, 0, 0]
-            peaks = []
+            near, windows = {}, {}
             for index, (b, _) in tasks.items():  # NMS where there are candidates, with a halo
-                near = product(*[range(max(i - 1, 0), min(i + 2, g)) for i, g in zip(index, grid)])
-                neighbours = [(tasks[j][0].region, tasks[j][1]) for j in near if j in tasks]
-                window = parent.window(_grow(b.region, params.nms_window // 2, shape), ratio) if parent else None
-                peaks.append(runner.submit(_nms_block, b.region, shape, ratio, window, neighbours,
-                                           params.nms_window, params.top_k))
-            peaks = runner.gather(peaks)
+                around = product(*[range(max(i - 1, 0), min(i + 2, g)) for i, g in zip(index, grid)])
+                near[b.name] = [tasks[j][0].name for j in around if j in tasks]
+                reach = _grow(b.region, params.nms_window // 2, shape)
+                windows[b.name] = parent.window(reach, ratio) if parent else None
+            regions = {b.name: (b.region, scores) for b, scores in tasks.values()}
+            peaks = run_blocks(client, _nms_kernel, [b for b, _ in tasks.values()], step="nms",
+                               args=(shape, ratio, windows, regions, near, params.nms_window, params.top_k),
+                               name="cryosam-match-nms", report="cryosam-match", fault=False)
             flat = np.concatenate([p[0] for p in peaks]) if peaks else np.empty(0, np.int64)
             scores = np.concatenate([p[1] for p in peaks]) if peaks else np.empty(0, np.float32)
             chosen = _order(flat, scores, params.top_k)

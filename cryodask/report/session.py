@@ -66,11 +66,16 @@ def run_report(report_dir=None, client=None, *, command: str, echo=print):
     """
     folder = Path(report_dir) if report_dir else None
     report = RunReport(command, folder)
-    jsonl = None
+    jsonl, scratch = None, None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         jsonl = str((folder / "stages.jsonl").resolve())
         Path(jsonl).unlink(missing_ok=True)
+    elif client is None or _all_local(client):  # records on disk as they happen: a killed worker's stay
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix="cryodask-report-")
+        jsonl = str(Path(scratch) / "stages.jsonl")
     plugin = ReportPlugin(report.run, command, jsonl)
     if client is not None:
         client.register_plugin(plugin, name=PLUGIN)
@@ -92,6 +97,12 @@ def run_report(report_dir=None, client=None, *, command: str, echo=print):
                     records += worker_records
             with contextlib.suppress(Exception):
                 client.unregister_worker_plugin(PLUGIN)
+        if jsonl is not None and Path(jsonl).exists():  # every process's records, a dead worker's too
+            records = _read_jsonl(jsonl, report.run) or records
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
         report.summary = summarize(records, command=command, wall_s=wall, workers=workers)
         if folder is not None:
             from .plots import report_png
@@ -102,3 +113,28 @@ def run_report(report_dir=None, client=None, *, command: str, echo=print):
                 report.files.append(folder / "dask-report.html")
         if echo is not None:
             echo(table(report.summary))
+
+
+def _all_local(client) -> bool:
+    """Every worker on this machine (a LocalCluster): they can append to a file of the client's."""
+    import socket
+
+    try:
+        hosts = {w.get("host") for w in client.scheduler_info().get("workers", {}).values()}
+    except Exception:  # noqa: BLE001
+        return False
+    here = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+    with contextlib.suppress(OSError):
+        here.add(socket.gethostbyname(socket.gethostname()))
+    return bool(hosts) and hosts <= here
+
+
+def _read_jsonl(path: str, run: str) -> list[dict]:
+    records = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):  # a line cut short by a kill
+                record = json.loads(line)
+                if record.get("run") == run:
+                    records.append(record)
+    return records

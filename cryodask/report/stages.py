@@ -1,30 +1,10 @@
 """Per-block, per-stage measurements taken inside the tasks themselves, in any process.
 
-A block task wraps its steps::
-
-    from cryodask.report import stage
-
-    with stage("read", block="tomo 0/1.0.0") as s:
-        data = read(region)
-        s.bytes_read = data.nbytes
-    with stage("infer"):             # block and step are inherited from the enclosing stage
-        logits = model(data)
-    with stage("write", bytes_written=logits.nbytes):
-        target[region] = logits
-
-Each stage records wall time (``perf_counter``), CPU time of the process (``process_time``:
-the task's thread plus the helper threads numpy, blosc and torch start, which is what a block
-costs when a worker runs one task at a time), the process's peak RSS so far (``ru_maxrss``:
-a high-water mark, so a stage's value is "the worker never needed more than this by then"),
-and the bytes it read and wrote (logical bytes handed to or got from the reader/writer, before
-compression). Nested stages are exclusive: an outer stage's times leave out its inner stages',
-so wrapping a whole task as "infer" and its read as "read" counts every second once.
-
-Nothing is recorded unless a recorder is active in the process (``activate``; on workers the
-:class:`ReportPlugin` of :func:`cryodask.report.run_report` does it, in the client process the
-session itself): an inactive ``stage`` costs one attribute test. An active one costs a few µs
-(two clocks, one ``getrusage``, one tuple appended; plus one buffered line when a JSON-lines
-file is kept), so it can wrap every block of a large run.
+``with stage("read", block=name) as s: ...; s.bytes_read = n`` records wall and CPU time, the
+process's peak RSS so far and the bytes moved; nested stages are exclusive, so every second is
+counted once. Inactive (no recorder in the process) a stage costs one attribute test, active a
+few µs, so it can wrap every block of a large run. What each number means: docs/architecture.md,
+"Run reports".
 """
 
 from __future__ import annotations
