@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import where
+from .io.folders import check_output_dir
 from .io.mrc import write_mrc
 from .io.omezarr import image_translation, open_image
 from .io.volumes import source_position
@@ -31,8 +32,7 @@ def export(store, out, *, level: int = 0, labels: str | None = None) -> Path:
     if not 0 <= level < len(arrays):
         raise where(store, f"has levels 0..{len(arrays) - 1}, not {level}")
     out = Path(out)
-    if not out.parent.exists():
-        raise where(out.parent, "output folder does not exist")
+    check_output_dir(out.parent)  # created as every command creates its output folder
     try:
         array = arrays[level]
         if level == 0:

@@ -14,6 +14,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .io.folders import atomic_write
+
 
 def _save(fig: Figure, out_png) -> Path:
     out_png = Path(out_png)
@@ -153,7 +155,7 @@ def marker_area(radius: float | None, pixels_across: int, inches: float) -> floa
 
 class Reader:
     """An array face (``shape``, ``[region]``) on a ``read(region)`` callable such as
-    ``cryodask.io.volumes.VolumeReader``: orthoslices then reads three slices of an MRC."""
+    ``cryodask.io.volumes.Volume``: orthoslices then reads three slices of an MRC."""
 
     def __init__(self, read, shape):
         self.read, self.shape = read, tuple(int(s) for s in shape)
@@ -345,14 +347,14 @@ def picks_preview(read, shape, out_png, points, *, name: str, method: str, voxel
                   radius: float | None = None) -> Path:
     """``<stem>_<method>_picks.png`` of ``pick``: picks (z, y, x level-0 voxels) on slices through
     where they are densest, each drawn on the slices it is within ``radius`` voxels of. ``read``
-    (``cryodask.io.volumes.open_reader``'s): level 0 of an OME-Zarr is swapped for a coarse level
+    (a ``cryodask.io.volumes.Volume``): level 0 of an OME-Zarr is swapped for a coarse level
     of it; an MRC/TIFF is read three slices only."""
-    from .io.volumes import ZarrReader, is_zarr
+    from .io.volumes import is_zarr
 
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     label = f"{method} picks: {len(points)}"
     title = f"{name} — {len(points)} particles ({method})"
-    store = Path(read.path).parent if isinstance(read, ZarrReader) else None
+    store = Path(read.array).parent if getattr(read, "array", None) else None
     if store is not None and is_zarr(store) and (store / "0").exists():
         return tomogram_preview(store, out_png, points=[(points, label)], title=title, radius=radius, at="points")
     shape = tuple(int(s) for s in shape)
@@ -376,8 +378,7 @@ def micrograph_preview(image, out_png, *, points=None, overlay=None, pixel_size:
     size = marker_area(radius, np.shape(image)[1], 9)
     if not pixel_size:
         note = ", ".join(t for t in (note, "pixel size unknown: no scale bar") if t)
-    partial = out_png.with_name(out_png.name + ".partial")
-    orthoslices(image, partial, overlay=overlay, points=points, title=title, note=note, voxel_size=pixel_size,
-                point_size=size)
-    partial.replace(out_png)
+    with atomic_write(out_png) as partial:
+        orthoslices(image, partial, overlay=overlay, points=points, title=title, note=note, voxel_size=pixel_size,
+                    point_size=size)
     return out_png

@@ -20,7 +20,7 @@ DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda.")
 FLIP_Y_TRAIN = typer.Option("no", "--flip-y", metavar="no|yes|auto",
                             help="Coordinates count y from the bottom of the image (autopick-bc .box): no | yes | "
                                  "auto (decided from the images, and said).")
-PIXEL_SIZE = typer.Option(None, "--pixel-size", help="Å/px of the micrographs (overrides their headers; "
+PIXEL_SIZE = typer.Option(None, "--pixel-size", help="Å/px of the micrographs (default: from their headers; "
                                                       "JPEG/PNG have none).")
 CHECKS = typer.Option(True, "--checks/--no-checks",
                       help="Refuse coordinates that look y-flipped, unbalanced classes and a held-out result "

@@ -26,7 +26,7 @@ def bench(
                                help="Small shapes (40 s for 3 repeats on 2 idle cores): checks the suite, not the figures."),
     repeat: int = typer.Option(3, "--repeat", help="Runs per benchmark: median, min and max are reported."),
     out: Path = typer.Option(Path("bench"), "--out", help="Folder for bench.json, the PNGs and each run's raw JSON."),
-    only: str = typer.Option("", "--only", help="Comma-separated benchmarks: convert,components,matching,membranes,scaling."),
+    only: str = typer.Option("", "--only", help="Comma-separated benchmarks: convert,components,matching,membranes,scaling (default: all)."),
 ):
     """Run the benchmark suite; write bench.json and PNGs (ratios to the baselines, scaling, memory, stages)."""
     import importlib.util

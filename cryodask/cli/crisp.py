@@ -37,7 +37,7 @@ def train_command(
     diameter: float = typer.Option(None, "--diameter", help="Particle diameter in full-resolution pixels (with --particles)."),
     masks: Path = typer.Option(None, "--masks", help="Folder of <name>_mask.png/.jpg/.mrc label masks (instead of --particles)."),
     flip_y: str = typer.Option("no", "--flip-y", metavar="no|yes|auto", help="The coordinates' y counts from the bottom (CryoPPP STAR, autopick-bc .box): no | yes | auto (decided from the images, and said)."),
-    pixel_size: float = typer.Option(None, "--pixel-size", help="Å/px of the micrographs (overrides their headers; JPEG/PNG have none)."),
+    pixel_size: float = typer.Option(None, "--pixel-size", help="Å/px of the micrographs (default: from their headers; JPEG/PNG have none)."),
     checks: bool = typer.Option(True, "--checks/--no-checks", help="Refuse coordinates that look y-flipped."),
     model: str = typer.Option("unet", "--model", help="unet | deeplab (DeepLabV3+-style ASPP network)."),
     loss: str = typer.Option("dice", "--loss", help="dice | ce (label smoothing 0.1) | jaccard | tversky (focal) | lovasz."),
@@ -49,14 +49,18 @@ def train_command(
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of the one-cycle schedule (Adam)."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(None, "--threads", help="Torch threads (default: one per core; 1 is faster on a busy machine)."),
-    report_dir: Path = REPORT,
+    cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
+    memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
-    """Train a segmentation network from particle coordinates or masks."""
+    """Train a segmentation network from particle coordinates or masks: the cluster reads, labels
+    and bins the micrographs (one task each), the network trains here."""
+    from ..engine.cluster import check_spec
     from ..errors import InputError
     from ..io.folders import check_output_dir
     from ..engine.lock import output_lock
     from ..micrographs.crisp.train import TrainParams, check_labels, train
 
+    check_spec(cluster)
     params = TrainParams(model=model, loss=loss, widths=_widths(widths), bin=bin, epochs=epochs, crop=crop,
                          batch_size=batch_size, lr=lr, seed=seed)
     if threads is not None and threads < 1:
@@ -68,9 +72,12 @@ def train_command(
     out = check_output_dir(out)
     from ..report import run_report
 
-    with output_lock(out, "crisp train"), run_report(report_dir, None, command="crisp train", echo=typer.echo):
+    with (output_lock(out, "crisp train"),
+          cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client,
+          run_report(report_dir, client, command="crisp train", echo=typer.echo)):
         result = train(micrographs, out, particles=particles, masks=masks, diameter=diameter, flip_y=flip_y,
-                       params=params, threads=threads, log=typer.echo, pixel_size=pixel_size, checks=checks)
+                       params=params, threads=threads, log=typer.echo, pixel_size=pixel_size, checks=checks,
+                       client=client)
     typer.echo(f"trained {model} + {loss} on {result.micrographs} micrograph(s) in {result.seconds:.1f} s; "
                f"final loss {result.losses[-1]:.4f}")
     typer.echo(f"wrote {result.model_dir}")
@@ -97,15 +104,16 @@ def predict_command(
     out: Path = typer.Option(..., "--out", help="Output folder."),
     crf: str = typer.Option("auto", "--crf", help="auto | on | off: refine the mask with a dense CRF; auto: with the "
                                                  "settings crisp train chose, only if they raised its training IoU "
-                                                 "(any --crf-* setting means on)."),
+                                                 "(any --crf-* setting means on). Without --crf-* settings, the CRF settings "
+                                                 "crisp train chose; with some, CRISP's default for the others."),
     no_crf: bool = typer.Option(False, "--no-crf", hidden=True, help="Same as --crf off."),
-    crf_features: str = typer.Option(None, "--crf-features", help="image | logits: the bilateral kernel's feature [image]."),
-    crf_iterations: int = typer.Option(None, "--crf-iterations", help="Mean-field iterations [5]."),
-    crf_sxy: float = typer.Option(None, "--crf-sxy", help="Bilateral spatial std, pixels of the binned grid [160, CRISP]."),
-    crf_srgb: float = typer.Option(None, "--crf-srgb", help="Bilateral feature std, feature scaled to 0–255 by its 1–99th percentiles [13]."),
-    crf_compat: float = typer.Option(None, "--crf-compat", help="Bilateral Potts weight [1]."),
-    crf_gaussian_sxy: float = typer.Option(None, "--crf-gaussian-sxy", help="Smoothness kernel spatial std, binned pixels [3]."),
-    crf_gaussian_compat: float = typer.Option(None, "--crf-gaussian-compat", help="Smoothness kernel Potts weight [1]."),
+    crf_features: str = typer.Option(None, "--crf-features", help="image | logits: the bilateral kernel's feature (CRISP's default: image)."),
+    crf_iterations: int = typer.Option(None, "--crf-iterations", help="Mean-field iterations (CRISP's default: 5)."),
+    crf_sxy: float = typer.Option(None, "--crf-sxy", help="Bilateral spatial std, pixels of the binned grid (CRISP's default: 160)."),
+    crf_srgb: float = typer.Option(None, "--crf-srgb", help="Bilateral feature std, feature scaled to 0–255 by its 1–99th percentiles (CRISP's default: 13)."),
+    crf_compat: float = typer.Option(None, "--crf-compat", help="Bilateral Potts weight (CRISP's default: 1)."),
+    crf_gaussian_sxy: float = typer.Option(None, "--crf-gaussian-sxy", help="Smoothness kernel spatial std, binned pixels (CRISP's default: 3)."),
+    crf_gaussian_compat: float = typer.Option(None, "--crf-gaussian-compat", help="Smoothness kernel Potts weight (CRISP's default: 1)."),
     extract: str = typer.Option("peaks", "--extract", help="components (centroids, area filter) | peaks (distance-transform maxima)."),
     diameter: float = typer.Option(None, "--diameter", help="Particle diameter, full-resolution pixels (default: the model's)."),
     probability: bool = typer.Option(False, "--probability", help="Also write <name>_probability.mrc (binned grid)."),

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ..errors import InputError
+from ..io.folders import check_output_dir
 from . import app
 
 synth_app = typer.Typer(help="Synthetic tomograms and micrographs with ground truth.", no_args_is_help=True)
@@ -41,7 +42,7 @@ def tomogram(
     polarity: str = typer.Option("dark", "--polarity", help="dark (dense matter dark, as most tomograms) | bright (inverted)."),
     tilt_max: float = typer.Option(60.0, "--tilt-max", help="projection: tilts from -X to +X degrees (replaces --missing-wedge)."),
     tilt_step: float = typer.Option(3.0, "--tilt-step", help="projection: degrees between tilts."),
-    dose: float = typer.Option(None, "--dose", help="projection: e-/Å² per tilt; Poisson shot noise instead of --snr."),
+    dose: float = typer.Option(None, "--dose", help="projection: e-/Å² per tilt; Poisson shot noise instead of --snr (default: none, --snr sets the noise)."),
     gold: int = typer.Option(0, "--gold", help="projection: gold beads (not in the truth)."),
     filaments: int = typer.Option(0, "--filaments", help="projection: filaments (not in the truth)."),
     ice_gradient: float = typer.Option(0.0, "--ice-gradient", help="projection: relative change of ice thickness across x."),
@@ -50,6 +51,7 @@ def tomogram(
     """A tomogram of vesicles, a membrane sheet and two particle kinds, with the truth."""
     from ..synth import synth_projection_tomogram, synth_tomogram, write_tomogram
 
+    check_output_dir(out.parent)
     if model not in ("simple", "projection"):
         raise InputError(f"--model {model!r}: expected simple or projection")
     if polarity not in ("dark", "bright"):
@@ -81,6 +83,7 @@ def micrograph(
     """A micrograph of particles among ice and carbon contaminants, with the truth."""
     from ..synth import synth_micrograph, write_micrograph
 
+    check_output_dir(out.parent)
     synth = synth_micrograph(_shape(shape, "Y,X"), pixel_size=pixel_size, diameter=diameter, seed=seed, snr=snr,
                              defocus=defocus)
     _report(write_micrograph(out, synth))

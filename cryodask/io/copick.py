@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError, where
+from .folders import atomic_write
+from .volumes import stem as stem_of
 
 IDENTITY = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
 SESSION = "0"  # copick's session of tool output (people pick in sessions 1, 2, ...)
@@ -74,9 +76,8 @@ def write_copick(path, coords_zyx, voxel_size: float, *, scores=None, object_nam
     payload = {"pickable_object_name": obj, "user_id": user, "session_id": session,
                "run_name": run_name, "voxel_spacing": float(voxel_size), "unit": "angstrom",
                "trust_orientation": False, "points": points}
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=1))
-    partial.replace(path)
+    with atomic_write(path) as partial:
+        partial.write_text(json.dumps(payload, indent=1))
     return path
 
 
@@ -207,9 +208,8 @@ def _config_lock(config: Path):
 
 
 def _write_config(config: Path, data: dict) -> None:
-    partial = config.with_name(config.name + ".partial")
-    partial.write_text(json.dumps(data, indent=4))
-    partial.replace(config)
+    with atomic_write(config) as partial:
+        partial.write_text(json.dumps(data, indent=4))
 
 
 def open_project(config, *, create: bool = False) -> Project:
@@ -278,7 +278,7 @@ def store_into(project: Project, tomo_type: str = DEFAULT_TYPE):
     """``store_path`` for ``convert.plan_conversion``: each input converted straight into its run."""
 
     def store_path(path, source) -> Path:
-        return project.tomogram(Path(path).stem, spacing(source.voxel_size, path), tomo_type)
+        return project.tomogram(stem_of(path), spacing(source.voxel_size, path), tomo_type)
 
     return store_path
 
@@ -301,7 +301,7 @@ def write_segmentation(project: Project, run: str, mask, voxel_size, *, tool: st
     chunks = tuple(chunks or labels.chunksize)
     path.parent.mkdir(parents=True, exist_ok=True)
     group = create_image(path, labels.shape, chunks=chunks, dtype=labels.dtype, voxel_size=(vs,) * 3,
-                         levels=levels, ngff="0.4", name=path.stem, translation=translation, averaged=False)
+                         levels=levels, ngff="0.4", name=stem_of(path), translation=translation, averaged=False)
     for level in range(levels):
         target = group[str(level)]
         step = 2**level  # every second voxel: label values are never blended
@@ -341,7 +341,7 @@ def tomograms_into(project: Project, paths, *, tomo_type: str = DEFAULT_TYPE, ch
     stores = convert_into(project, [str(p) for p in paths], tomo_type=tomo_type, chunks=chunks, levels=levels,
                           voxel_size=voxel_size, work=work, client=client)
     stores = {Path(k).absolute(): v for k, v in stores.items()}
-    return {Path(p): run_link(stores[Path(p).absolute()], Path(work) / ".cryodask" / "copick", Path(p).stem)
+    return {Path(p): run_link(stores[Path(p).absolute()], Path(work) / ".cryodask" / "copick", stem_of(p))
             for p in paths}
 
 
@@ -360,13 +360,14 @@ def segmentation_from_file(project: Project, run: str, path, *, tool: str, name:
                            chunks=(64, 256, 256)) -> Path:
     """A mask file (MRC/TIFF, OME-Zarr image or ``x.zarr/labels/<name>``) as the run's binary segmentation,
     read block by block."""
-    from ..evaluate import load_volume
     from .mrc import translation
-    from .volumes import open_reader, source_position
+    from .volumes import open_volume, source_position
 
-    _, _, vs, block = open_reader(path, voxel_size, chunks)
+    mask = open_volume(path, voxel_size, chunks=chunks)
+    vs, block = mask.voxel_size, mask.chunks
     add_objects(project, [{"name": name, "is_particle": False}])
-    return write_segmentation(project, run, load_volume(path, chunks=block[0]), vs, tool=tool, name=name,
+    lazy = mask.to_dask(None if mask.format == "zarr" else (block[0], -1, -1))  # a file in slabs of whole planes
+    return write_segmentation(project, run, lazy, vs, tool=tool, name=name,
                               chunks=block, levels=1, translation=translation(source_position(path), vs))
 
 
@@ -377,7 +378,7 @@ def mask_run(path) -> str:
         return run_of(path)
     if path.parent.name == "labels":
         path = path.parent.parent
-    return path.name.split(".")[0]
+    return stem_of(path)
 
 
 def write_membranes(project: Project, source, store, method: str) -> Path | None:
@@ -387,7 +388,7 @@ def write_membranes(project: Project, source, store, method: str) -> Path | None
     labels = next((n for n in names if (Path(store) / "labels" / n).exists()), None)
     if labels is None:
         return None
-    run = run_of(source) or Path(source).name.split(".")[0]
+    run = run_of(source) or stem_of(source)
     return segmentation_from_labels(project, store, run, labels, tool="membranes", name=MEMBRANE)
 
 

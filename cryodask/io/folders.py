@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import where
@@ -13,7 +15,7 @@ def check_output_dir(out) -> Path:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".cryodask-write-test-{os.getpid()}"
+        probe = out / f".cryodask-write-test-{os.getpid()}-{threading.get_ident()}"  # one per thread
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
@@ -21,15 +23,21 @@ def check_output_dir(out) -> Path:
     return out
 
 
-def atomic_write(path, write) -> Path:
-    """``write(partial)`` then rename onto ``path``: a reader (or a rerun) never sees half a file;
-    a failed write leaves no partial file behind."""
+@contextmanager
+def atomic_write(path):
+    """Yield ``<path>.partial`` to write; renamed onto ``path`` when the block ends, removed when
+    it raises (a full disk included), so a reader or a rerun never sees half a file and a failed
+    write leaves nothing behind.
+
+    >>> with atomic_write("picks.csv") as partial:  # doctest: +SKIP
+    ...     table.to_csv(partial, index=False)
+    """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     try:
-        write(partial)
+        yield partial
+        os.replace(partial, path)
     except BaseException:
-        partial.unlink(missing_ok=True)
+        with suppress(OSError):  # never hide the write's own error behind the clean-up's
+            partial.unlink(missing_ok=True)
         raise
-    os.replace(partial, path)
-    return path

@@ -15,6 +15,7 @@ import mrcfile
 import numpy as np
 
 from ..errors import where
+from .folders import atomic_write
 
 
 def _open(path):
@@ -266,25 +267,20 @@ def write_mrc(path, data, voxel_size, *, slab: int = 64, position: dict | None =
     if np.dtype(data.dtype).kind in "iu" and (np.dtype(data.dtype).itemsize >= 4 or data.dtype == np.uint8):
         max_value = int(np.asarray(_max(data)))
     dtype = mrc_dtype(data.dtype, max_value)
-    partial = path.with_name(path.name + ".partial")
     vs = (voxel_size,) * 3 if np.isscalar(voxel_size) else tuple(voxel_size)
     stats = []
-    try:
-        mode = mrcfile.utils.mode_from_dtype(dtype)
-        with mrcfile.new_mmap(partial, shape=shape, mrc_mode=mode, overwrite=True) as mrc:
-            _reserve(partial)
-            for z0 in range(0, shape[0] if len(shape) == 3 else 1, slab):
-                region = np.s_[z0:z0 + slab] if len(shape) == 3 else np.s_[:]
-                block = np.asarray(data[region]).astype(dtype, copy=False)
-                mrc.data[region] = block
-                stats.append(region_stats(block))
-            set_stats(mrc.header, stats)
-            mrc.voxel_size = (vs[2], vs[1], vs[0])
-            set_position(mrc.header, position)
-    except Exception:  # a full disk, an unreadable source: no half-written file stays behind
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, path)
+    mode = mrcfile.utils.mode_from_dtype(dtype)
+    # a full disk, an unreadable source: no half-written file stays behind
+    with atomic_write(path) as partial, mrcfile.new_mmap(partial, shape=shape, mrc_mode=mode, overwrite=True) as mrc:
+        _reserve(partial)
+        for z0 in range(0, shape[0] if len(shape) == 3 else 1, slab):
+            region = np.s_[z0:z0 + slab] if len(shape) == 3 else np.s_[:]
+            block = np.asarray(data[region]).astype(dtype, copy=False)
+            mrc.data[region] = block
+            stats.append(region_stats(block))
+        set_stats(mrc.header, stats)
+        mrc.voxel_size = (vs[2], vs[1], vs[0])
+        set_position(mrc.header, position)
     return path
 
 

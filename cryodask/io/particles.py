@@ -350,7 +350,9 @@ def write_particles_star(path, coords: dict[str, np.ndarray], *, scores: dict[st
         blocks = {"optics": optics, "particles": table}
     else:
         blocks = {"": table}
-    return atomic_write(path, lambda p: starfile.write(blocks, p, overwrite=True))
+    with atomic_write(path) as partial:
+        starfile.write(blocks, partial, overwrite=True)
+    return Path(path)
 
 
 def _number(value) -> str:
@@ -364,17 +366,23 @@ def write_box(path, centres, box_size) -> Path:
     centres = _centres(centres)
     sizes = np.broadcast_to(np.asarray(box_size, dtype=np.float64), (len(centres),))
     lines = ["\t".join(map(_number, (c - s / 2, r - s / 2, s, s))) + "\n" for (r, c), s in zip(centres, sizes)]
-    return atomic_write(path, lambda p: Path(p).write_text("".join(lines)))
+    with atomic_write(path) as partial:
+        partial.write_text("".join(lines))
+    return Path(path)
 
 
 def write_coords(path, centres) -> Path:
     """``.coords``: ``x y`` per line, no header (IMOD / napari-boxmanager style)."""
     lines = [f"{_number(c)} {_number(r)}\n" for r, c in _centres(centres)]
-    return atomic_write(path, lambda p: Path(p).write_text("".join(lines)))
+    with atomic_write(path) as partial:
+        partial.write_text("".join(lines))
+    return Path(path)
 
 
 def write_csv(path, centres) -> Path:
     """CSV with ``x,y`` columns (col, row) in pixels."""
     centres = _centres(centres)
     table = pd.DataFrame({"x": centres[:, 1], "y": centres[:, 0]})
-    return atomic_write(path, lambda p: table.to_csv(p, index=False))
+    with atomic_write(path) as partial:
+        table.to_csv(partial, index=False)
+    return Path(path)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ...errors import InputError
+from ...io.folders import atomic_write
 
 SCORE = "rlnAutopickFigureOfMerit"
 
@@ -85,9 +86,8 @@ def _star_blocks(path: Path) -> tuple[dict, str] | None:
 def _atomic_star(path: Path, blocks: dict) -> Path:
     import starfile
 
-    partial = path.with_name(path.name + ".partial")
-    starfile.write(blocks, partial, overwrite=True)
-    partial.replace(path)
+    with atomic_write(path) as partial:
+        starfile.write(blocks, partial, overwrite=True)
     return path
 
 

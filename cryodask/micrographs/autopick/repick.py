@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import InputError
+from ...io.folders import atomic_write
 from ...params import file_identity, params_hash
 
 CUT = 4096  # windows cut and held at once per micrograph (4096 × 54² float32 = 48 MB)
@@ -174,8 +175,8 @@ def repick_micrograph(path, key: str, model_dir, out, params: RepickParams, *, f
         written.bytes_written = sum(f.stat().st_size for f in files.values())
     record = _record(out, name)
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.with_name(record.name + ".partial").write_text(key)
-    record.with_name(record.name + ".partial").replace(record)  # last: the files above are complete
+    with atomic_write(record) as partial:  # last: the files above are complete
+        partial.write_text(key)
     return {"name": name, "status": "picked", "windows": len(scores), "true": len(true), "false": len(false),
             "scale": float(scale[0]), "seconds": time.perf_counter() - clock}
 

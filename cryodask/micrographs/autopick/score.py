@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import where
+from ...io.folders import atomic_write
 
 FORMAT = "cryodask-autopick-bc"
 VERSION = 1
@@ -37,10 +38,9 @@ def save_model(model_dir, net, config: ModelConfig) -> Path:
     import torch
 
     path = Path(model_dir) / MODEL_FILE
-    partial = path.with_name(path.name + ".partial")
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    torch.save({"format": FORMAT, "version": VERSION, "config": asdict(config), "state_dict": state}, partial)
-    partial.replace(path)
+    with atomic_write(path) as partial:
+        torch.save({"format": FORMAT, "version": VERSION, "config": asdict(config), "state_dict": state}, partial)
     return path
 
 

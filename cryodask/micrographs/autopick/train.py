@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import InputError
+from ...io.folders import atomic_write
 
 MIN_PER_CLASS = 5  # fewer windows of a class cannot fill a train, a validation and a test split
 
@@ -239,9 +240,8 @@ def held_out_scores(net, windows: np.ndarray, labels: np.ndarray, device: str = 
 # ------------------------------------------------------------------ outputs
 
 def _write_json(path: Path, data) -> Path:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2))
-    partial.replace(path)
+    with atomic_write(path) as partial:
+        partial.write_text(json.dumps(data, indent=2))
     return path
 
 
@@ -267,9 +267,8 @@ def results_figure(history: list[dict], test: dict, out_png: Path) -> Path:
     ax.table(cellText=rows, colLabels=["test", "value"], loc="center")
     ax.set_title("test split")
     FigureCanvasAgg(fig)
-    partial = out_png.with_name(out_png.name + ".partial")
-    fig.savefig(partial, format="png")
-    partial.replace(out_png)
+    with atomic_write(out_png) as partial:
+        fig.savefig(partial, format="png")
     return out_png
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import CryodaskError, InputError, where
+from ...io.folders import atomic_write
 from ...params import file_identity
 from .crf import CRFParams
 from .extract import METHODS
@@ -124,9 +125,8 @@ def cached_model(model_dir: str):
 def _write_png(path: Path, mask: np.ndarray) -> Path:
     from PIL import Image
 
-    partial = path.with_name(path.name + ".partial")
-    Image.fromarray((np.asarray(mask) != 0).astype(np.uint8) * 255).save(partial, format="PNG")
-    os.replace(partial, path)
+    with atomic_write(path) as partial:
+        Image.fromarray((np.asarray(mask) != 0).astype(np.uint8) * 255).save(partial, format="PNG")
     return path
 
 
@@ -153,9 +153,8 @@ def overlay_png(path: Path, parts: dict, final: str, picks: np.ndarray, factor: 
 
 def _write_json(path: Path, data) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(partial, path)
+    with atomic_write(path) as partial:
+        partial.write_text(json.dumps(data, indent=2, default=float))
     return path
 
 
@@ -337,9 +336,8 @@ def _write_metrics(out: Path, records: list[dict], summary: dict, without_truth=
     if not rows:
         return []
     csv = out / "metrics.csv"
-    partial = csv.with_name(csv.name + ".partial")
-    pd.DataFrame(rows).to_csv(partial, index=False)
-    os.replace(partial, csv)
+    with atomic_write(csv) as partial:
+        pd.DataFrame(rows).to_csv(partial, index=False)
     return [csv, _write_json(out / "metrics.json", {"summary": summary, "micrographs": rows,
                                                      "without_truth": list(without_truth), "crf": crf_note})]
 

@@ -140,17 +140,19 @@ def _pixel_size(paths, pixel_size, log) -> float | None:
     return found
 
 
-def load_examples(paths, names, shapes, labels, diameter, factor: int):
-    """(binned standardised image, binned label) per micrograph."""
-    examples = []
-    for path, name in zip(paths, names):
-        image = read_micrograph(path).image
-        if isinstance(labels[name], Path):
-            mask = read_mask(labels[name], image.shape)
-        else:
-            mask = disk_mask(image.shape, labels[name], diameter)
-        examples.append((standardise(bin_image(image, factor)), bin_mask(mask, factor)))
-    return examples
+def load_examples(paths, names, shapes, labels, diameter, factor: int, client=None):
+    """(binned standardised image, binned label) per micrograph; one task each on ``client``
+    (None: here)."""
+    from ..autopick.tasks import map_micrographs
+
+    return map_micrographs(client, _example, [(path, labels[name]) for path, name in zip(paths, names)],
+                           "crisp-examples", diameter=diameter, factor=factor)
+
+
+def _example(path, label, diameter, factor: int):
+    image = read_micrograph(path).image
+    mask = read_mask(label, image.shape) if isinstance(label, Path) else disk_mask(image.shape, label, diameter)
+    return standardise(bin_image(image, factor)), bin_mask(mask, factor)
 
 
 def _batches(examples, params: TrainParams, rng: np.random.Generator):
@@ -184,12 +186,14 @@ def loss_curve_png(losses, out_png, title: str) -> Path:
     ax.set(xlabel="epoch", ylabel="training loss", title=title)
     ax.grid(alpha=0.3)
     FigureCanvasAgg(fig)
-    return atomic_write(Path(out_png), lambda p: fig.savefig(p, dpi=fig.dpi, format="png"))
+    with atomic_write(out_png) as partial:
+        fig.savefig(partial, dpi=fig.dpi, format="png")
+    return Path(out_png)
 
 
 def train(micrographs, out, *, particles=None, masks=None, diameter: float | None = None, flip_y: bool | str = False,
           params: TrainParams = TrainParams(), threads: int | None = None, log=None, crf_grid=None,
-          pixel_size: float | None = None, checks: bool = True) -> TrainResult:
+          pixel_size: float | None = None, checks: bool = True, client=None) -> TrainResult:
     """Train a segmentation network; write the model folder ``out``.
 
     Parameters
@@ -205,6 +209,8 @@ def train(micrographs, out, *, particles=None, masks=None, diameter: float | Non
     flip_y : True / False, or ``"auto"``; with ``checks``, coordinates that look y-flipped
         are refused (``cryodask.micrographs.autopick.checks``)
     pixel_size : Å/px of the micrographs (default: the first header's), recorded with the model
+    client : ``distributed.Client`` that reads, labels and bins the micrographs, one task each
+        (None: here); the network trains in this process
 
     Examples
     --------
@@ -235,7 +241,7 @@ def train(micrographs, out, *, particles=None, masks=None, diameter: float | Non
     out = check_output_dir(out)
     clock = time.perf_counter()
     with stage("read", block="micrographs", bytes_read=sum(Path(p).stat().st_size for p in paths)):
-        examples = load_examples(paths, names, shapes, labels, diameter, params.bin)
+        examples = load_examples(paths, names, shapes, labels, diameter, params.bin, client)
     widths = tuple(params.widths) if params.widths else DEFAULT_WIDTHS[params.model]
     previous = torch.get_num_threads()
     torch.set_num_threads(int(threads or previous))
@@ -255,9 +261,12 @@ def train(micrographs, out, *, particles=None, masks=None, diameter: float | Non
               "labels": "particles" if particles is not None else "masks", "train": asdict(params),
               "micrographs": [str(p) for p in paths], "crf": crf}
     state = {"config": config, "state_dict": network.state_dict()}
-    atomic_write(out / MODEL_FILE, lambda p: torch.save(state, p))
-    atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
-    atomic_write(out / "training_log.json", lambda p: Path(p).write_text(json.dumps(history, indent=2)))
+    with atomic_write(out / MODEL_FILE) as partial:
+        torch.save(state, partial)
+    with atomic_write(out / "config.json") as partial:
+        partial.write_text(json.dumps(config, indent=2))
+    with atomic_write(out / "training_log.json") as partial:
+        partial.write_text(json.dumps(history, indent=2))
     losses = [h["loss"] for h in history]
     loss_curve_png(losses, out / "loss_curve.png", f"{params.model} + {params.loss}, bin {params.bin}")
     return TrainResult(out, losses, time.perf_counter() - clock, len(examples), crf)
