@@ -28,6 +28,7 @@ KINDS = ("local", "cuda", *JOBQUEUE)
 SUBMIT = {"slurm": "sbatch", "pbs": "qsub", "sge": "qsub", "lsf": "bsub"}
 JOB_ID = {"slurm": "${SLURM_JOB_ID}", "pbs": "${PBS_JOBID}", "sge": "${JOB_ID}", "lsf": "${LSB_JOBID}"}
 PLACEHOLDER_SCHEDULER = "tcp://<scheduler-address>:8786"
+DASHBOARD_PORT = 8787  # LocalCluster's and LocalCUDACluster's default dashboard_address
 # JobQueueCluster arguments that are not job options but still belong in a config file
 CLUSTER_ONLY = ("scheduler_options", "shared_temp_directory", "silence_logs", "name")
 # list-valued job options: a YAML string here would be spliced into the script character by character
@@ -146,6 +147,8 @@ def make_cluster(spec: str = "local", *, workers: int | None = None, threads_per
         n = workers or max(1, (os.cpu_count() or 1) // threads)
         # failed blocks are reported by the step itself, in one line per input
         options.setdefault("silence_logs", logging.CRITICAL)
+        if "dashboard_address" not in options and dashboard_port_taken():
+            options["dashboard_address"] = ":0"
         return LocalCluster(n_workers=n, threads_per_worker=threads, memory_limit=memory_limit,
                             processes=True, **options)
     if spec == "cuda":
@@ -154,6 +157,8 @@ def make_cluster(spec: str = "local", *, workers: int | None = None, threads_per
         except ImportError as exc:
             raise InputError(f"--cluster cuda needs dask-cuda ({exc}); install cryodask[gpu]") from None
         kwargs = {"threads_per_worker": threads_per_worker or 1, "resources": {"GPU": 1}, **options}
+        if "dashboard_address" not in kwargs and dashboard_port_taken():
+            kwargs["dashboard_address"] = ":0"
         if memory_limit not in (None, "auto"):
             kwargs["memory_limit"] = memory_limit
         return LocalCUDACluster(**kwargs)
@@ -161,10 +166,24 @@ def make_cluster(spec: str = "local", *, workers: int | None = None, threads_per
         cluster = jobqueue_cluster(spec, options, source=split_profile(config)[0] if config else None)
         jobs = workers or loaded.get("jobs", 1)
         cluster.scale(jobs=jobs)
-        if worker_lifetime(spec, options)[0]:
-            replace_retired_jobs(cluster, jobs)
+        replace_retired_jobs(cluster, jobs)  # retired at --lifetime, cancelled, pre-empted: resubmitted
         return cluster
     return None
+
+
+def dashboard_port_taken(port: int = DASHBOARD_PORT) -> bool:
+    """Whether another process (a second command, a notebook's cluster) listens on ``port``.
+    Then the dashboard takes a free port (``:0``), as distributed would after a three-line
+    warning; the command's one ``dashboard:`` line gives the address either way."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tornado binds it
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return True
+    return False
 
 
 def jobqueue_cluster(kind: str, options: dict, *, source=None):
@@ -349,13 +368,11 @@ def worker_resources(args) -> dict[str, float]:
     return out
 
 
-def worker_lifetime(kind: str, options: dict) -> tuple[float, float, bool]:
-    """(lifetime, stagger) in seconds and whether ``--lifetime-restart`` is set, from the worker
-    arguments (the options', else the jobqueue config's)."""
-    try:
-        return _lifetime(setting(kind, options, "worker_extra_args") or [])
-    except ValueError as exc:
-        raise InputError(f"--cluster {kind}: invalid configuration ({exc})") from None
+def gpu_resources(client) -> dict | None:
+    """``{"GPU": 1}`` for GPU tasks when workers advertise GPUs (dask-cuda, jobqueue with
+    ``--resources GPU=1``), so they never land on a CPU-only worker of a mixed cluster."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    return {"GPU": 1} if any("GPU" in w.get("resources", {}) for w in workers) else None
 
 
 def _lifetime(args) -> tuple[float, float, bool]:
@@ -410,16 +427,43 @@ def requested_gpus(directives: str) -> int:
     return max(counts, default=0)
 
 
-def replace_retired_jobs(cluster, jobs: int, interval: float = 30.0) -> None:
-    """Keep ``jobs`` batch jobs running: a worker retired at its ``--lifetime`` ends its job, and
-    dask-jobqueue does not submit a new one (dask-jobqueue #691); re-asserting the job count
-    every ``interval`` s does. Stopped with the cluster (a periodic callback of it)."""
+def replace_retired_jobs(cluster, jobs: int, interval: float = 2.0) -> None:
+    """Keep ``jobs`` batch jobs running: a job ends when its worker retires at ``--lifetime`` or
+    it is cancelled (``scancel``), pre-empted or loses its node, and dask-jobqueue does not submit
+    a new one (dask-jobqueue #691); re-asserting the job count every ``interval`` s does. A job of
+    several worker processes (``processes: 2``) is never even forgotten: distributed forgets a
+    lost worker by its own name, not by its job's. So a job whose workers were seen here (checked
+    every ``interval`` s; a queued job has none yet) and have all been gone for
+    ``distributed.deploy.lost-worker-timeout`` is forgotten here. Stopped with the cluster (a
+    periodic callback of it)."""
+    import asyncio
+    import time
+    import weakref
+
+    import dask
+    from dask.utils import parse_timedelta
     from distributed.core import Status
     from tornado.ioloop import PeriodicCallback
 
+    # jobs whose workers have connected, and when the last one left; by job, not by name (a job
+    # submitted in a lost one's place has its name), and weakly: the cluster checks at its close
+    # that every job object still alive was closed
+    seen, gone = weakref.WeakSet(), weakref.WeakKeyDictionary()
+
     def keep():
-        if cluster.status == Status.running:
-            cluster.scale(jobs=jobs)
+        if cluster.status != Status.running:
+            return
+        present = {w.get("name") for w in cluster.scheduler_info.get("workers", {}).values()}
+        timeout = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+        for name, job in list(cluster.workers.items()):
+            spec = cluster.worker_spec.get(name, {})
+            if present & {f"{name}{suffix}" for suffix in spec.get("group", [""])}:
+                seen.add(job)
+                gone.pop(job, None)
+            elif job in seen and time.monotonic() - gone.setdefault(job, time.monotonic()) >= timeout:
+                del cluster.workers[name]
+                cluster._futures.add(asyncio.ensure_future(job.close()))
+        cluster.scale(jobs=jobs)
 
     callback = PeriodicCallback(keep, interval * 1000)
     cluster.periodic_callbacks["cryodask-replace-retired-jobs"] = callback
