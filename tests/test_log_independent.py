@@ -90,13 +90,13 @@ def test_pick_command_prints_the_rule_counts_and_takes_none(crowded, tmp_path, c
     base = ["pick", str(path), "--method", "log", "--diameter", "220", "--cluster", client.scheduler.address]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
-    line = next(x for x in out.splitlines() if x.startswith("LoG:"))
+    line = next(x for x in out.splitlines() if x.lstrip().startswith("LoG:"))
     assert "under the threshold" in line and "not round (roundness < 0.2)" in line and "scale ratio > 0.85" in line
     picks = int(line.rsplit("; ", 1)[1].split()[0])
     assert f"{picks} picks (log)" in out
 
     assert main([*base, "--out", str(tmp_path / "b"), "--min-roundness", "none", "--max-scale-ratio", "None"]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("LoG:"))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.lstrip().startswith("LoG:"))
     assert "not round" not in line and "scale ratio" not in line
 
     for option, value in (("--min-roundness", "round"), ("--max-scale-ratio", "0"), ("--min-roundness", "0.5")):

@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+import starfile
 
 from conftest import write_raw_mrc
 from cryodask.cli import main
@@ -143,3 +144,29 @@ def test_features_command_builds_the_pyramid_and_refuses_a_missing_model(cryosam
     assert {r["stage"] for r in records} == {"read", "infer", "write"} and "run report: features" in out
     code, _, err = run(capsys, "features", tmp_path / "t.mrc", "--out", tmp_path, "--checkpoint", tmp_path / "nothing")
     assert code == 2 and "nothing" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cryosam_over_a_collection_matches_one_query_everywhere(cryosam_weights, tmp_path, capsys, client):
+    """One tomogram prompted (``--prompt TOMO:z,y,x``), the query made from it matched in both."""
+    folder = tmp_path / "tomos"
+    folder.mkdir()
+    tomos = [synth_tomogram((16, 48, 40), voxel_size=10.0, seed=s, snr=1.0) for s in (1, 2)]
+    for i, tomo in enumerate(tomos):
+        write_raw_mrc(folder / f"t{i}.mrc", tomo.volume, voxel_size=10.0)
+    z, y, x = tomos[0].particles[0]
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "pick", folder, "--out", out, "--method", "cryosam", "--prompt", f"t0:{z},{y},{x}",
+                            "--weights", cryosam_weights, "--model-config", "sam2.1_hiera_t", "--image-size", "128",
+                            "--feature-image-size", "56", "--diameter", "250", "--top-k", "4", "--chunks", "8,24,24",
+                            "--sim-threshold", "-1", "--cluster", client.scheduler.address)  # random weights: any match
+    assert code == 0, err
+    assert "one query from 1 prompted tomograms, matched in all 2" in stdout
+    query = np.load(out / "cryosam_query.npy")
+    assert query.shape == (3 * 32,) and np.isclose(np.linalg.norm(query), 1, atol=1e-5)  # 3 views x 32 channels
+    for i in range(2):
+        assert 1 <= len(read_picks(out / f"t{i}_cryosam_picks.star").coords) <= 4
+    every = starfile.read(out / "cryosam_picks.star", always_dict=True)["particles"]
+    assert set(every["rlnTomoName"]) == {"t0", "t1"}
+    code, _, err = run(capsys, "pick", folder, "--out", out, "--method", "cryosam", "--prompt", "t9:1,1,1",
+                       "--weights", cryosam_weights, "--model-config", "sam2.1_hiera_t")
+    assert code == 2 and "t9" in err and "not among the tomograms" in err

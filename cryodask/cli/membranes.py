@@ -32,11 +32,11 @@ def membranes(
     inputs: list[str] = typer.Argument(..., help="Tomograms: MRC/REC/MAP files, folders, globs, or OME-Zarr images."),
     out: Path = typer.Option(..., "--out", help="Output folder (MRC outputs; OME-Zarr for MRC inputs)."),
     method: str = typer.Option(None, "--method", help="etsam | classical (default: etsam when weights are found, else classical)."),
-    stage1_checkpoint: Path = typer.Option(None, "--stage1-checkpoint", help="ETSAM stage-1 weights (etsam_stage1_v1.pt)."),
-    stage2_checkpoint: Path = typer.Option(None, "--stage2-checkpoint", help="ETSAM stage-2 weights (etsam_stage2_v1.pt)."),
+    stage1_checkpoint: Path = typer.Option(None, "--stage1-checkpoint", help="ETSAM stage-1 weights (default: etsam_stage1_v1.pt in --weights)."),
+    stage2_checkpoint: Path = typer.Option(None, "--stage2-checkpoint", help="ETSAM stage-2 weights (default: etsam_stage2_v1.pt in --weights)."),
     weights: Path = typer.Option(None, "--weights", help="Folder holding etsam_stage{1,2}_v1.pt (or CRYODASK_WEIGHTS)."),
     model_config: str = typer.Option("sam2.1_hiera_b+", "--model-config", help="SAM2 config name (sam2.1_hiera_b+, sam2.1_hiera_t, ...) or YAML path."),
-    image_size: int = typer.Option(None, "--image-size", help="Model input size override (published models: 1024)."),
+    image_size: int = typer.Option(None, "--image-size", help="Model input size (default: the SAM2 config's; published models 1024)."),
     normalize: str = typer.Option("min_max_positive_values", "--normalize", help="min_max_positive_values | softplus_minmax."),
     stage1_prompt: str = typer.Option("grid_zero", "--stage1-prompt", help="grid_zero | grid | zero."),
     stage2_prompt: str = typer.Option("zero", "--stage2-prompt", help="zero | grid | grid_zero | etsam_stage1_partial."),
@@ -47,16 +47,16 @@ def membranes(
     min_slices: int = typer.Option(10, "--post-process-min-slices", help="Smallest z extent kept by --post-process."),
     remove_bridges: bool = typer.Option(False, "--remove-bridges", help="Also remove short bridges between parallel membranes."),
     max_bridge_len: int = typer.Option(5, "--max-bridge-len", help="Longest bridge removed, in pixels."),
-    tile: str = typer.Option(None, "--tile", help="Y,X: largest slice part per task (very large slices, more parallelism)."),
+    tile: str = typer.Option(None, "--tile", help="Y,X: largest slice part per task (very large slices, more parallelism; default: whole slices, as ETSAM)."),
     split_processing: bool = typer.Option(False, "--split-processing", help="ETSAM's four quadrants."),
-    thickness: float = typer.Option(None, "--thickness", help="Classical: membrane thickness in Å."),
-    low: float = typer.Option(None, "--low", help="Classical: hysteresis low threshold."),
-    high: float = typer.Option(None, "--high", help="Classical: hysteresis high threshold."),
+    thickness: float = typer.Option(None, "--thickness", help="Classical: membrane thickness in Å (default 45)."),
+    low: float = typer.Option(None, "--low", help="Classical: hysteresis low threshold, robust standard deviations above the median score (default 2.5)."),
+    high: float = typer.Option(None, "--high", help="Classical: hysteresis high threshold, robust standard deviations above the median score (default 6)."),
     polarity: str = POLARITY,
-    working_voxel_size: float = typer.Option(None, "--working-voxel-size", help="Å: run the method on the tomogram resampled to this voxel size (block by block) and map the outputs back onto its grid."),
+    working_voxel_size: float = typer.Option(None, "--working-voxel-size", help="Å: run the method on the tomogram resampled to this voxel size (block by block) and map the outputs back onto its grid (default: the tomogram's own)."),
     batch: int = typer.Option(None, "--batch", help="Slices per image-encoder call (default 8 on CUDA, 1 on CPU)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (on the workers)."),
-    voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å, if the input has none."),
+    voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (default: the input's header)."),
     chunks: str = typer.Option("64,256,256", "--chunks", help="Chunks z,y,x of converted OME-Zarr."),
     layout: str = typer.Option("default", "--layout", help="default (masks in labels/ of the tomogram's OME-Zarr) or portal (the CryoET Data Portal's: each mask its own <out>/<stem>_<name>.zarr; MRC inputs converted in its layout)."),
     copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): MRC inputs are converted into the project, masks written as its 'membrane' segmentations (user cryodask-membranes)."),
@@ -134,24 +134,21 @@ def membranes(
                          post_process=post_process, min_slices=min_slices, remove_bridges=remove_bridges,
                          max_bridge_len=max_bridge_len, classical=classical, voxel_size=vs, chunks=block,
                          batch=batch, device=device, client=client, progress=True, layout=layout,
-                         polarity=polarity, working_voxel_size=working_voxel_size)
+                         polarity=polarity, working_voxel_size=working_voxel_size,
+                         echo=lambda line: typer.echo(line, err=line.startswith("error: ")))
         if project is not None:
             from ..io.copick import write_membranes
 
             for result in report.results:
                 if result.status != "failed" and result.store:
                     segmentation = write_membranes(project, result.source, result.store, report.method)
-                    result.files += [segmentation] if segmentation else []
-    for result in report.results:
-        if result.status == "failed":
-            typer.echo(f"error: {result.message}", err=True)
-            continue
-        seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
-        fraction = f", membrane {100 * result.mask_fraction:.2f} %" if result.mask_fraction is not None else ""
-        typer.echo(f"{result.source}: {result.status} ({report.method}{fraction}{', ' + seconds if seconds else ''})")
-        if result.polarity:
-            typer.echo(f"  {result.polarity}")
-        for path in result.files:
-            typer.echo(f"  wrote {path}")
-    if failed or report.failed:
-        raise typer.Exit(2)
+                    if segmentation:
+                        result.files.append(segmentation)
+                        typer.echo(f"{result.source}: wrote {segmentation}")
+    from ..engine.collection import CollectionReport, Item, Outcome
+    from .collection import finish
+
+    summary = CollectionReport("membranes", [Outcome(Item(Path(r.source), ""), r.status, r.message)
+                                             for r in report.results] + [Outcome(Item(Path(r.source), ""), "failed")
+                                                                         for r in failed])
+    finish(summary, several=len(summary.outcomes) > 1)

@@ -4,93 +4,100 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import typer
 
 from . import app
-from .options import (CLUSTER, CLUSTER_CONFIG, MEMORY, POLARITY, REPORT, THREADS, WORKERS, cluster_session,
+from ..engine.collection import Outcome, find_items
+from .collection import IN_FLIGHT, finish, over_collection
+from .options import (CLUSTER, CLUSTER_CONFIG, DEVICE, MEMORY, POLARITY, REPORT, THREADS, WORKERS, check_device,
                       parse_triple)
 
 
-def parse_prompt(text: str) -> tuple[float, float, float]:
-    """``"0,12.5,40"`` → ``(0.0, 12.5, 40.0)``: any three finite voxel coordinates (0 is a voxel;
-    whether the point lies in the volume is checked against its shape)."""
+def parse_prompt(text: str) -> tuple[str | None, tuple[float, float, float]]:
+    """``"0,12.5,40"`` → ``(None, (0.0, 12.5, 40.0))``; ``"TS_01:0,12.5,40"`` names its tomogram.
+    Any three finite voxel coordinates (0 is a voxel; whether the point lies in the volume is
+    checked against its shape)."""
     import math
 
     from ..errors import InputError
 
+    tomogram, _, point = text.rpartition(":")
     try:
-        values = tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) for v in point.split(","))
     except ValueError:
         values = ()
     if len(values) != 3 or not all(math.isfinite(v) for v in values):
-        raise InputError(f"--prompt must be three numbers z,y,x (voxels), got {text!r}")
-    return values
+        raise InputError(f"--prompt must be three numbers z,y,x (voxels), optionally after TOMOGRAM:, got {text!r}")
+    return tomogram or None, values
 
 
 @app.command()
 def features(
-    tomogram: Path = typer.Argument(..., help="Tomogram: MRC/TIFF or OME-Zarr image."),
-    out: Path = typer.Option(..., "--out", help="Output folder; the store is <out>/<stem>_features.zarr."),
+    inputs: list[str] = typer.Argument(..., help="Tomograms: MRC/TIFF files, OME-Zarr images, folders, globs, a STAR listing or a copick config."),
+    out: Path = typer.Option(..., "--out", help="Output folder; each store is <out>/<stem>_features.zarr."),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="Local DINOv2 folder (transformers format; ViT-L/14 default)."),
     weights: Path = typer.Option(None, "--weights", help="Weights folder holding dinov2-large (or CRYODASK_WEIGHTS)."),
     image_size: int = typer.Option(518, "--image-size", help="Slices are resized to this (CryoSAM: 518)."),
     batch: int = typer.Option(8, "--batch", help="Slices per model call."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | gpu (on the workers)."),
-    voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å, if the input has none."),
+    device: str = DEVICE,
+    voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (default: the input's header)."),
     polarity: str = POLARITY,
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
+    in_flight: int = IN_FLIGHT,
 ):
     """Per-slice DINOv2 features of the z, y and x views, stored as a float16 pyramid at ratios 4, 8, 16."""
     from ..engine.cluster import check_spec
-    from ..engine.lock import output_lock
     from ..io.folders import check_output_dir
-    from ..io.volumes import open_reader
+    from ..io.volumes import open_volume
     from ..models.dinov2 import describe_dinov2, resolve_dinov2
     from ..polarity import check_polarity, resolve_polarity
     from ..prompting.features import FeatureParams, extract_features
 
     check_spec(cluster)
     check_polarity(polarity)
+    check_device(device)
     vs = parse_triple(voxel_size, "--voxel-size", float)
     params = FeatureParams(image_size=image_size, batch=batch)
     describe_dinov2(resolve_dinov2(checkpoint, weights))
-    read, shape, vs_read, _ = open_reader(tomogram, vs)
-    contrast = resolve_polarity(polarity, read, shape, vs_read)  # before a cluster starts
-    typer.echo(f"{tomogram}: {contrast.describe()}")
     out = check_output_dir(out)
-    store = out / f"{tomogram.name.split('.')[0]}_features.zarr"
-    from ..report import run_report
 
-    with output_lock(out, "features"), \
-            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
-            run_report(report_dir, client, command="features", echo=typer.echo):
-        path = extract_features(tomogram, store, checkpoint=checkpoint, weights=weights, params=params, client=client,
+    def work(item, client):
+        volume = open_volume(item.path, vs)
+        contrast = resolve_polarity(polarity, volume, volume.shape, volume.voxel_size)
+        store = out / f"{item.name}_features.zarr"
+        path = extract_features(item.path, store, checkpoint=checkpoint, weights=weights, params=params, client=client,
                                 device=device, voxel_size=vs, polarity=contrast)
-    typer.echo(f"wrote {path}")
+        return Outcome(item, "done", value=path, lines=[f"{item.path}: {contrast.describe()}", f"wrote {path}"])
+
+    over_collection("features", inputs, work, check=lambda item: open_volume(item.path, vs), cluster=cluster,
+                    workers=workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                    cluster_config=cluster_config, report_dir=report_dir, lock_folder=out, in_flight=in_flight)
 
 
 @app.command()
 def pick(
-    tomogram: Path = typer.Argument(..., help="Tomogram: MRC/TIFF or OME-Zarr image."),
-    out: Path = typer.Option(..., "--out", help="Output folder."),
+    inputs: list[str] = typer.Argument(..., help="Tomograms: MRC/TIFF files, OME-Zarr images, folders, globs, a STAR listing or a copick config."),
+    out: Path = typer.Option(..., "--out", help="Output folder (one <stem>_<method>_picks.star per tomogram, and <method>_picks.star for all)."),
     method: str = typer.Option("log", "--method", help="log (no weights) | cryosam (SAM2 + DINOv2 weights)."),
     diameter: float = typer.Option(None, "--diameter", help="Particle diameter in Å (log: required; cryosam: sizes the masks)."),
     threshold: float = typer.Option(None, "--threshold", help="log: response threshold in robust standard deviations "
                                     "above the median response (default 4)."),
-    min_distance: float = typer.Option(None, "--min-distance", help="log: closest two picks, Å."),
-    max_picks: int = typer.Option(None, "--max-picks", help="log: keep the best N."),
+    min_distance: float = typer.Option(None, "--min-distance", help="log: closest two picks, Å (default: the particle radius, --diameter / 2)."),
+    max_picks: int = typer.Option(None, "--max-picks", help="log: keep the best N (default: all)."),
     min_roundness: str = typer.Option(None, "--min-roundness", help="log: Hessian roundness at a pick, at least "
                                       "(default 0.2; balls 0.33-0.38 under any wedge, sheets 0); none: off."),
     max_scale_ratio: str = typer.Option(None, "--max-scale-ratio", help="log: response at 1.5σ over at σ, at most (default "
                                         "0.85: a ball of the diameter 0.7, 1.25x it 1.1); none: off."),
-    prompt: list[str] = typer.Option(None, "--prompt", help="cryosam: a clicked particle z,y,x in voxels (repeatable)."),
+    prompt: list[str] = typer.Option(None, "--prompt", help="cryosam: a clicked particle z,y,x in voxels, or TOMOGRAM:z,y,x in a collection (repeatable)."),
     prompts: Path = typer.Option(None, "--prompts", help="cryosam: prompts as STAR, CSV or copick JSON."),
     sam_checkpoint: Path = typer.Option(None, "--sam-checkpoint", help="cryosam: SAM2.1 checkpoint ({'model': state_dict})."),
     dinov2_checkpoint: Path = typer.Option(None, "--dinov2-checkpoint", help="cryosam: local DINOv2 folder."),
     weights: Path = typer.Option(None, "--weights", help="Weights folder (sam2.1_hiera_*.pt, dinov2-large/)."),
     model_config: str = typer.Option("sam2.1_hiera_l", "--model-config", help="cryosam: SAM2 config name or YAML."),
-    image_size: int = typer.Option(None, "--image-size", help="cryosam: SAM2 input size override."),
+    image_size: int = typer.Option(None, "--image-size", help="cryosam: SAM2 input size (default: the SAM2 config's, 1024)."),
     feature_image_size: int = typer.Option(518, "--feature-image-size", help="cryosam: DINOv2 slice size."),
     iou_threshold: float = typer.Option(0.5, "--iou-threshold", help="cryosam: stop propagating below this IoU."),
     sim_threshold: float = typer.Option(0.5, "--sim-threshold", help="cryosam: cosine similarity kept per level."),
@@ -107,8 +114,8 @@ def pick(
     amplitude_contrast: float = typer.Option(0.1, "--amplitude-contrast", help="relion5: amplitude contrast."),
     tomograms: Path = typer.Option(None, "--tomograms", help="cryosam: tomograms.star of RELION 5 --prompts "
                                                              "(default: found beside them or above)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (on the workers)."),
-    voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å, if the input has none."),
+    device: str = DEVICE,
+    voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (default: the input's header)."),
     chunks: str = typer.Option("64,256,256", "--chunks", help="Block shape z,y,x."),
     layout: str = typer.Option("default", "--layout", help="cryosam labels: default (labels/ of the tomogram's OME-Zarr) or portal (the CryoET Data Portal's: each its own <out>/<stem>_cryosam_<name>.zarr)."),
     copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): an MRC input is converted into the project, picks written as user cryodask-<method>, the object added to the config."),
@@ -116,21 +123,21 @@ def pick(
     polarity: str = POLARITY,
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
+    in_flight: int = IN_FLIGHT,
 ):
     """Pick particles; writes <stem>_<method>_picks.star (RELION 5, with tomograms.star) and .csv, and
     copick/ExperimentRuns/<stem>/Picks/*.json."""
     from ..engine.cluster import check_spec
-    from ..engine.lock import output_lock
-    from ..report import run_report
     from ..errors import InputError
     from ..io.folders import check_output_dir
     from ..io.picks import StarStyle
-    from ..io.volumes import is_zarr, open_reader
+    from ..io.volumes import is_zarr, open_volume
     from ..picking.pipeline import load_prompts, pick as run, sam2_checkpoint
-    from ..polarity import check_polarity, resolve_polarity
+    from ..polarity import check_polarity
 
     check_spec(cluster)
     check_polarity(polarity)
+    check_device(device)
     vs = parse_triple(voxel_size, "--voxel-size", float)
     block = parse_triple(chunks, "--chunks")
     if method not in ("log", "cryosam"):
@@ -140,10 +147,35 @@ def pick(
     check_layout(layout)
     if layout == "portal" and copick is not None:
         raise InputError("--layout portal and --copick write the labels differently: give one of them")
-    _, shape, tomo_vs, _ = open_reader(tomogram, vs, block)
     style = StarStyle(star, tilt_series_pixel_size, voltage, cs, amplitude_contrast)
-    style.row(tomogram.name.split(".")[0], shape, tomo_vs[2])  # binning < 1 is refused before a cluster starts
     points = [parse_prompt(p) for p in (prompt or [])]
+
+    def points_of(item):
+        return [point for tomogram, point in points if tomogram in (None, item.name)]
+
+    items = find_items(inputs)
+    unknown = sorted({t for t, _ in points if t} - {item.name for item in items})
+    if unknown:
+        raise InputError(f"--prompt names {', '.join(unknown)}, not among the tomograms ({', '.join(i.name for i in items[:5])}"
+                         f"{', ...' if len(items) > 5 else ''})")
+    named = _prompted_names(prompts) if prompts is not None else set()
+    prompted = {item.name for item in items if points_of(item) or named is None or item.name in named}
+    shared = {}  # cryosam over a collection: one query from the prompted tomograms, matched in all
+    collective = method == "cryosam" and len(items) > 1
+
+    def check(item):
+        volume = open_volume(item.path, vs, chunks=block)
+        shape, tomo_vs = volume.shape, volume.voxel_size
+        style.row(item.name, shape, tomo_vs[2])  # binning < 1 is refused before a cluster starts
+        if method == "cryosam" and (item.name in prompted or len(items) == 1):  # one: its prompts' own error
+            load_prompts(points_of(item), prompts, shape=shape, voxel_size=tomo_vs[2], tomograms=tomograms,
+                         tomo_name=item.name)
+
+    if len(items) == 1:  # one tomogram: its header, STAR options and prompts before any model is looked for
+        check(items[0])
+
+    if method == "cryosam" and not prompted:
+        raise InputError("cryosam needs at least one prompt (--prompt [TOMOGRAM:]z,y,x or --prompts FILE)")
     if method == "log":
         from ..picking.log import LogParams
 
@@ -157,21 +189,44 @@ def pick(
         from ..models.dinov2 import describe_dinov2, resolve_dinov2
         from ..models.sam2 import config_path
 
-        load_prompts(points, prompts, shape=shape, voxel_size=tomo_vs[2], tomograms=tomograms,
-                     tomo_name=tomogram.name.split(".")[0])
         config_path(model_config)
         sam2_checkpoint(sam_checkpoint, weights, model_config)
         describe_dinov2(resolve_dinov2(dinov2_checkpoint, weights))
     check_output_dir(out)
-    contrast = resolve_polarity(polarity, *open_reader(tomogram, vs, block, dtype="float32")[:3])  # before a cluster
     project = None
     if copick is not None:
         from ..io.copick import check_writable, open_project
 
         project = check_writable(open_project(copick, create=True))
-    with output_lock(out, "pick"), \
-            cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
-            run_report(report_dir, client, command="pick", echo=typer.echo):
+
+    def query_of(item, client):
+        contrast = _polarity(polarity, open_volume(item.path, vs, chunks=block, dtype="float32"))
+        result = run(item.path, out, method=method, diameter=diameter, prompts=points_of(item), prompts_file=prompts,
+                     sam_checkpoint=sam_checkpoint, dinov2_checkpoint=dinov2_checkpoint, weights=weights,
+                     config=model_config, image_size=image_size, feature_image_size=feature_image_size,
+                     iou_threshold=iou_threshold, voxel_size=vs, chunks=block, device=device, star=style,
+                     tomograms=tomograms, client=client, layout=layout, polarity=contrast, name=item.name,
+                     query_only=True)
+        return Outcome(item, "done", value=result.query, lines=[f"{item.path}: query from {result.prompts} prompts"])
+
+    def prepare(client, good):
+        """Phase one of cryosam over a collection: each prompted tomogram's query, then one for all."""
+        from ..engine.collection import run_collection
+        from ..picking.pipeline import combine_queries
+
+        first = run_collection([i for i in good if i.name in prompted], lambda i: query_of(i, client),
+                               command="pick (query)", client=client, window=in_flight, echo=typer.echo)
+        queries = [o.value for o in first.outcomes if o.status == "done"]
+        if not queries:
+            raise InputError("no prompted tomogram gave a query: nothing to match")
+        shared["query"] = combine_queries(queries)
+        np.save(out / "cryosam_query.npy", shared["query"])
+        typer.echo(f"one query from {len(queries)} prompted tomograms, matched in all {len(good)}: "
+                   f"wrote {out / 'cryosam_query.npy'}")
+
+    def work(item, client):
+        tomogram = item.path
+        contrast = _polarity(polarity, open_volume(tomogram, vs, chunks=block, dtype="float32"))
         if project is not None and not is_zarr(tomogram):  # the tomogram goes straight into the project's run
             from ..io.copick import tomograms_into
 
@@ -179,23 +234,68 @@ def pick(
                                       work=out, client=client)[tomogram]
         result = run(tomogram, out, method=method, diameter=diameter, threshold=threshold, min_distance=min_distance,
                      max_picks=max_picks, min_roundness=min_roundness, max_scale_ratio=max_scale_ratio,
-                     prompts=points, prompts_file=prompts, sam_checkpoint=sam_checkpoint,
+                     prompts=points_of(item), prompts_file=prompts, sam_checkpoint=sam_checkpoint,
                      dinov2_checkpoint=dinov2_checkpoint, weights=weights, config=model_config, image_size=image_size,
                      feature_image_size=feature_image_size, iou_threshold=iou_threshold, sim_threshold=sim_threshold,
                      top_k=top_k, matching=matching, object_name=object_name, voxel_size=vs, chunks=block,
-                     device=device, star=style, tomograms=tomograms, client=client, layout=layout, polarity=contrast)
+                     device=device, star=style, tomograms=tomograms, client=client, layout=layout, polarity=contrast,
+                     name=item.name, query=shared.get("query"))
         if project is not None:
-            from ..io.copick import run_of, segmentation_from_labels, write_picks_into
+            from ..io.copick import segmentation_from_labels, write_picks_into
 
-            run_name = run_of(tomogram) or tomogram.name.split(".")[0]
+            tomo_vs = open_volume(tomogram, vs, chunks=block).voxel_size
+            run_name = item.run or item.name
             result.files.append(write_picks_into(project, run_name, result.picks, tomo_vs, tool=method,
                                                  object_name=object_name, radius=diameter / 2 if diameter else None))
             if result.store and (Path(result.store) / "labels" / "cryosam_semantic").exists():
                 result.files.append(segmentation_from_labels(project, result.store, run_name, "cryosam_semantic",
                                                              tool=method, name=object_name))
-    for note in result.notes:
-        typer.echo(note)
-    typer.echo(f"{len(result.picks)} picks ({method}); time: "
-               + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
-    for path in result.files:
-        typer.echo(f"wrote {path}")
+        lines = [f"{item.path}:", *(f"  {note}" for note in result.notes),
+                 f"  {len(result.picks)} picks ({method}); time: "
+                 + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()),
+                 *(f"  wrote {path}" for path in result.files)]
+        return Outcome(item, "done", value=result, lines=lines)
+
+    report = over_collection("pick", inputs, work, check=check, items=items, prepare=prepare if collective else None, cluster=cluster, workers=workers,
+                             threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                             cluster_config=cluster_config, report_dir=report_dir, lock_folder=out,
+                             in_flight=in_flight, finish_later=True)
+    done = [o for o in report.outcomes if o.status == "done"]
+    if len(report.outcomes) > 1 and star == "relion5" and done:
+        from ..io.picks import merge_particle_stars
+
+        path = merge_particle_stars([f for o in done for f in o.value.files if str(f).endswith("_picks.star")],
+                                    out / f"{method}_picks.star")
+        typer.echo(f"wrote {path} ({sum(len(o.value.picks) for o in done)} picks of {len(done)} tomograms)")
+    finish(report, several=len(report.outcomes) > 1)
+
+
+def _prompted_names(path: Path) -> set[str] | None:
+    """The tomograms a prompts file names (``rlnTomoName``); None when it names none (its prompts
+    are the one tomogram's)."""
+    import pandas as pd
+
+    from ..errors import where
+
+    if not path.is_file():
+        return None  # the prompts' own reader says what is wrong
+    try:
+        if path.suffix.lower() == ".star":
+            import starfile
+
+            tables = [t for t in starfile.read(path, always_dict=True).values() if isinstance(t, pd.DataFrame)]
+        elif path.suffix.lower() == ".csv":
+            tables = [pd.read_csv(path)]
+        else:
+            return None
+    except Exception as exc:  # noqa: BLE001  (starfile and pandas raise many kinds)
+        raise where(path, f"is not a readable prompts file ({type(exc).__name__})") from None
+    names = {str(n) for t in tables if "rlnTomoName" in t.columns for n in t["rlnTomoName"]}
+    return names or None
+
+
+def _polarity(choice: str, volume):
+    """The tomogram's contrast polarity (``auto``: decided from its data, :mod:`cryodask.polarity`)."""
+    from ..polarity import resolve_polarity
+
+    return resolve_polarity(choice, volume, volume.shape, volume.voxel_size)

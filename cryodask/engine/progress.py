@@ -14,6 +14,7 @@ import time
 
 _active: "Progress | None" = None
 _lock = threading.Lock()
+_resumed = threading.local()  # blocks found done by this thread's tomogram, for its "resumed" line
 
 
 class Progress:
@@ -29,16 +30,28 @@ class Progress:
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def __enter__(self):
+        """The outermost display owns the line; one opened inside it (a step that runs its own
+        small collection, from any thread) stays silent and leaves the counting to it."""
         global _active
         with _lock:
-            self._previous, _active = _active, self
+            self.owner = _active is None
+            if self.owner:
+                _active = self
+            else:
+                self.enabled = False
         return self
 
     def __exit__(self, *exc):
         global _active
         with _lock:
-            _active = self._previous
+            if self.owner:
+                _active = None
         self.show(force=True, end=True)
+
+    def finished_one(self, status: str) -> None:
+        """One of this display's tomograms ended (ignored when an outer display owns the line)."""
+        if self.owner:
+            tomogram_finished(status)
 
     def line(self) -> str:
         done = self.finished + self.skipped
@@ -86,3 +99,14 @@ def blocks_done(n: int = 1) -> None:
 def tomogram_finished(status: str) -> None:
     """One tomogram ended: ``done``, ``skipped`` or ``failed``."""
     _update(**{{"done": "finished", "skipped": "skipped", "failed": "failed"}[status]: 1})
+
+
+def blocks_resumed(n: int) -> None:
+    """``n`` blocks of the current thread's tomogram were found done (a resumed run)."""
+    _resumed.count = getattr(_resumed, "count", 0) + n
+
+
+def take_resumed() -> int:
+    """How many blocks this thread found done since the last call (and start again at 0)."""
+    n, _resumed.count = getattr(_resumed, "count", 0), 0
+    return n

@@ -10,6 +10,7 @@ tomogram centre); they are turned into tomogram pixels with the sizes in ``tomog
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError, where
+from .folders import atomic_write
+from .volumes import stem
 
 STAR_AXES = {"x": "rlnCoordinateX", "y": "rlnCoordinateY", "z": "rlnCoordinateZ"}
 CENTRED_AXES = {"x": "rlnCenteredCoordinateXAngst", "y": "rlnCenteredCoordinateYAngst", "z": "rlnCenteredCoordinateZAngst"}
@@ -112,7 +115,7 @@ def _one_tomogram(path: Path, table: pd.DataFrame, tomo_name: str | None, tomos:
         return table
     aliases = {str(tomo_name)}
     if tomos is not None and "rlnTomoReconstructedTomogram" in tomos.columns:
-        stems = tomos["rlnTomoReconstructedTomogram"].astype(str).map(lambda p: Path(p).name.split(".")[0])
+        stems = tomos["rlnTomoReconstructedTomogram"].astype(str).map(stem)
         aliases |= set(stems.index[stems == str(tomo_name)])
     keep = names.isin(aliases)
     if not keep.any():
@@ -229,10 +232,7 @@ def write_picks(path, coords, columns: dict | None = None, pixel_size: float | N
     table = table[[STAR_AXES[a] if star else a for a in "xyz" if a in axes]]
     for name, values in (columns or {}).items():
         table[name] = values
-    partial = path.with_name(path.name + ".partial")
     if star:
-        import starfile
-
         blocks = {"particles": table}
         if pixel_size is not None:
             column = "rlnTomoTiltSeriesPixelSize" if coords.shape[1] == 3 else "rlnMicrographPixelSize"
@@ -240,10 +240,13 @@ def write_picks(path, coords, columns: dict | None = None, pixel_size: float | N
                                    column: [float(pixel_size)], "rlnImagePixelSize": [float(pixel_size)]})
             table.insert(len(table.columns), "rlnOpticsGroup", 1)
             blocks = {"optics": optics, "particles": table}
-        starfile.write(blocks, partial, overwrite=True)
-    else:
-        table.to_csv(partial, index=False)
-    partial.replace(path)
+    with atomic_write(path) as partial:
+        if star:
+            import starfile
+
+            starfile.write(blocks, partial, overwrite=True)
+        else:
+            table.to_csv(partial, index=False)
     return path
 
 
@@ -286,15 +289,36 @@ def _write_relion(path: Path, blocks: dict, float_format: str = "%.6f") -> None:
     text = "".join(f"\n{RELION5_VERSION}\n\n"
                    + "\n".join(StarWriter({name: block}, float_format=float_format).data_block_generator())
                    for name, block in blocks.items())
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
+    with atomic_write(path) as partial:
+        partial.write_text(text)
+
+
+_TOMOGRAMS_STAR = threading.Lock()  # tomograms picked at once into one folder share its tomograms.star
 
 
 def write_tomograms_star(path, rows: list[dict]) -> Path:
     """``tomograms.star`` (``data_global``) holding ``rows``; rows of an existing file with other
     rlnTomoName values are kept, so tomograms picked into one folder share one file."""
-    path = Path(path)
+    with _TOMOGRAMS_STAR:
+        return _merge_tomograms_star(Path(path), rows)
+
+
+def merge_particle_stars(paths, out) -> Path:
+    """One RELION 5 particle STAR for a collection: every tomogram's particles, and one optics
+    group per tomogram (numbered in order), as RELION's own multi-tomogram files have."""
+    import starfile
+
+    optics, particles = [], []
+    for group, path in enumerate(paths, start=1):
+        blocks = starfile.read(path, always_dict=True, parse_as_string=NAME_COLUMNS)
+        optics.append(blocks["optics"].assign(rlnOpticsGroup=group))
+        particles.append(blocks["particles"].assign(rlnOpticsGroup=group))
+    _write_relion(Path(out), {"optics": pd.concat(optics, ignore_index=True),
+                              "particles": pd.concat(particles, ignore_index=True)})
+    return Path(out)
+
+
+def _merge_tomograms_star(path: Path, rows: list[dict]) -> Path:
     table = pd.DataFrame(rows)
     if path.is_file():
         import starfile
@@ -312,6 +336,7 @@ def write_tomograms_star(path, rows: list[dict]) -> Path:
         if "rlnTomoTomogramBinning" in table.columns:  # RELION's default where a row has none
             table["rlnTomoTomogramBinning"] = table["rlnTomoTomogramBinning"].fillna(1.0)
         table = table.dropna(axis=1)  # a column that not every tomogram has cannot be written
+    table = table.sort_values("rlnTomoName", kind="stable", ignore_index=True)  # the same file whatever the order
     _write_relion(path, {"global": table}, float_format="%.12g")  # binning = voxel / tilt-series pixel, unrounded
     return path
 

@@ -14,6 +14,7 @@ mark keyed by the parameters, so a rerun skips it; an interrupted one resumes pe
 
 from __future__ import annotations
 
+import errno
 import math
 import shutil
 import time
@@ -22,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import validate
 from ..engine.blocks import DoneMarks
 from ..errors import CryodaskError, InputError, where
-from ..io.volumes import ZarrReader
+from ..io.volumes import ZarrReader, stem
 from ..params import params_hash
-from ..report.stages import recorded
 from .etsam import EtsamParams, TiledLogits, tiles, two_stage_column
 
 STEP = "membranes"
@@ -73,15 +74,11 @@ class OutputParams:
         from ..io.omezarr import check_layout
 
         check_layout(self.layout)
-        if not np.isfinite(self.logit_threshold):
-            raise InputError(f"--logit-threshold must be a number, got {self.logit_threshold}")
+        object.__setattr__(self, "logit_threshold", validate.number("logit_threshold", self.logit_threshold))
+        for name in ("store_logits", "post_process", "remove_bridges"):
+            object.__setattr__(self, name, validate.boolean(name, getattr(self, name)))
         if self.min_slices < 0 or self.max_bridge_len < 0:
             raise InputError("--post-process-min-slices and --max-bridge-len must be >= 0")
-
-
-def etsam_stem(path) -> str:
-    """ETSAM's output prefix: the file name up to its first dot."""
-    return Path(path).name.split(".")[0]
 
 
 def resolve_method(method: str | None, stage1_checkpoint, stage2_checkpoint, weights) -> str:
@@ -140,9 +137,9 @@ def find_inputs(inputs, voxel_size=None) -> tuple[list, list[MembraneResult]]:
         raise InputError(f"no tomogram found in {', '.join(map(str, inputs))}")
     stems: dict[str, Path] = {}
     for _, path in found:
-        if etsam_stem(path) in stems:
-            raise where(path, f"has the same name as {stems[etsam_stem(path)]}; their outputs would collide")
-        stems[etsam_stem(path)] = path
+        if stem(path) in stems:
+            raise where(path, f"has the same name as {stems[stem(path)]}; their outputs would collide")
+        stems[stem(path)] = path
     return found, failed
 
 
@@ -185,7 +182,7 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
             min_slices: int = 10, remove_bridges: bool = False, max_bridge_len: int = 5, classical=None,
             voxel_size=None, chunks=(64, 256, 256), levels: int = 3, batch: int | None = None, device: str = "auto",
             random_weights: bool = False, client=None, progress: bool = False, layout: str = "default",
-            polarity: str = "auto", working_voxel_size: float | None = None) -> MembraneReport:
+            polarity: str = "auto", working_voxel_size: float | None = None, echo=None) -> MembraneReport:
     """Segment membranes in tomograms (MRC files, folders, globs, or OME-Zarr images).
 
     Parameters
@@ -208,6 +205,7 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
         matter bright: the tomogram is negated before either method sees it).
     working_voxel_size : Å; the method runs on the tomogram resampled to this voxel size (block by
         block, :mod:`cryodask.io.resample`) and its outputs are mapped back onto the input grid.
+    echo : called with each line of a tomogram's summary as soon as it is finished.
 
     Returns
     -------
@@ -261,9 +259,9 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
 
         with connect("local") as local:
             return _run(found, out, method, method_params, outputs, voxel_size, chunks, levels, batch, device,
-                        local, progress, report, polarity, working_voxel_size)
+                        local, progress, report, polarity, working_voxel_size, echo)
     return _run(found, out, method, method_params, outputs, voxel_size, chunks, levels, batch, device, client,
-                progress, report, polarity, working_voxel_size)
+                progress, report, polarity, working_voxel_size, echo)
 
 
 @dataclass
@@ -278,8 +276,6 @@ class _Tomogram:
     polarity: object = None  # cryodask.polarity.Polarity
     level0: str = ""  # the array the method reads: the store's level 0, or its working-grid copy
     input_grid: tuple | None = None  # (shape, voxel size) to map outputs back to, with a working grid
-    futures: list = field(default_factory=list)
-    result: MembraneResult | None = None
     started: float = 0.0
 
 
@@ -287,96 +283,95 @@ def _complete_mark(out: Path, stem: str, key: str) -> Path:
     return out / ".cryodask" / stem / f"{STEP}-{key}.complete"
 
 
-def _stores(found, out, voxel_size, chunks, levels, client, report, layout="default") -> list[tuple[Path, Path]]:
-    """(source, OME-Zarr store) per tomogram, converting MRC inputs under ``out``."""
+def _store(kind: str, source: Path, out: Path, voxel_size, chunks, levels, client, layout="default") -> Path:
+    """The tomogram's OME-Zarr: itself, or its conversion under ``out`` (resumed if begun)."""
+    if kind == "zarr":
+        return source
     from ..convert import convert
 
-    pairs = [(path, path) for kind, path in found if kind == "zarr"]
-    volumes = [path for kind, path in found if kind == "volume"]
-    if volumes:
-        converted = convert(volumes, out, chunks=chunks, levels=levels, voxel_size=voxel_size, client=client,
-                            layout=layout)
-        for path, result in zip(volumes, converted.results):
-            if result.status == "failed":
-                report.results.append(MembraneResult(str(path), "failed", message=result.message))
-            else:
-                pairs.append((path, Path(result.store)))
-    return pairs
+    result = convert([source], out, chunks=chunks, levels=levels, voxel_size=voxel_size, client=client,
+                     layout=layout).results[0]
+    if result.status == "failed":
+        raise InputError(result.message)
+    return Path(result.store)
 
 
 def _run(found, out: Path, method, method_params, outputs: OutputParams, voxel_size, chunks, levels, batch,
          device, client, progress, report: MembraneReport, polarity: str = "auto",
-         working_voxel_size=None) -> MembraneReport:
-    from distributed import as_completed
-
-    from ..io.omezarr import open_image
-
-    from ..io.volumes import source_identity
+         working_voxel_size=None, echo=None) -> MembraneReport:
+    """Every tomogram through the collection runner: each converts (if MRC), computes its own
+    statistics, runs its tasks and writes its outputs as soon as they are done, a few at a time."""
+    from ..engine.collection import Item, Outcome, run_collection
 
     params_key = params_hash({"method": method, "params": method_params.key_fields() if method == "etsam"
                               else asdict(method_params), "outputs": asdict(outputs)})
-    jobs: list[_Tomogram] = []
-    for source, store in _stores(found, out, voxel_size, chunks, levels, client, report, outputs.layout):
-        stem = etsam_stem(source)
-        _, arrays, vs, _ = open_image(store)
-        try:
-            contrast = _polarity(polarity, store, arrays, vs)
-        except CryodaskError as exc:
-            report.results.append(MembraneResult(str(source), "failed", str(store), message=f"{source}: {exc}"))
-            continue
-        # the tomogram's identity too: a reconverted or replaced image is new work, not done work
-        key = params_hash({"params": params_key, "image": source_identity(ZarrReader(str(store / "0"))),
-                           "polarity": contrast.polarity, "working_voxel_size": working_voxel_size})
-        job = _Tomogram(source, store, stem, key, DoneMarks(out / ".cryodask" / stem, f"{STEP}-{method}", key))
-        job.shape, job.voxel_size, job.polarity = tuple(arrays[0].shape), vs, contrast
-        job.level0 = str(store / arrays[0].path.split("/")[-1])
-        if _complete_mark(out, stem, key).exists():
-            job.result = MembraneResult(str(source), "skipped", str(store), message="already done",
-                                        polarity=contrast.describe())
-            report.results.append(job.result)
-            continue
+    kinds = {Path(path): kind for kind, path in found}
+
+    def one(item: Item) -> Outcome:
+        result = _one(kinds[item.path], item.path, out, method, method_params, outputs, params_key, voxel_size,
+                      chunks, levels, batch, device, client, polarity, working_voxel_size)
+        status = "failed" if result.status == "failed" else result.status
+        return Outcome(item, status, result.message, value=result, lines=result_lines(result, method))
+
+    items = [Item(Path(path), stem(path)) for _, path in found]
+    collection = run_collection(items, one, command="membranes", client=client, echo=echo,
+                                show_progress=progress)
+    for outcome in collection.outcomes:
+        report.results.append(outcome.value if outcome.value is not None else
+                              MembraneResult(str(outcome.item.path), "failed", message=outcome.message))
+    return report
+
+
+def result_lines(result: MembraneResult, method: str) -> list[str]:
+    """What a command prints for one tomogram."""
+    if result.status == "failed":
+        return [f"error: {result.message}"]
+    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    fraction = f", membrane {100 * result.mask_fraction:.2f} %" if result.mask_fraction is not None else ""
+    lines = [f"{result.source}: {result.status} ({method}{fraction}{', ' + seconds if seconds else ''})"]
+    lines += [f"  {result.polarity}"] if result.polarity else []
+    return lines + [f"  wrote {path}" for path in result.files]
+
+
+def _one(kind, source: Path, out: Path, method, method_params, outputs: OutputParams, params_key, voxel_size,
+         chunks, levels, batch, device, client, polarity, working_voxel_size) -> MembraneResult:
+    """One tomogram: its store, polarity and key; skipped if complete, else its tasks, then its outputs."""
+    from ..io.omezarr import open_image
+    from ..io.volumes import source_identity
+
+    store = _store(kind, source, out, voxel_size, chunks, levels, client, outputs.layout)
+    name = stem(source)
+    _, arrays, vs, _ = open_image(store)
+    try:
+        contrast = _polarity(polarity, store, arrays, vs)
+    except CryodaskError as exc:
+        return MembraneResult(str(source), "failed", str(store), message=f"{source}: {exc}")
+    # the tomogram's identity too: a reconverted or replaced image is new work, not done work
+    key = params_hash({"params": params_key, "image": source_identity(ZarrReader(str(store / "0"))),
+                       "polarity": contrast.polarity, "working_voxel_size": working_voxel_size})
+    job = _Tomogram(source, store, name, key, DoneMarks(out / ".cryodask" / name, f"{STEP}-{method}", key))
+    job.shape, job.voxel_size, job.polarity = tuple(arrays[0].shape), vs, contrast
+    job.level0 = str(store / arrays[0].path.split("/")[-1])
+    if _complete_mark(out, name, key).exists():
+        return MembraneResult(str(source), "skipped", str(store), message="already done",
+                              polarity=contrast.describe())
+    job.started = time.perf_counter()
+    try:
         if working_voxel_size is not None:
             _working(job, working_voxel_size, tuple(arrays[0].chunks), client)
-        jobs.append(job)
-
-    futures_of = {}
-    for job in jobs:
-        job.started = time.perf_counter()
-        try:
-            job.futures = _submit(job, method, method_params, batch, device, client)
-        except CryodaskError as exc:
-            job.result = MembraneResult(str(job.source), "failed", str(job.store), message=f"{job.source}: {exc}")
-            report.results.append(job.result)
-            continue
-        for f in job.futures:
-            futures_of[f.key] = job
-    pending = {id(job): len(job.futures) for job in jobs if job.result is None}
-    bar = _progress(progress, len(futures_of))
-    for future in as_completed([f for job in jobs if job.result is None for f in job.futures]):
-        job = futures_of[future.key]
-        bar.update(1)
-        if job.result is not None:
-            continue
-        if future.status == "error":
-            exc = future.exception()
-            message = str(exc) if isinstance(exc, CryodaskError) else f"{type(exc).__name__}: {exc}"
-            job.result = MembraneResult(str(job.source), "failed", str(job.store), message=f"{job.source}: {message}")
-            report.results.append(job.result)
-            continue
-        pending[id(job)] -= 1
-        if pending[id(job)] == 0:
-            try:
-                job.result = _finish(job, out, method, method_params, outputs, client)
-            except (CryodaskError, OSError) as exc:  # e.g. the disk filled while exporting: not marked complete,
-                for kind in ("mask", "logits", "post_processed_mask"):  # and no output of it left to look done
-                    (out / f"{job.stem}_{method}_predicted_{kind}.mrc").unlink(missing_ok=True)
-                message = (str(exc) if isinstance(exc, CryodaskError)
-                           else f"cannot write its outputs in {out} ({exc.strerror or exc})")
-                job.result = MembraneResult(str(job.source), "failed", str(job.store),
-                                            message=f"{job.source}: {message}")
-            report.results.append(job.result)
-    bar.close()
-    return report
+        _segment(job, method, method_params, batch, device, client)
+    except CryodaskError as exc:
+        return MembraneResult(str(source), "failed", str(store), message=f"{source}: {exc}")
+    try:
+        return _finish(job, out, method, method_params, outputs, client)
+    except (CryodaskError, OSError) as exc:  # e.g. the disk filled while exporting: not marked complete,
+        for kind in ("mask", "logits", "post_processed_mask"):  # and no output of it left to look done
+            (out / f"{name}_{method}_predicted_{kind}.mrc").unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk: free its scratch
+            shutil.rmtree(job.marks.folder, ignore_errors=True)
+        message = (str(exc) if isinstance(exc, CryodaskError)
+                   else f"cannot write its outputs in {out} ({exc.strerror or exc})")
+        return MembraneResult(str(source), "failed", str(store), message=f"{source}: {message}")
 
 
 def _polarity(choice: str, store: Path, arrays, voxel_size):
@@ -407,53 +402,44 @@ def _working(job: _Tomogram, working, chunks, client) -> None:
     job.shape, job.voxel_size, job.level0 = shape, tuple(v * f for v, f in zip(job.voxel_size, factor)), path
 
 
-def _progress(enabled: bool, total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="membranes", unit="task", disable=not enabled)
-
-
-def _submit(job: _Tomogram, method, params, batch, device, client) -> list:
+def _segment(job: _Tomogram, method, params, batch, device, client) -> None:
+    """The method over the tomogram, through the one block runner: ETSAM one task per column
+    (all z, one y/x tile; each stage done-marked inside it), the classical filter block by block."""
+    from ..engine.blocks import Block
+    from ..engine.runner import run_blocks
     from ..polarity import dark_reader
 
     level0 = job.level0
     reader = dark_reader(ZarrReader(level0, "float32"), job.polarity)  # dense matter dark from here on
     sign = 1.0 if job.polarity.dark else -1.0
     if method == "etsam":
-        from ..membranes.normalize import from_extremes
-        from ..postprocess.pipeline import gpu_resources
+        from ..engine.cluster import gpu_resources
+        from ..io.normalize import from_extremes
 
-        try:
-            lo, hi = sorted(sign * v for v in _extremes(level0, client))
-            norm = from_extremes(params.normalize, lo, hi, name=str(job.source))
-        except InputError as exc:
-            raise InputError(str(exc)) from None
-        folder = str(job.marks.folder / "logits")
-        resources = gpu_resources(client, "gpu") if device in ("auto", "cuda") else None
-        return [client.submit(recorded(two_stage_column, "infer", step="etsam"), reader, norm, job.shape[0], ys, xs, params, folder, job.marks,
-                              device=device, batch=batch, resources=resources, pure=False,
-                              key=f"etsam-{job.stem}-{ys.start}-{xs.start}-{job.key[:8]}")
-                for ys, xs in tiles(job.shape[1], job.shape[2], params.tile, params.split)]
+        lo, hi = sorted(sign * v for v in _extremes(level0, client))
+        norm = from_extremes(params.normalize, lo, hi, name=str(job.source))
+        columns = [Block((i,), (slice(0, job.shape[0]), ys, xs))
+                   for i, (ys, xs) in enumerate(tiles(job.shape[1], job.shape[2], params.tile, params.split))]
+        run_blocks(client, _column, columns, step="etsam", key=job.key, name=f"etsam-{job.stem}", report="etsam",
+                   label=job.stem,
+                   args=(reader, norm, params, str(job.marks.folder / "logits"), job.marks, device, batch),
+                   resources=gpu_resources(client) if device in ("auto", "cuda") else None, fault=False)
+        return
+    from .classical import classical_segment
+
     mean, std = _mean_std(level0, client)
     if not std > 0:
         raise InputError("constant volume: the sheet filter is undefined")
     work = job.marks.folder / "classical"
     work.mkdir(parents=True, exist_ok=True)
-    return [client.submit(_classical_task, reader, job.shape, job.voxel_size, params, str(work), sign * mean, std,
-                          job.marks, pure=False, key=f"classical-{job.stem}-{job.key[:8]}")]
+    classical_segment(reader, job.shape, job.voxel_size, (64, 128, 128), params, f"{work}/score.zarr",
+                      f"{work}/mask.zarr", client=client, mean=sign * mean, std=std, marks=job.marks)
 
 
-def _classical_task(reader, shape, voxel_size, params, work: str, mean: float, std: float, marks: DoneMarks):
-    """The classical filter of one tomogram, driven from a worker (it fans out its own blocks,
-    each marked done in ``marks``, so a rerun resumes block by block)."""
-    from distributed import worker_client
-
-    from .classical import classical_segment
-
-    chunks = (64, 128, 128)
-    with worker_client() as client:
-        return classical_segment(reader, shape, voxel_size, chunks, params, f"{work}/score.zarr",
-                                 f"{work}/mask.zarr", client=client, mean=mean, std=std, marks=marks)
+def _column(region, reader, norm, params, folder, marks, device, batch) -> str:
+    """ETSAM's two stages on one column (its stages marked done inside, so a rerun resumes a column)."""
+    zs, ys, xs = region.write
+    return two_stage_column(reader, norm, zs.stop, ys, xs, params, folder, marks, device=device, batch=batch)
 
 
 def _finish(job: _Tomogram, out: Path, method, method_params, outputs: OutputParams, client) -> MembraneResult:
@@ -461,11 +447,10 @@ def _finish(job: _Tomogram, out: Path, method, method_params, outputs: OutputPar
     import dask.array as da
     import zarr
 
-    from ..evaluate import load_volume
     from ..export import export
     from ..io.mrc import write_mrc
     from ..io.omezarr import open_image, write_segmentation
-    from ..io.volumes import source_position
+    from ..io.volumes import open_volume, source_position
     from ..postprocess.pipeline import postprocess
     from ..viz import membranes_preview
 
@@ -510,7 +495,7 @@ def _finish(job: _Tomogram, out: Path, method, method_params, outputs: OutputPar
                            min_slices=outputs.min_slices, remove_bridges=outputs.remove_bridges,
                            max_bridge_len=outputs.max_bridge_len, client=client)
         post_path = write_segmentation(job.store, f"{method}_predicted_post_processed_mask",
-                                       load_volume(post.out, chunks=chunks[0]).astype(np.uint8),
+                                       open_volume(post.out).to_dask(chunks).astype(np.uint8),
                                        **{**where_to, "colors": {1: [80, 220, 120, 255]}},  # apart from the raw mask
                                        properties=[{"label-value": 1, "class": f"membrane ({method}, post-processed)"}])
         result.files.append(post.out)
@@ -518,9 +503,11 @@ def _finish(job: _Tomogram, out: Path, method, method_params, outputs: OutputPar
             result.files.append(post_path)
     # last, so a run whose outputs could not be written leaves no preview of them; an absolute path
     # in place of the label name: the preview opens the Portal's separate mask store
-    result.files.append(membranes_preview(job.store, name if outputs.layout != "portal" else str(mask_path),
-                                          out / f"{job.stem}_{method}_preview.png",
-                                          name=job.stem, method=method, fraction=result.mask_fraction))
+    preview = (job.store, name if outputs.layout != "portal" else str(mask_path), out / f"{job.stem}_{method}_preview.png")
+    options = dict(name=job.stem, method=method, fraction=result.mask_fraction)
+    result.files.append(client.submit(membranes_preview, *preview, **options, pure=False).result()  # on a worker:
+                        if client is not None else membranes_preview(*preview, **options))  # about a CPU-second
+
     result.seconds["outputs"] = time.perf_counter() - clock
     mark = _complete_mark(out, job.stem, job.key)
     mark.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..io.volumes import stem as stem_of
 from ..errors import InputError, where
 
 SAM2_FILES = {"sam2.1_hiera_t": "sam2.1_hiera_tiny.pt", "sam2.1_hiera_s": "sam2.1_hiera_small.pt",
@@ -33,6 +34,7 @@ class PickResult:
     store: str | None = None
     prompts: int = 0
     notes: list = field(default_factory=list)  # lines for the user: what each LoG rule removed
+    query: np.ndarray | None = None  # cryosam: the query matched (D,)
 
 
 def load_prompts(prompts=None, prompts_file=None, *, shape, voxel_size, tomograms=None, tomo_name=None) -> np.ndarray:
@@ -99,7 +101,8 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
          image_size: int | None = None, feature_image_size: int = 518, iou_threshold: float = 0.5,
          sim_threshold: float = 0.5, top_k: int = 512, matching: str = "hierarchical", object_name: str = "particle",
          voxel_size=None, chunks=(64, 256, 256), device: str = "auto", batch: int = 8, seed: int = 0,
-         star=None, tomograms=None, client=None, layout: str = "default", polarity="auto") -> PickResult:
+         star=None, tomograms=None, client=None, layout: str = "default", polarity="auto",
+         name: str | None = None, query=None, query_only: bool = False) -> PickResult:
     """Pick particles in one tomogram (MRC/TIFF or OME-Zarr).
 
     Parameters
@@ -116,6 +119,10 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
         each its own ``<out>/<stem>_cryosam_{instances,semantic}.zarr`` (the CryoET Data Portal's)
     polarity : "auto", "dark", "bright" or a decided ``cryodask.polarity.Polarity``: a bright
         tomogram is read negated, so both methods see dense matter dark
+    name : what its outputs are named after (default: the file name up to its first dot)
+    query : cryosam: a query vector made elsewhere (a collection's, :func:`combine_queries`):
+        matched here without prompts of this tomogram
+    query_only : cryosam: stop once the prompts' query is made (``PickResult.query``)
 
     Examples
     --------
@@ -123,17 +130,19 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
     >>> result.files                                                     # doctest: +SKIP
     """
     from ..io.folders import check_output_dir
-    from ..io.volumes import open_reader
 
     from ..polarity import dark_reader, resolve_polarity
 
     if method not in ("log", "cryosam"):
         raise InputError(f"--method must be log or cryosam, got {method!r}")
-    raw, shape, vs, _ = open_reader(tomogram, voxel_size, chunks, dtype="float32")
+    from ..io.volumes import open_volume
+
+    raw = open_volume(tomogram, voxel_size, chunks=chunks, dtype="float32")
+    shape, vs = raw.shape, raw.voxel_size
     out = check_output_dir(out).resolve()
     contrast = resolve_polarity(polarity, raw, shape, vs)
     read = dark_reader(raw, contrast)  # dense matter dark from here on
-    stem = Path(tomogram).name.split(".")[0]
+    stem = name or stem_of(tomogram)
     star = _star_style(star, tomogram, shape, vs)
     if method == "log":
         from .log import LogParams
@@ -147,7 +156,8 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
                            contrast=contrast)
         result.notes.insert(0, contrast.describe())
         return result
-    points = load_prompts(prompts, prompts_file, shape=shape, voxel_size=vs[2], tomograms=tomograms, tomo_name=stem)
+    points = ([] if query is not None else
+              load_prompts(prompts, prompts_file, shape=shape, voxel_size=vs[2], tomograms=tomograms, tomo_name=stem))
     from ..models.dinov2 import describe_dinov2, resolve_dinov2
     from ..models.sam2 import config_path
 
@@ -159,7 +169,7 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
     from ..prompting.selfprompt import SelfPromptParams
 
     diameter_px = float(diameter) / vs[2] if diameter else None
-    sp_params = SelfPromptParams(iou_threshold=float(iou_threshold), diameter=diameter_px)
+    sp_params = SelfPromptParams(iou_threshold=float(iou_threshold), diameter_voxels=diameter_px)
     match_params = MatchParams(sim_threshold=float(sim_threshold), top_k=int(top_k), matching=matching)
     if client is None:
         from ..engine.cluster import current_client
@@ -171,11 +181,13 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
         with connect("local") as local:
             result = _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name,
                                    config, sam, dino, image_size, feature_image_size, device, batch, seed, chunks,
-                                   local, star=star, layout=layout, raw=raw, contrast=contrast)
+                                   local, star=star, layout=layout, raw=raw, contrast=contrast, query=query,
+                                   query_only=query_only)
     else:
         result = _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name,
                                config, sam, dino, image_size, feature_image_size, device, batch, seed, chunks, client,
-                               star=star, layout=layout, raw=raw, contrast=contrast)
+                               star=star, layout=layout, raw=raw, contrast=contrast, query=query,
+                               query_only=query_only)
     result.notes.insert(0, contrast.describe())
     return result
 
@@ -201,7 +213,7 @@ def _star_style(star, tomogram, shape, vs):
     style = StarStyle() if star is None else StarStyle(star) if isinstance(star, str) else star
     if style.tomogram is None:
         style = dataclasses.replace(style, tomogram=str(Path(tomogram).resolve()))
-    style.row(Path(tomogram).name.split(".")[0], shape, vs[2])  # a tilt-series pixel finer than the voxels: error now
+    style.row(stem_of(tomogram), shape, vs[2])  # a tilt-series pixel finer than the voxels: error now
     return style
 
 
@@ -229,17 +241,22 @@ def _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client, s
     result.seconds["log"] = time.perf_counter() - clock
     result.files = write_outputs(out, stem, "log", picks, vs[2], object_name, shape=shape, star=star)
     result.files.append(_preview(raw, shape, out / f"{stem}_log_picks.png", picks, stem, "log", vs,
-                                 params.diameter / 2))
+                                 params.diameter / 2, client=client))
     shutil.rmtree(marks.folder, ignore_errors=True)
     return result
 
 
-def _preview(read, shape, out_png: Path, picks: pd.DataFrame, stem: str, method: str, vs, radius_a) -> Path:
-    """The picks over orthoslices of the tomogram (a coarse level or three slices; ``viz``)."""
+def _preview(read, shape, out_png: Path, picks: pd.DataFrame, stem: str, method: str, vs, radius_a,
+             client=None) -> Path:
+    """The picks over orthoslices of the tomogram (a coarse level or three slices; ``viz``), drawn
+    on a worker: matplotlib costs about a CPU-second, which the client of a collection cannot spare."""
     from ..viz import picks_preview
 
-    return picks_preview(read, shape, out_png, picks[["z", "y", "x"]].to_numpy(dtype=np.float64), name=stem,
-                         method=method, voxel_size=vs[2], radius=radius_a / vs[2] if radius_a else None)
+    args = (read, shape, out_png, picks[["z", "y", "x"]].to_numpy(dtype=np.float64))
+    options = dict(name=stem, method=method, voxel_size=vs[2], radius=radius_a / vs[2] if radius_a else None)
+    if client is None:
+        return picks_preview(*args, **options)
+    return client.submit(picks_preview, *args, **options, pure=False).result()
 
 
 def _store_of(tomogram, out: Path, vs, chunks, client, layout="default") -> Path:
@@ -263,10 +280,11 @@ def _groups(points: np.ndarray, size: int) -> list[np.ndarray]:
 
 def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name, config, sam,
                   dino, image_size, feature_image_size, device, batch, seed, chunks, client, star=None,
-                  layout="default", raw=None, contrast="auto") -> PickResult:
+                  layout="default", raw=None, contrast="auto", query=None, query_only=False) -> PickResult:
     from ..prompting.features import FeatureParams, extract_features, open_features
-    from ..prompting.matching import match
-    from ..prompting.selfprompt import query_from_instances, robust_range, segment_instances
+    from ..io.normalize import robust_range
+    from ..prompting.matching import match, query_from_instances
+    from ..prompting.selfprompt import segment_instances
     from ..report import RecordedRead, recorded
 
     segment = recorded(segment_instances, "infer", step="cryosam-segment")  # reads nested: timed apart
@@ -276,16 +294,20 @@ def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, ou
     result.store = str(store)
     features_store = out / f"{stem}_features.zarr"
     extract_features(store, features_store, checkpoint=dino, params=FeatureParams(image_size=feature_image_size),
-                     client=client, device="gpu" if device == "cuda" else device, polarity=contrast)
+                     client=client, device=device, polarity=contrast)
     result.seconds["features"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     value_range = robust_range(read, shape)
     options = dict(config=config, checkpoint=str(sam) if sam else None, image_size=image_size, device=device,
                    batch=batch, seed=seed, value_range=value_range)
-    prompted = client.submit(segment, RecordedRead(read), shape, points, sp_params, pure=False, **options).result()
     features = open_features(features_store)
-    query = query_from_instances(features, min(features), prompted, points=points)
+    if query is None:
+        prompted = client.submit(segment, RecordedRead(read), shape, points, sp_params, pure=False, **options).result()
+        query = query_from_instances(features, min(features), prompted, points=points)
+    result.query = np.asarray(query)
+    if query_only:
+        return result
     detections = match(features, query, match_params, client=client)
     result.seconds["prompts + matching"] = time.perf_counter() - clock
 
@@ -303,13 +325,24 @@ def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, ou
     result.files = write_outputs(out, stem, "cryosam", result.picks, vs[2], object_name, shape=shape, star=star)
     result.files.append(_preview(read if raw is None else raw, shape, out / f"{stem}_cryosam_picks.png", result.picks,
                                  stem, "cryosam", vs,
-                                 sp_params.diameter * vs[2] / 2 if sp_params.diameter else None))
+                                 sp_params.diameter_voxels * vs[2] / 2 if sp_params.diameter_voxels else None,
+                                 client=client))
     result.files += _write_labels(store, instances, result.picks["score"].to_numpy(), layout=layout, out=out, stem=stem)
     return result
 
 
+def combine_queries(queries) -> np.ndarray:
+    """One query for a collection from its prompted tomograms' queries: their L2-normalised mean
+    (each tomogram's is already the normalised mean of its prompts' features)."""
+    total = np.sum([np.asarray(q, np.float64) for q in queries], axis=0)
+    norm = np.linalg.norm(total)
+    if not norm > 0:
+        raise InputError("the prompted tomograms' queries cancel out: no common query")
+    return (total / norm).astype(np.float32)
+
+
 def _paint(block_info=None, instances=None, scores=None):
-    from ..prompting.selfprompt import instance_labels
+    from ..prompting.instances import instance_labels
 
     region = tuple(slice(a, b) for a, b in block_info[None]["array-location"])
     return instance_labels(instances, region, scores=scores)
