@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
+from .collection import IN_FLIGHT, over_collection
 from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, REPORT, THREADS, WORKERS, cluster_session, parse_triple
 
 
@@ -18,7 +19,7 @@ def convert(
     chunks: str = typer.Option("64,256,256", "--chunks", help="Chunk shape z,y,x."),
     ngff: str = typer.Option("0.4", "--ngff", help="0.4 (zarr v2: CryoET Data Portal, napari) or 0.5 (zarr v3)."),
     dtype: str = typer.Option(None, "--dtype", help="float32 to convert; default keeps the input's type."),
-    voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (one value or z,y,x); overrides the header."),
+    voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (one value or z,y,x; default: the input's header)."),
     layout: str = typer.Option("default", "--layout", help="default, or portal: the CryoET Data Portal's (NGFF 0.4, float32, 256³ chunks, Blosc lz4; --chunks and --dtype ignored)."),
     copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): write each tomogram into the project as ExperimentRuns/<stem>/VoxelSpacing<vs>/<type>.zarr instead of --out (which keeps the resume marks)."),
     copick_type: str = typer.Option("wbp", "--copick-type", help="copick tomogram type written with --copick."),
@@ -67,13 +68,39 @@ def convert(
 
 @app.command()
 def export(
-    store: Path = typer.Argument(..., help="An OME-Zarr image written by cryodask convert."),
-    out: Path = typer.Option(..., "--out", help="Output MRC file."),
+    inputs: list[str] = typer.Argument(..., help="OME-Zarr images written by cryodask convert (stores, folders, globs)."),
+    out: Path = typer.Option(..., "--out", help="Output MRC file for one image; for several, a folder of <name>.mrc "
+                                                "(<name>_<labels>.mrc with --labels)."),
     level: int = typer.Option(0, "--level", help="Pyramid level."),
     labels: str = typer.Option(None, "--labels", help="Export the label image labels/<NAME> instead."),
+    in_flight: int = IN_FLIGHT,
 ):
     """Write one level of an OME-Zarr image (or of one of its label images) to MRC, with the voxel size."""
+    from ..engine.collection import Outcome, find_items
     from ..export import export as run
+    from ..io.omezarr import open_image
 
-    path = run(store, out, level=level, labels=labels)
-    typer.echo(f"wrote {path}")
+    from ..errors import InputError, where
+    from ..io.volumes import is_zarr
+
+    items = find_items(inputs, stores=True)
+    named = next((i for i in items if not is_zarr(i.path) and str(i.path) in inputs), None)
+    if named is not None:
+        raise where(named.path, "not an OME-Zarr image (export reads what convert wrote)")
+    items = [item for item in items if is_zarr(item.path)]  # a folder's MRC files stay where they are
+    if not items:
+        raise InputError(f"no OME-Zarr image in {', '.join(inputs)}")
+    one_file = len(items) == 1 and out.suffix.lower() in (".mrc", ".map", ".rec")
+    if not one_file:
+        from ..io.folders import check_output_dir
+
+        check_output_dir(out)
+
+    def target(item):
+        return out if one_file else out / (f"{item.name}_{labels}.mrc" if labels else f"{item.name}.mrc")
+
+    def work(item, client):
+        return Outcome(item, "done", lines=[f"wrote {run(item.path, target(item), level=level, labels=labels)}"])
+
+    over_collection("export", None, work, items=items, check=lambda item: open_image(item.path), needs_cluster=False,
+                    in_flight=in_flight)
