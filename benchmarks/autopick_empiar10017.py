@@ -153,7 +153,8 @@ def main() -> None:
         sweep = []
         for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99):
             keep = pick_scores[DENSE] >= t
-            sweep.append({"threshold": t, "picks": int(keep.sum()), **match_picks(picks[DENSE][keep], dense, RADIUS).scores()})
+            sweep.append({"threshold": t, "picks": int(keep.sum()),
+                          **match_picks(picks[DENSE][keep], dense, RADIUS).scores()})
         summary["repick"]["vs_cryoppp_dense"] = {"micrograph": DENSE, "truth": len(dense),
                                                  **match_picks(picks[DENSE], dense, RADIUS).scores(),
                                                  "threshold_sweep": sweep}

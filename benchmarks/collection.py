@@ -115,9 +115,11 @@ def run(folder: Path, out: Path, workers: int, *, kill_after: float | None = Non
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     text = "".join(lines)
     skipped = next((line for line in lines if line.startswith("steps:")), "").strip()
-    return {"wall_s": time.perf_counter() - clock, "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+    return {"wall_s": time.perf_counter() - clock,
+            "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
             "client_peak_rss_mb": peak[0] / 2**20, "first_finished_s": first[0], "started_at_first": started_then[0],
-            "returncode": process.returncode, "steps": skipped, "summary": text.strip().splitlines()[-1:] if text else []}
+            "returncode": process.returncode, "steps": skipped,
+            "summary": text.strip().splitlines()[-1:] if text else []}
 
 
 def same_outputs(a: Path, b: Path) -> bool:
@@ -164,9 +166,9 @@ def main(argv=None) -> int:
             row["first_finished_fraction_started"] = (row["started_at_first"] or 0) / n
             results["runs"].append(row)
             print(f"N={n}: {row['wall_s']:.1f} s wall ({row['wall_per_tomogram_s']:.3f} s/tomogram, "
-                  f"{row['cpu_per_tomogram_s']:.3f} CPU-s/tomogram), client+scheduler peak {row['client_peak_rss_mb']:.0f} MB, "
-                  f"first finished at {row['first_finished_s']} s with {row['started_at_first']} of {n} started; "
-                  f"{row['summary']}", flush=True)
+                  f"{row['cpu_per_tomogram_s']:.3f} CPU-s/tomogram), client+scheduler peak "
+                  f"{row['client_peak_rss_mb']:.0f} MB, first finished at {row['first_finished_s']} s with "
+                  f"{row['started_at_first']} of {n} started; {row['summary']}", flush=True)
             shutil.rmtree(tmp / f"out{n}", ignore_errors=True)
         if args.kill_n:
             folder = tmp / "kill"

@@ -93,7 +93,8 @@ def _box(centre, half, z0, z1, shape):
 
 def _grids(box, centre, z0):
     """Open-grid offsets of a box from the centre (float32, broadcastable), z shifted to the slab."""
-    return [(np.arange(s.start, s.stop, dtype=np.float32) - np.float32(c)).reshape([-1 if i == j else 1 for j in range(3)])
+    return [(np.arange(s.start, s.stop, dtype=np.float32) - np.float32(c))
+            .reshape([-1 if i == j else 1 for j in range(3)])
             for i, (s, c) in enumerate(zip(box, centre))], (slice(box[0].start - z0, box[0].stop - z0),) + box[1:]
 
 
@@ -138,7 +139,8 @@ def make_mask(path: Path, shape, seed=0, threads=None) -> dict:
         mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = 0, 1, foreground / np.prod(shape)
         mrc.voxel_size = 10.0
     return {"seconds": time.perf_counter() - start, "foreground_fraction": foreground / float(np.prod(shape)),
-            "vesicles": len(objects["vesicles"]), "sheets": len(objects["sheets"]), "small_objects": len(objects["solids"])}
+            "vesicles": len(objects["vesicles"]), "sheets": len(objects["sheets"]),
+            "small_objects": len(objects["solids"])}
 
 
 # ------------------------------------------------------------------ methods (run in child processes)
@@ -344,9 +346,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("CRYODASK_BENCH_DIR")) as tmp:
         src = Path(tmp) / "mask.mrc"
         generated = make_mask(src, shape, seed=args.seed)
-        print(f"generated {shape} mask in {generated['seconds']:.1f} s: {generated['foreground_fraction']:.2%} foreground, "
-              f"{generated['vesicles']} vesicles, {generated['sheets']} sheets, {generated['small_objects']} small objects",
-              file=sys.stderr)
+        print(f"generated {shape} mask in {generated['seconds']:.1f} s: {generated['foreground_fraction']:.2%} "
+              f"foreground, {generated['vesicles']} vesicles, {generated['sheets']} sheets, "
+              f"{generated['small_objects']} small objects", file=sys.stderr)
         reference = Path(tmp) / "reference" / "mask.mrc"
         for name, method, cores in plan(args):
             runs = []
@@ -367,12 +369,14 @@ def main() -> None:
                           "peak_rss_worker_mb": max(r["peak_rss_worker_mb"] for r in runs),
                           "identical": runs[0].get("identical", True),
                           **{k: runs[0][k] for k in ("n_components", "n_kept", "label_seconds", "cluster_start_seconds",
-                                                      "worker_max_rss_mb", "peak_rss_client_mb", "stages") if k in runs[0]}}
+                                                      "worker_max_rss_mb", "peak_rss_client_mb",
+                                                      "stages") if k in runs[0]}}
     scipy = rows["scipy"]
     for r in rows.values():
         r["speedup_vs_scipy"] = scipy["seconds_median"] / r["seconds_median"]
         r["worker_peak_vs_scipy_peak"] = r["peak_rss_worker_mb"] / scipy["peak_rss_mb"]
-        r["identical"] = bool(r["identical"] and (r["n_components"], r["n_kept"]) == (scipy["n_components"], scipy["n_kept"]))
+        r["identical"] = bool(r["identical"]
+                              and (r["n_components"], r["n_kept"]) == (scipy["n_components"], scipy["n_kept"]))
     summary = {"input": {"shape": shape, "voxels": int(np.prod(shape)), "chunks": chunks, "min_slices": args.min_slices,
                          "cpus": os.cpu_count(), "repeat": args.repeat, **generated}, "methods": rows}
     print(f"input {shape} ({np.prod(shape) / 1e9:.2f} G voxels, {generated['foreground_fraction']:.2%} foreground), "

@@ -73,7 +73,8 @@ def run_cryodask(src: Path, out: Path, chunks, workers: int, **_) -> dict:
     from cryodask.convert import convert
 
     start = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=workers, threads_per_worker=1,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
         started = time.perf_counter()
         report = convert([src], out, chunks=chunks, levels=3, client=client)
         os.sync()
@@ -106,7 +107,8 @@ def main() -> None:
     args = parser.parse_args()
     chunks = tuple(int(c) for c in args.chunks.split(","))
     if args.child:
-        print(json.dumps(METHODS[args.child](Path(args.input), Path(args.scratch), chunks=chunks, workers=args.workers)))
+        print(json.dumps(METHODS[args.child](Path(args.input), Path(args.scratch), chunks=chunks,
+                                             workers=args.workers)))
         return
 
     shape = tuple(int(s) for s in args.shape.split(","))
@@ -122,9 +124,12 @@ def main() -> None:
                 runs.append(measure(method, src, scratch, args))
                 shutil.rmtree(scratch)
             seconds = sorted(r["seconds"] for r in runs)
-            rows[method] = {"seconds_median": seconds[len(seconds) // 2], "seconds_min": seconds[0], "seconds_max": seconds[-1],
-                            "mb_per_s": mb / seconds[len(seconds) // 2], "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-                            **({"cluster_start_seconds": runs[0]["cluster_start_seconds"]} if method == "cryodask" else {})}
+            rows[method] = {"seconds_median": seconds[len(seconds) // 2], "seconds_min": seconds[0],
+                            "seconds_max": seconds[-1],
+                            "mb_per_s": mb / seconds[len(seconds) // 2],
+                            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                            **({"cluster_start_seconds": runs[0]["cluster_start_seconds"]}
+                               if method == "cryodask" else {})}
     limit, ome, ours = rows["raw-copy"], rows["ome-zarr"], rows["cryodask"]
     summary = {
         "input": {"shape": shape, "mb": mb, "chunks": chunks, "workers": args.workers, "cpus": os.cpu_count()},
@@ -133,10 +138,12 @@ def main() -> None:
         "cryodask_speedup_vs_ome_zarr": ome["seconds_median"] / ours["seconds_median"],
         "cryodask_peak_memory_vs_ome_zarr": ours["peak_rss_mb"] / ome["peak_rss_mb"],
     }
-    print(f"input {shape} float32, {mb:.0f} MB; {args.workers} workers on {os.cpu_count()} cores; median of {args.repeat}")
+    print(f"input {shape} float32, {mb:.0f} MB; {args.workers} workers on {os.cpu_count()} cores; median of "
+          f"{args.repeat}")
     print(f"{'method':<10} {'s (min-max)':>20} {'MB/s':>8} {'peak RSS MB':>12}")
     for name, r in rows.items():
-        print(f"{name:<10} {r['seconds_median']:>8.2f} ({r['seconds_min']:.2f}-{r['seconds_max']:.2f}) {r['mb_per_s']:>8.0f} {r['peak_rss_mb']:>12.0f}")
+        print(f"{name:<10} {r['seconds_median']:>8.2f} ({r['seconds_min']:.2f}-{r['seconds_max']:.2f}) "
+              f"{r['mb_per_s']:>8.0f} {r['peak_rss_mb']:>12.0f}")
     print(f"cryodask / bandwidth limit: {summary['cryodask_vs_bandwidth_limit']:.2f}   "
           f"speed-up vs ome-zarr: {summary['cryodask_speedup_vs_ome_zarr']:.2f}x   "
           f"peak memory vs ome-zarr: {summary['cryodask_peak_memory_vs_ome_zarr']:.2f}")

@@ -61,14 +61,15 @@ def train_model(work: Path, network: str, loss: str, args) -> tuple[Path, dict]:
     fresh = not (model / "model.pt").exists()
     if fresh:
         train_paths, _ = split()
-        params = TrainParams(model=network, loss=loss, widths=args.widths, bin=args.bin, epochs=args.epochs, crop=args.crop,
-                             batch_size=args.batch_size, lr=args.lr, seed=0)
+        params = TrainParams(model=network, loss=loss, widths=args.widths, bin=args.bin, epochs=args.epochs,
+                             crop=args.crop, batch_size=args.batch_size, lr=args.lr, seed=0)
         clock = time.time()
         train(train_paths, model, masks=DATA / "masks", params=params,
               log=lambda line: print(f"{network}+{loss} {line} ({time.time() - clock:.0f} s)", flush=True))
     history = json.loads((model / "training_log.json").read_text())
     config = json.loads((model / "config.json").read_text())
-    return model, {"trained_this_run": fresh, "seconds": history[-1]["seconds"], "epochs": len(history), "final_loss": history[-1]["loss"],
+    return model, {"trained_this_run": fresh, "seconds": history[-1]["seconds"], "epochs": len(history),
+                   "final_loss": history[-1]["loss"],
                    "first_loss": history[0]["loss"], "params": config["train"], "diameter": config["diameter"]}
 
 
@@ -109,9 +110,11 @@ def evaluate(model: Path, out: Path, crf_params, extract: str, client) -> dict:
             "pixels_full_resolution": {k: pooled[k] for k in ("pixel_accuracy", "precision", "recall", "iou", "f1")},
             "pixels_per_micrograph_iou": {r["name"]: r["metrics"][variant]["iou"] for r in report.results},
             "picking_vs_positive_boxes": {k.removeprefix("pick_"): pooled[k] for k in
-                                          ("pick_precision", "pick_recall", "pick_f1", "pick_tp", "pick_fp", "pick_fn")},
+                                          ("pick_precision", "pick_recall", "pick_f1", "pick_tp", "pick_fp",
+                                           "pick_fn")},
             "picking_vs_cryoppp_14_33_35": {k.removeprefix("pick_"): row[k] for k in
-                                            ("pick_precision", "pick_recall", "pick_f1", "pick_tp", "pick_fp", "pick_fn")}
+                                            ("pick_precision", "pick_recall", "pick_f1", "pick_tp", "pick_fp",
+                                             "pick_fn")}
             | {"n_picks": row["n_picks"], "n_truth": row["n_truth"]},
         }
     return result
@@ -144,7 +147,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     results = {"data": "EMPIAR-10017, 14 JPEG micrographs 4096², 1.77 Å/px, particle diameter 108 px",
                "split": {"test": TEST, "train": [p.stem for p in split()[0]]},
-               "bin": args.bin, "command": "python " + " ".join(sys.argv), "machine": f"{os.cpu_count()} CPU cores, no GPU",
+               "bin": args.bin, "command": "python " + " ".join(sys.argv),
+               "machine": f"{os.cpu_count()} CPU cores, no GPU",
                "notes": ["pixel scores at full resolution (binned masks repeated bin x bin) against masks > 127, "
                          "pooled over the 4 test micrographs",
                          "picking: Hungarian matching within 54 px (the radius) of the particles extracted from "

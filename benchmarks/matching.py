@@ -233,8 +233,9 @@ def main() -> None:
         disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 1e9
         query = query_vector(_open(root), 4, field.truth[:1])
         np.save(root / "query.npy", query)
-        print(f"generated {shape} x {args.dim} pyramid ({generated['gigabytes']:.2f} GB float16, {disk:.2f} GB on disk) "
-              f"in {generated['seconds']:.1f} s: {len(field.truth)} particles + {args.decoys} decoys", file=sys.stderr)
+        print(f"generated {shape} x {args.dim} pyramid ({generated['gigabytes']:.2f} GB float16, {disk:.2f} GB on "
+              f"disk) in {generated['seconds']:.1f} s: {len(field.truth)} particles + {args.decoys} decoys",
+              file=sys.stderr)
         plan = [("hierarchical", "hierarchical", 0), ("hier-nearest", "hier-nearest", 0), ("naive", "naive", 0)]
         if not args.no_in_ram:
             plan.append(("naive-in-RAM", "naive-in-RAM", 0))
@@ -251,7 +252,8 @@ def main() -> None:
                 print(f"  {name} run {i + 1}: {runs[name][-1]['seconds']:.2f} s", file=sys.stderr)
     for name, rs in runs.items():
         seconds = sorted(r["seconds"] for r in rs)
-        rows[name] = {"seconds_median": seconds[len(seconds) // 2], "seconds_min": seconds[0], "seconds_max": seconds[-1],
+        rows[name] = {"seconds_median": seconds[len(seconds) // 2], "seconds_min": seconds[0],
+                      "seconds_max": seconds[-1],
                       "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "detections": rs[0]["detections"],
                       **quality(*picks[name], field.truth, args.radius)}
         if "levels" in rs[0]:
@@ -287,9 +289,9 @@ def main() -> None:
           f"{'rec/naive':>9} {'same vox':>8} {'rec/truth':>9} {'prec/truth':>10} {'rec@N':>6}")
     for name, r in rows.items():
         print(f"{name:<14} {r['seconds_median']:>6.2f} ({r['seconds_min']:.2f}-{r['seconds_max']:.2f})"
-              f" {r['speedup_vs_naive']:>7.1f}x {r['peak_rss_mb']:>8.0f} {r['detections']:>6} {r['detections_ge_0.5']:>5}"
-              f" {r['recall_vs_naive']:>9.3f} {r['recall_vs_naive_same_voxel']:>8.3f} {r['recall_vs_truth']:>9.3f}"
-              f" {r['precision_vs_truth']:>10.3f} {r['recall_at_n_truth']:>6.3f}")
+              f" {r['speedup_vs_naive']:>7.1f}x {r['peak_rss_mb']:>8.0f} {r['detections']:>6} "
+              f"{r['detections_ge_0.5']:>5} {r['recall_vs_naive']:>9.3f} {r['recall_vs_naive_same_voxel']:>8.3f} "
+              f"{r['recall_vs_truth']:>9.3f} {r['precision_vs_truth']:>10.3f} {r['recall_at_n_truth']:>6.3f}")
     Path(args.results).mkdir(parents=True, exist_ok=True)
     (Path(args.results) / "matching.json").write_text(json.dumps(summary, indent=2))
 

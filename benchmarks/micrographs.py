@@ -138,13 +138,15 @@ def main() -> None:
                     cmd += ["--stride", str(args.stride)]
                 runs[w].append(run_measured(cmd, f"repick x{w}" if w else "reference loop"))
                 r = runs[w][-1]
-                print(f"  {f'{w} worker(s)' if w else 'reference loop'} run {i + 1}: {r['seconds']:.1f} s, {r['micrographs'] / r['seconds']:.3f} "
-                      f"micrographs/s, peak {r['peak_rss_mb']:.0f} MB", file=sys.stderr)
+                print(f"  {f'{w} worker(s)' if w else 'reference loop'} run {i + 1}: {r['seconds']:.1f} s, "
+                      f"{r['micrographs'] / r['seconds']:.3f} micrographs/s, peak {r['peak_rss_mb']:.0f} MB",
+                      file=sys.stderr)
     rows = {}
     for w, rs in runs.items():
         seconds = sorted(r["seconds"] for r in rs)
         median = seconds[len(seconds) // 2]
-        rows[f"{w}_workers" if w else "reference_loop"] = {"workers": w or "1 process, torch threads", "seconds_median": median, "seconds_min": seconds[0],
+        rows[f"{w}_workers" if w else "reference_loop"] = {"workers": w or "1 process, torch threads",
+                                                           "seconds_median": median, "seconds_min": seconds[0],
                                 "seconds_max": seconds[-1], "micrographs_per_s": rs[0]["micrographs"] / median,
                                 "windows_per_s": rs[0]["windows"] / median,
                                 "startup_seconds_median": sorted(r["startup_seconds"] for r in rs)[len(rs) // 2],

@@ -324,7 +324,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=os.environ.get("CRYODASK_QUALITY_CACHE",
                                                           str(Path.home() / ".cache" / "cryodask" / "quality")))
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for quality.json and quality.md")
-    parser.add_argument("--keep", help="keep each cell's outputs (mask, picks, previews) in KEEP/<cell>/{membranes,pick} "
+    parser.add_argument("--keep",
+                        help="keep each cell's outputs (mask, picks, previews) in KEEP/<cell>/{membranes,pick} "
                         "and the real crops' in KEEP/real_<stem>")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # a JSON job file: cells run by one worker process
     args = parser.parse_args(argv)

@@ -110,7 +110,8 @@ def query_vector(features, ratio: int, points_zyx, *, interpolation: str = "line
         raise InputError(f"points_zyx must be an (N, 3) array of z, y, x voxel coordinates, got shape {points.shape}")
     grid = np.asarray(array.shape[:3])
     if not np.isfinite(points).all() or (points < 0).any() or (points >= grid * ratio).any():
-        raise InputError(f"points_zyx must lie in the volume, 0 <= z, y, x < {tuple(int(g) for g in grid * ratio)} voxels")
+        raise InputError(f"points_zyx must lie in the volume, 0 <= z, y, x < {tuple(int(g) for g in grid * ratio)} "
+                         "voxels")
     position = np.minimum(points / ratio, grid - 1)
     total = np.zeros(array.shape[3], np.float64)
     for p in position:

@@ -211,8 +211,8 @@ def main(argv=None) -> dict:
         load = max(run["load_before"] for run in r["runs"])
         busy = min(run["cpu_per_wall"] for run in r["runs"])
         print(f"{r['kind']:<5} {r['workers']:>7} {s['median']:>8.2f} ({s['min']:.2f}-{s['max']:.2f}) "
-              f"{r['throughput']['median']:>7.2f} {r['mb_per_s']:>7.1f} {e['median']:>8.2f} ({e['min']:.2f}-{e['max']:.2f}) "
-              f"{load:>6.1f} {busy:>8.2f}")
+              f"{r['throughput']['median']:>7.2f} {r['mb_per_s']:>7.1f} {e['median']:>8.2f} "
+              f"({e['min']:.2f}-{e['max']:.2f}) {load:>6.1f} {busy:>8.2f}")
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "scaling.json").write_text(json.dumps(result, indent=2))

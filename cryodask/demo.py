@@ -120,7 +120,8 @@ def run_demo(out="cryodask-demo", *, tomograms: int = 3, shape=(64, 128, 128), v
         large = picks.coords[picks.table["rlnClassNumber"].to_numpy() == 1]
         write_picks(out / "evaluation" / stem / "truth_large.star", large)
         picked = pick(paths["tomogram"], out / "picks", method="log", diameter=250.0, client=client)
-        picking = evaluate_picks(out / "picks" / f"{stem}_log_picks.star", out / "evaluation" / stem / "truth_large.star",
+        picking = evaluate_picks(out / "picks" / f"{stem}_log_picks.star",
+                                 out / "evaluation" / stem / "truth_large.star",
                                  radius=125.0, unit="angstrom", voxel_size=voxel_size,
                                  out=out / "evaluation" / stem / "log_picks")
         preview = tomogram_preview(
@@ -225,7 +226,8 @@ def run_micrograph_demo(out, *, client=None) -> list[dict]:
                      truth_masks=data / "test" / "truth", truth_particles=data / "test" / "truth", client=client)
     crf_row = report
     if "crf" not in report.summary:  # the CRF did not help on the training micrographs: scored here anyway
-        crf_row = predict(data / "test", crisp.model_dir, out / "crisp" / "predictions_crf", params=PredictParams(crf="on"),
+        crf_row = predict(data / "test", crisp.model_dir, out / "crisp" / "predictions_crf",
+                          params=PredictParams(crf="on"),
                           truth_masks=data / "test" / "truth", truth_particles=data / "test" / "truth", client=client)
     _micrograph_preview(out, data / "test" / "m3.mrc", picks, truth["m3"], rows[0]["pick F1"],
                         crf=crisp.crf["apply"])
@@ -233,7 +235,8 @@ def run_micrograph_demo(out, *, client=None) -> list[dict]:
               + ("applied" if crisp.crf["apply"] else "not applied by default"))
     for variant, label in (("nocrf", "CRISP U-Net + Dice"), ("crf", "CRISP + dense CRF")):
         pooled = (crf_row if variant == "crf" else report).summary[variant]["pooled"]
-        rows.append({"method": label, "trained on": "3 micrographs (coordinates → disks)" if variant == "nocrf" else chosen,
+        rows.append({"method": label,
+                     "trained on": "3 micrographs (coordinates → disks)" if variant == "nocrf" else chosen,
                      "test accuracy": "",
                      "particle IoU": round(pooled["iou"], 3), "picks": int(pooled["pick_tp"] + pooled["pick_fp"]),
                      "pick precision": round(pooled["pick_precision"], 3),

@@ -36,7 +36,8 @@ def _version(module: str) -> str | None:
 def check_core() -> list[Check]:
     checks = [Check("python", "ok" if sys.version_info >= (3, 11) else "fail", sys.version.split()[0],
                     "cryodask needs Python >= 3.11")]
-    for module in ("numpy", "dask", "distributed", "zarr", "ome_zarr", "mrcfile", "cc3d", "starfile", "scipy", "skimage"):
+    for module in ("numpy", "dask", "distributed", "zarr", "ome_zarr", "mrcfile", "cc3d", "starfile", "scipy",
+                   "skimage"):
         version = _version(module)
         checks.append(Check(module, "ok" if version else "fail", version or "missing",
                             "" if version else "reinstall: bash deploy/install.sh .venv"))
@@ -82,7 +83,8 @@ def check_gpu() -> list[Check]:
 
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name(0)
-            checks.append(Check("CUDA (torch)", "ok", f"{torch.cuda.device_count()} device(s), {name}, CUDA {torch.version.cuda}"))
+            checks.append(Check("CUDA (torch)", "ok",
+                                f"{torch.cuda.device_count()} device(s), {name}, CUDA {torch.version.cuda}"))
         else:
             checks.append(Check("CUDA (torch)", "warn", "no CUDA device visible",
                                 "everything runs on CPU; on a GPU node install a CUDA torch and use --cluster cuda"))
@@ -147,10 +149,12 @@ def check_cluster(spec: str = "local", config=None, timeout: float = 5.0) -> lis
                           "see deploy/cluster.example.yaml and --cluster-config")]
         submit = {"slurm": "sbatch", "pbs": "qsub", "sge": "qsub", "lsf": "bsub"}[spec]
         found = shutil.which(submit) is not None
-        return [Check("cluster", "ok" if found else "warn", f"{spec} job script renders ({len(script.splitlines())} lines)",
+        return [Check("cluster", "ok" if found else "warn",
+                      f"{spec} job script renders ({len(script.splitlines())} lines)",
                       "" if found else f"{submit} not found on this node: run from a login node")]
     if spec == "cuda":
-        return [Check("cluster", "ok" if _version("dask_cuda") else "fail", "dask-cuda " + (_version("dask_cuda") or "missing"),
+        return [Check("cluster", "ok" if _version("dask_cuda") else "fail",
+                      "dask-cuda " + (_version("dask_cuda") or "missing"),
                       "" if _version("dask_cuda") else "bash deploy/install.sh .venv gpu")]
     from distributed import LocalCluster
 

@@ -118,7 +118,8 @@ def load_pipeline(path) -> Pipeline:
     except yaml.YAMLError as exc:
         raise where(path, f"is not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict) or not data:
-        raise where(path, f"must map step names to their options ({', '.join(ORDER)}); `cryodask run --example` prints one")
+        raise where(path,
+                    f"must map step names to their options ({', '.join(ORDER)}); `cryodask run --example` prints one")
     pipeline = Pipeline(source=str(path))
     for step, options in data.items():
         if step not in ORDER:

@@ -121,7 +121,8 @@ def test_classification_scores_and_auc():
     s = classification_scores([1, 1, 1, 0, 0], [0.9, 0.8, 0.3, 0.6, 0.1])
     assert (s["tp"], s["fp"], s["tn"], s["fn"]) == (2, 1, 1, 1)
     assert s["accuracy"] == 0.6 and s["precision"] == 2 / 3 and s["recall"] == 2 / 3
-    assert roc_auc([1, 1, 1, 0, 0], [0.9, 0.8, 0.3, 0.6, 0.1]) == pytest.approx(5 / 6)  # 5 of the 6 (good, bad) pairs ranked right
+    # 5 of the 6 (good, bad) pairs ranked right
+    assert roc_auc([1, 1, 1, 0, 0], [0.9, 0.8, 0.3, 0.6, 0.1]) == pytest.approx(5 / 6)
     assert roc_auc([1, 1], [0.2, 0.3]) is None
 
 
@@ -150,7 +151,8 @@ def test_training_separates_particles_from_junk(trained, synthetic):
     assert len(log) == len(result.history) >= 1 and {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(log[0])
     assert json.loads((root / "model" / "test_results.json").read_text())["n"] == result.counts["test"]
     net, config = load_model(root / "model")
-    assert (config.box_size, config.bin, config.window, config.pixel_size) == (BOX, BIN, BOX // BIN, pytest.approx(1.77))
+    assert (config.box_size, config.bin, config.window, config.pixel_size) == (BOX, BIN, BOX // BIN,
+                                                                               pytest.approx(1.77))
 
     # a micrograph it never saw: its particles score higher than its junk
     good, bad = held["mic40"]
@@ -232,8 +234,10 @@ def test_cli_trains_repicks_and_classifies(synthetic, client, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 micrographs re-picked" in out and "run report: autopick repick" in out
     records = json.loads((tmp_path / "report" / "report.json").read_text())["records"]
-    assert {(r["stage"], r["block"]) for r in records} == {(s, "mic40.mrc") for s in ("read", "infer", "post-process", "write")}
-    assert [r["bytes_read"] for r in records if r["stage"] == "read"] == [(root / "held" / "mics" / "mic40.mrc").stat().st_size]
+    assert {(r["stage"], r["block"]) for r in records} == {(s, "mic40.mrc")
+                                                           for s in ("read", "infer", "post-process", "write")}
+    assert ([r["bytes_read"] for r in records if r["stage"] == "read"]
+            == [(root / "held" / "mics" / "mic40.mrc").stat().st_size])
     # boxes for micrographs not given are skipped, said once; the stages are reported
     both = tmp_path / "both_good"
     both.mkdir()
@@ -241,7 +245,8 @@ def test_cli_trains_repicks_and_classifies(synthetic, client, tmp_path, capsys):
         (both / box.name).write_bytes(box.read_bytes())
     write_box(both / "mic99.box", [[50, 50]], BOX)
     code = main(["autopick", "classify", "--model", str(model), "--micrographs", str(root / "held" / "mics"),
-                 "--particles", str(both), "--out", str(tmp_path / "split"), "--report", str(tmp_path / "rc"), *cluster])
+                 "--particles", str(both), "--out", str(tmp_path / "split"), "--report", str(tmp_path / "rc"),
+                 *cluster])
     assert code == 0 and (tmp_path / "split" / "mic40_false.star").is_file()
     err = capsys.readouterr().err
     assert err.count("note: coordinates of 1 micrograph(s) not given were skipped") == 1, err
@@ -274,15 +279,18 @@ def test_cli_bad_input_is_one_line(synthetic, tmp_path, capsys):
              "--out", str(tmp_path / "m"), "--good", str(held / "good"), "--bad", str(held / "bad")]
     assert "--box-size" in cli_error(capsys, small)
     repick_args = ["--micrographs", str(held / "mics"), "--out", str(tmp_path / "p")]
-    assert "no such model folder" in cli_error(capsys, ["autopick", "repick", "--model", str(tmp_path / "none")] + repick_args)
+    assert "no such model folder" in cli_error(capsys,
+                                               ["autopick", "repick", "--model", str(tmp_path / "none")] + repick_args)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.pt").write_bytes(b"not a model")
-    assert "cannot be read as a model" in cli_error(capsys, ["autopick", "repick", "--model", str(broken)] + repick_args)
+    assert "cannot be read as a model" in cli_error(capsys,
+                                                    ["autopick", "repick", "--model", str(broken)] + repick_args)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     torch.save({"weights": 1}, foreign / "model.pt")
-    assert "not an Autopick-BC model" in cli_error(capsys, ["autopick", "repick", "--model", str(foreign)] + repick_args)
+    assert "not an Autopick-BC model" in cli_error(capsys,
+                                                   ["autopick", "repick", "--model", str(foreign)] + repick_args)
     assert not (tmp_path / "p").exists()  # nothing written, no cluster started
 
 

@@ -441,7 +441,8 @@ def _(t):
     data = np.random.default_rng(1).normal(size=(32, 64, 64)).astype(np.float32)
     store = ome_zarr(t / "big.zarr", data)
     out = tmpfs(t / "full")
-    return Case(["export", store, "--out", out / "big.mrc"], ["big.mrc", "cannot write", "No space left on device"], out, "big")
+    return Case(["export", store, "--out", out / "big.mrc"], ["big.mrc", "cannot write", "No space left on device"],
+                out, "big")
 
 
 @case("postprocess-full-disk")
@@ -511,7 +512,8 @@ def _(t):
     logits = GOOD.copy()
     logits[7, 0, 0] = np.nan
     pred, truth = raw_mrc(t / "pred.mrc", mask), raw_mrc(t / "truth.mrc", mask)
-    return Case(["evaluate", "membranes", pred, truth, "--logits", raw_mrc(t / "logits.mrc", logits), "--out", t / "out"],
+    return Case(["evaluate", "membranes", pred, truth, "--logits", raw_mrc(t / "logits.mrc", logits), "--out",
+                 t / "out"],
                 ["logits.mrc", "NaN or Inf"], t / "out", "membranes", cluster=True)
 
 
@@ -520,7 +522,8 @@ def _(t):
 def _picks_case(t, name, text, words):
     pred = star(t / name, text)
     truth = write_picks(t / "truth.star", np.array([[1.0, 2.0, 3.0]]))
-    return Case(["evaluate", "picks", pred, truth, "--radius", "5", "--out", t / "out"], [name, *words], t / "out", "picks")
+    return Case(["evaluate", "picks", pred, truth, "--radius", "5", "--out", t / "out"], [name, *words], t / "out",
+                "picks")
 
 
 @case("evaluate-picks-star-garbage")
@@ -577,7 +580,8 @@ def _(t):
 @case("pick-log-2d-mrc")
 def _(t):
     bad = raw_mrc(t / "slice.mrc", GOOD[0])
-    return Case(["pick", bad, "--out", t / "out", "--diameter", "50"], ["slice.mrc", "not a 3D volume"], t / "out", "slice")
+    return Case(["pick", bad, "--out", t / "out", "--diameter", "50"], ["slice.mrc", "not a 3D volume"], t / "out",
+                "slice")
 
 
 @case("pick-log-huge-dimensions")
@@ -635,7 +639,8 @@ def _(t, weights):
 
 @case("pick-cryosam-wrong-architecture", "weights")
 def _(t, weights):
-    extra = ["--prompt", "3,3,3", "--sam-checkpoint", weights / "sam2.1_hiera_tiny.pt", "--model-config", "sam2.1_hiera_s"]
+    extra = ["--prompt", "3,3,3", "--sam-checkpoint", weights / "sam2.1_hiera_tiny.pt", "--model-config",
+             "sam2.1_hiera_s"]
     return Case(_cryosam(t, weights, *extra), ["sam2.1_hiera_tiny.pt", "does not match config sam2.1_hiera_s"],
                 t / "out", "t")
 
@@ -738,7 +743,8 @@ def test_bad_input(name, tmp_path, capsys, monkeypatch, request):
     else:
         import cryodask.engine.cluster
 
-        monkeypatch.setattr(cryodask.engine.cluster, "make_cluster", lambda *a, **k: pytest.fail("a cluster was started"))
+        monkeypatch.setattr(cryodask.engine.cluster, "make_cluster",
+                            lambda *a, **k: pytest.fail("a cluster was started"))
     code, out, err = run(capsys, args)
     assert "Traceback" not in out + err
     assert not [line for line in err.splitlines() if "Warning" in line], err

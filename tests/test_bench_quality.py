@@ -50,7 +50,8 @@ def test_quick_matrix_scores_what_the_cli_wrote_and_reuses_the_cache(tmp_path):
             assert list(mrc.data.shape) == cell["shape"]
 
         # Dice, recomputed from the mask the CLI wrote and the truth
-        kept = out / "cells" / f"{cell['simulator']}_vs{cell['voxel_size']:g}_snr{cell['snr']:g}_{cell['polarity']}_seed0"
+        kept = out / "cells" / (f"{cell['simulator']}_vs{cell['voxel_size']:g}_snr{cell['snr']:g}_"
+                                f"{cell['polarity']}_seed0")
         mask = mrcfile.read(next((kept / "membranes").glob("*_classical_predicted_mask.mrc"))) != 0
         truth = mrcfile.read(folder / cell["polarity"] / "truth" / "tomo_membranes.mrc") != 0
         dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())

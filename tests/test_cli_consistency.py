@@ -79,7 +79,8 @@ def test_help_shows_flags_plainly_and_defaults(capsys, monkeypatch):
             elif param.default == "":  # typer shows no empty default: the help must say it
                 assert "default" in param.help, (path, param.opts)
             elif not param.is_flag and param.default not in (None, ()):
-                shown = ", ".join(map(str, param.default)) if isinstance(param.default, (list, tuple)) else param.default
+                shown = (", ".join(map(str, param.default)) if isinstance(param.default, (list, tuple))
+                         else param.default)
                 assert f"[default: {shown}]" in flat, (path, param.opts, shown)
 
 
@@ -222,7 +223,8 @@ def test_defaults_said_in_help_are_the_parameter_classes_own(capsys):
 
     assert main(["membranes", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    said = {name: float(value) for name, value in re.findall(r"--(thickness|low|high) \S+ .*?\(default ([\d.]+)\)", text)}
+    said = {name: float(value) for name, value in re.findall(r"--(thickness|low|high) \S+ .*?\(default ([\d.]+)\)",
+                                                             text)}
     assert said == {"thickness": ClassicalParams.thickness, "low": ClassicalParams.low, "high": ClassicalParams.high}
     assert main(["pick", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())

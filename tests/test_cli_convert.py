@@ -110,7 +110,8 @@ def test_console_script_exit_code_and_one_line(tmp_path):
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert error_lines(result.stderr) == [f"error: {tmp_path / 'broken.mrc'}: not a readable MRC file (Couldn't read enough bytes for MRC header)"]
+    assert error_lines(result.stderr) == [f"error: {tmp_path / 'broken.mrc'}: not a readable MRC file (Couldn't read "
+                                          "enough bytes for MRC header)"]
 
 
 def test_export_round_trip_and_errors(tmp_path, capsys, client):

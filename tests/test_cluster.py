@@ -47,7 +47,8 @@ def test_pbs_job_script():
 
 @pytest.mark.parametrize("make,words", [
     (lambda tmp: check_spec("kubernetes"), "expected one of"),
-    (lambda tmp: jobqueue_cluster("slurm", {"cores": 2, "memory": "1GB", "no_such_option": 1}), "invalid configuration"),
+    (lambda tmp: jobqueue_cluster("slurm", {"cores": 2, "memory": "1GB", "no_such_option": 1}),
+     "invalid configuration"),
     (lambda tmp: load_config(tmp / "missing.yaml"), "cannot read cluster config"),
     (lambda tmp: (tmp / "bad.yaml").write_text("- a\n- b\n") and load_config(tmp / "bad.yaml"), "must be a mapping"),
 ])
@@ -73,7 +74,8 @@ def test_unreachable_scheduler_is_a_clear_error():
             pass
 
 
-@pytest.mark.parametrize("kind,expected", [("slurm", "#SBATCH --gres=gpu:1"), ("pbs", "#PBS -l select=1:ncpus=8:ngpus=1:mem=64GB")])
+@pytest.mark.parametrize("kind,expected",
+                         [("slurm", "#SBATCH --gres=gpu:1"), ("pbs", "#PBS -l select=1:ncpus=8:ngpus=1:mem=64GB")])
 def test_the_shipped_example_config_renders(kind, expected):
     from conftest import ROOT
 

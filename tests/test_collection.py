@@ -39,7 +39,8 @@ def test_a_relion5_tomograms_star_lists_its_tomograms(tmp_path):
     for name in ("TS_01", "TS_02"):
         write_raw_mrc(job / "tomograms" / f"{name}.mrc", np.zeros((4, 8, 8), np.float32))
     table = pd.DataFrame({"rlnTomoName": ["TS_01", "TS_02"],
-                          "rlnTomoReconstructedTomogram": [f"Tomograms/job_tomo/tomograms/{n}.mrc" for n in ("TS_01", "TS_02")]})
+                          "rlnTomoReconstructedTomogram": [f"Tomograms/job_tomo/tomograms/{n}.mrc"
+                                                           for n in ("TS_01", "TS_02")]})
     starfile.write({"global": table}, job / "tomograms.star")
     items = find_items([job / "tomograms.star"])
     assert [(i.name, i.path.resolve()) for i in items] == [
@@ -140,7 +141,8 @@ def test_postprocess_evaluate_and_export_take_a_collection(tmp_path, capsys, cli
     capsys.readouterr()
     table = pd.read_csv(scores / "evaluate_membranes.csv")
     assert list(table["tomogram"]) == ["t0", "t1", "mean"]
-    assert table["dice"].iloc[:2].between(0.3, 1).all() and np.isclose(table["dice"].iloc[2], table["dice"].iloc[:2].mean())
+    assert (table["dice"].iloc[:2].between(0.3, 1).all()
+            and np.isclose(table["dice"].iloc[2], table["dice"].iloc[:2].mean()))
 
     exported = tmp_path / "exported"
     assert main(["export", str(masks), "--out", str(exported), "--labels", "classical_predicted_mask"]) == 0

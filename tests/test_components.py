@@ -51,7 +51,8 @@ def test_a_component_winding_through_many_chunks(connectivity):
     """A helix of face-connected voxels crossing dozens of 2x2x2 chunks is one component."""
     mask = np.zeros((40, 24, 24), bool)
     t = np.linspace(0, 6 * np.pi, 4000)
-    z, y, x = (t / t[-1] * 39).round().astype(int), (11.5 + 10 * np.sin(t)).round().astype(int), (11.5 + 10 * np.cos(t)).round().astype(int)
+    z, y, x = ((t / t[-1] * 39).round().astype(int), (11.5 + 10 * np.sin(t)).round().astype(int),
+               (11.5 + 10 * np.cos(t)).round().astype(int))
     mask[z, y, x] = True
     mask = ndimage.binary_dilation(mask, structure(6))  # face-connected tube
     out, comps = components(mask, (2, 2, 2), connectivity)
@@ -84,7 +85,8 @@ def test_on_the_cluster_equals_scipy(tmp_path_factory, client, shape, chunks, co
     result = postprocess(tmp / "m.mrc", tmp / "out.zarr", connectivity=connectivity, min_slices=2, labels=True,
                          chunks=chunks, client=client)
     np.testing.assert_array_equal(zarr.open_array(str(tmp / "out.zarr" / "0"), mode="r")[:], kept)
-    np.testing.assert_array_equal(zarr.open_array(str(tmp / "out.zarr" / "labels" / "components" / "0"), mode="r")[:], ref)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp / "out.zarr" / "labels" / "components" / "0"), mode="r")[:],
+                                  ref)
     assert result.n_kept == ref.max()
 
 
@@ -158,7 +160,8 @@ def test_mask_larger_than_worker_memory(tmp_path):
             mrc.data[z] = 0
             mrc.data[z, (z * 3) % 1000: (z * 3) % 1000 + 20, :] = 1      # a sheet sliding in y: one component
             if z % 3 == 0:
-                mrc.data[z, 1010:1020, ::4] = 1                            # one-slice posts: 22k components, all removed
+                # one-slice posts: 22k components, all removed
+                mrc.data[z, 1010:1020, ::4] = 1
         mrc.voxel_size = 10.0
     with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="250MB", dashboard_address=":0") as cluster, \
             Client(cluster) as client:

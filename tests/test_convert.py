@@ -144,7 +144,8 @@ def test_bad_tomogram_fails_alone_and_is_not_marked_complete(tmp_path, client):
     status = {os.path.basename(r.source): r for r in report.results}
     assert status["good.mrc"].status == "converted"
     assert status["nan.mrc"].status == "failed"
-    assert "nan.mrc" in status["nan.mrc"].message and "NaN or Inf" in status["nan.mrc"].message and "z=7" in status["nan.mrc"].message
+    assert ("nan.mrc" in status["nan.mrc"].message and "NaN or Inf" in status["nan.mrc"].message
+            and "z=7" in status["nan.mrc"].message)
     attrs = zarr.open_group(str(tmp_path / "out" / "nan.zarr"), mode="r").attrs["cryodask"]["convert"]
     assert attrs["complete"] is False
     again = convert([tmp_path / "nan.mrc"], tmp_path / "out", chunks=(4, 8, 8), levels=2, client=client)
@@ -192,7 +193,8 @@ def test_killed_conversion_resumes_to_identical_result(tmp_path):
     assert 5 <= len(done) < 12, "the kill must land mid-run (15 blocks in all)"
     store = tmp_path / "out" / "t.zarr"
     assert zarr.open_group(str(store), mode="r").attrs["cryodask"]["convert"]["complete"] is False
-    chunk_files = {p: p.stat().st_mtime_ns for p in (store / "0").rglob("*") if p.is_file() and not p.name.startswith(".")}
+    chunk_files = {p: p.stat().st_mtime_ns for p in (store / "0").rglob("*")
+                   if p.is_file() and not p.name.startswith(".")}
     time.sleep(0.02)
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -223,7 +225,8 @@ def test_collection_larger_than_the_window(tmp_path, client):
     plan = plan_conversion([tmp_path / "*.mrc"], tmp_path / "out", chunks=(4, 8, 8), levels=2)
     report = run_conversion(plan, client, in_flight=2)
     assert [os.path.basename(r.source) for r in report.results] == [f"t{i}.mrc" for i in range(10)]
-    assert [r.status for r in report.results] == ["converted"] * 4 + ["failed"] + ["converted"] * 2 + ["skipped"] + ["converted"] * 2
+    assert [r.status for r in report.results] == (["converted"] * 4 + ["failed"] + ["converted"] * 2 + ["skipped"]
+                                                   + ["converted"] * 2)
     for name, data in volumes.items():
         if name != "t4":
             assert_store_equals(tmp_path / "out" / f"{name}.zarr", data, (10.0, 10.0, 10.0), 2)

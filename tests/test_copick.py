@@ -136,8 +136,10 @@ def test_config_is_created_kept_and_accepted_by_copick_models(tmp_path):
     # someone else's project: their objects and labels stay, ours get the next free label
     theirs = tmp_path / "theirs.json"
     theirs.write_text(json.dumps({"config_type": "filesystem", "overlay_root": str(tmp_path / "t"), "name": "x",
-                                  "pickable_objects": [{"name": "apo", "is_particle": True, "label": 1, "emdb_id": "E"}]}))
-    assert cp.add_objects(cp.open_project(theirs), [{"name": "membrane", "is_particle": False}]) == {"apo": 1, "membrane": 2}
+                                  "pickable_objects": [{"name": "apo", "is_particle": True, "label": 1,
+                                                        "emdb_id": "E"}]}))
+    assert (cp.add_objects(cp.open_project(theirs), [{"name": "membrane", "is_particle": False}])
+            == {"apo": 1, "membrane": 2})
     kept = models.CopickConfig.model_validate(json.loads(theirs.read_text()))
     assert kept.pickable_objects[0].emdb_id == "E" and kept.name == "x"
 
@@ -236,7 +238,8 @@ def test_files_the_commands_wrote_pass_copick_models(written):
 
 def test_multilabel_segmentation_reads_back(tmp_path, copick_python, client):
     project = cp.open_project(tmp_path / "p" / "copick.json", create=True)
-    labels = cp.add_objects(project, [{"name": "membrane", "is_particle": False}, {"name": "ribo", "is_particle": True}])
+    labels = cp.add_objects(project,
+                            [{"name": "membrane", "is_particle": False}, {"name": "ribo", "is_particle": True}])
     volume = np.zeros((20, 24, 28), dtype=np.uint8)
     volume[2:6] = labels["membrane"]
     volume[10:12, 5:9, 5:9] = labels["ribo"]
@@ -284,7 +287,8 @@ def test_a_copick_config_as_input_is_its_runs(written, tmp_path, capsys, client)
     one_line_error(lambda: cp.expand_config(config), config, "several tomograms .*choose one with --copick-type")
     chosen = cp.expand_config(config, tomo_type="denoised")
     assert [p.name for p in chosen] == ["other.zarr"] and chosen[0].resolve() == (run_dir / "wbp.zarr").resolve()
-    assert [Path(p).name for p in cp.expand_inputs([str(config)], tomo_type="wbp")] == ["other.zarr", "third.zarr", "tomo.zarr"]
+    assert ([Path(p).name for p in cp.expand_inputs([str(config)], tomo_type="wbp")]
+            == ["other.zarr", "third.zarr", "tomo.zarr"])
     one_line_error(lambda: cp.expand_config(config, voxel_spacing=7.0), config, "no tomogram of voxel spacing 7.0")
     os.unlink(run_dir / "denoised.zarr")
 
@@ -294,7 +298,8 @@ def test_bad_copick_options_are_one_line_errors(written, tmp_path, capsys):
     bad.write_text("[1, 2]")
     code, out, err = run(capsys, "pick", written["tomo"]["tomogram"], "--out", tmp_path / "o", "--diameter", "250",
                          "--copick", bad)
-    assert code == 2 and err.strip() == f"error: {bad}: not a copick config (a JSON object with pickable_objects expected)"
+    assert code == 2 and err.strip() == (f"error: {bad}: not a copick config "
+                                         "(a JSON object with pickable_objects expected)")
     code, out, err = run(capsys, "convert", written["other"]["tomogram"], "--out", tmp_path / "c", "--ngff", "0.5",
                          "--copick", tmp_path / "new.json")
     assert code == 2 and "--copick needs --ngff 0.4" in err and len(err.strip().splitlines()) == 1

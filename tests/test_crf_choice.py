@@ -115,7 +115,8 @@ def test_choose_applies_a_crf_that_helps_and_not_one_that_hurts():
     assert not worse["apply"] and worse["iou_crf"] < worse["iou_nocrf"]
     # a gain within the margin is not taken as one: the best of a grid wins by a hair by chance
     gain = result["iou_crf"] - result["iou_nocrf"]
-    assert not choose([case], [helpful], min_gain=gain + 1e-9)["apply"] and choose([case], [helpful], min_gain=gain - 1e-9)["apply"]
+    assert (not choose([case], [helpful], min_gain=gain + 1e-9)["apply"]
+            and choose([case], [helpful], min_gain=gain - 1e-9)["apply"])
     assert len(grid(DIAMETER)) == 37 and grid(DIAMETER)[0] == CRFParams()  # CRISP's defaults are tried too
 
 
@@ -172,7 +173,8 @@ def test_predict_follows_the_stored_decision(synthetic, trained, tmp_path, clien
     printed, _ = _predict(synthetic, on, tmp_path / "p_on", client=client)
     p = crf["params"]
     assert f"CRF on (chosen by crisp train on 3 training micrograph(s): IoU {crf['iou_nocrf']:.3f} without" in printed
-    assert f"features {p['features']}, sxy {p['sxy']:g}" in printed and (tmp_path / "p_on" / "m10_mask_nocrf.png").exists()
+    assert (f"features {p['features']}, sxy {p['sxy']:g}" in printed
+            and (tmp_path / "p_on" / "m10_mask_nocrf.png").exists())
     off = _with_choice(model, tmp_path / "off_model", False)
     printed, _ = _predict(synthetic, off, tmp_path / "p_off", client=client)
     assert "CRF off (chosen by crisp train" in printed and not (tmp_path / "p_off" / "m10_mask_nocrf.png").exists()
@@ -209,10 +211,12 @@ def test_metrics_pool_only_the_micrographs_with_truth(synthetic, trained, tmp_pa
     assert m12_picks > 0 and pooled["pick_precision"] > 0.8  # m12's picks would all be false positives
     # masks for m10 only, coordinates for m10 and m11: each pool over its own micrographs
     out = tmp_path / "partial"
-    printed, metrics = _predict(synthetic, model, out, "--crf", "off", "--truth-masks", synthetic / "test" / "masks_m10",
+    printed, metrics = _predict(synthetic, model, out, "--crf", "off", "--truth-masks",
+                                synthetic / "test" / "masks_m10",
                                 "--truth-particles", synthetic / "test" / "stars", client=client)
     entry = metrics["summary"]["nocrf"]
-    assert entry["micrographs_masks"] == 1 and entry["micrographs_particles"] == 2 and metrics["without_truth"] == ["m12"]
+    assert (entry["micrographs_masks"] == 1 and entry["micrographs_particles"] == 2
+            and metrics["without_truth"] == ["m12"])
     table = pd.read_csv(out / "metrics.csv").set_index("micrograph")
     assert entry["pooled"]["iou"] == pytest.approx(table.loc["m10", "iou"])
     assert np.isnan(table.loc["m11", "iou"]) and table.loc["m11", "pick_tp"] > 0

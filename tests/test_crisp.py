@@ -113,7 +113,8 @@ def test_lovasz_softmax_matches_its_definition_on_soft_probabilities(case):
 def test_cross_entropy_label_smoothing_moves_the_optimum_off_certainty(case):
     truth, _ = case
     target = torch.from_numpy(truth)[None]
-    at = {q: float(soft_cross_entropy(soft_logits(np.where(truth == 1, q, 1 - q)), target)) for q in (0.8, 0.95, 0.9999)}
+    at = {q: float(soft_cross_entropy(soft_logits(np.where(truth == 1, q, 1 - q)), target))
+          for q in (0.8, 0.95, 0.9999)}
     assert at[0.95] < at[0.8] and at[0.95] < at[0.9999]  # smoothing 0.1 over 2 classes: optimum at 0.95
     expected = -(0.95 * np.log(0.95) + 0.05 * np.log(0.05))
     assert at[0.95] == pytest.approx(expected, rel=1e-6)

@@ -40,8 +40,8 @@ def trained(synthetic):
     model = synthetic / "model"
     code = main(["crisp", "train", "--micrographs", str(synthetic / "train" / "mics"), "--particles",
                  str(synthetic / "train" / "stars"), "--diameter", str(DIAMETER), "--bin", "2", "--model", "unet",
-                 "--loss", "dice", "--widths", "8,16,32", "--epochs", "20", "--crop", "64", "--lr", "0.01", "--threads", "1",
-                 "--out", str(model), "--report", str(synthetic / "train_report")])
+                 "--loss", "dice", "--widths", "8,16,32", "--epochs", "20", "--crop", "64", "--lr", "0.01", "--threads",
+                 "1", "--out", str(model), "--report", str(synthetic / "train_report")])
     assert code == 0
     return model
 
@@ -67,7 +67,8 @@ def test_predict_beats_the_iou_bound_and_resumes(synthetic, trained, client, cap
             "--cluster", client.scheduler.address]
     assert main(args + ["--report", str(synthetic / "report")]) == 0
     assert "run report: crisp predict" in capsys.readouterr().out
-    stages = {(r["stage"], r["block"]) for r in json.loads((synthetic / "report" / "report.json").read_text())["records"]}
+    stages = {(r["stage"], r["block"])
+              for r in json.loads((synthetic / "report" / "report.json").read_text())["records"]}
     assert stages == {(s, f"{m}.mrc") for s in ("read", "infer", "post-process", "write") for m in ("m10", "m11")}
     summary = json.loads((out / "metrics.json").read_text())["summary"]
     for variant in ("nocrf", "crf"):

@@ -136,12 +136,14 @@ GPU = "cores: 8, memory: 32GB, walltime: '04:00:00', job_extra_directives: ['--g
 BAD = {
     "not a mapping": ("- slurm\n- pbs\n", "must be a mapping"),
     "unknown job option": ("slurm: {cores: 8, memory: 8GB, gres: 'gpu:1'}\n", "unknown option 'gres' for SLURMCluster"),
-    "hyphenated option": ("slurm: {cores: 8, memory: 8GB, job-extra-directives: []}\n", "did you mean job_extra_directives"),
+    "hyphenated option": ("slurm: {cores: 8, memory: 8GB, job-extra-directives: []}\n",
+                          "did you mean job_extra_directives"),
     "unknown top-level key": ("slurn: {cores: 8}\n", "unknown key(s) slurn"),
     "lifetime past walltime": (f"slurm: {{{GPU}, walltime: '01:00:00', worker_extra_args: ['--resources', 'GPU=1', "
-                               "'--lifetime', '58m', '--lifetime-stagger', '5m']}\n", "does not end before the walltime 01:00:00"),
-    "lifetime dask cannot read": (f"slurm: {{{GPU}, worker_extra_args: ['--resources', 'GPU=1', '--lifetime', '3h50m']}}\n",
-                                  "'3h50m' is not a duration"),
+                               "'--lifetime', '58m', '--lifetime-stagger', '5m']}\n",
+                               "does not end before the walltime 01:00:00"),
+    "lifetime dask cannot read": (f"slurm: {{{GPU}, worker_extra_args: ['--resources', 'GPU=1', '--lifetime', "
+                                  f"'3h50m']}}\n", "'3h50m' is not a duration"),
     "restart under a walltime": (f"slurm: {{{GPU}, worker_extra_args: ['--resources', 'GPU=1', '--lifetime', '60m', "
                                  "'--lifetime-restart']}\n", "--lifetime-restart restarts the worker"),
     "GPU job without the resource": (f"slurm: {{{GPU}}}\n", "requests a GPU but its worker has no '--resources GPU=1'"),
@@ -151,16 +153,20 @@ BAD = {
                          "worker_extra_args: ['--resources', 'GPU=1']}\n", "one GPU per job"),
     "GPU shared by processes": (f"slurm: {{{GPU}, processes: 2, worker_extra_args: ['--resources', 'GPU=1']}}\n",
                                 "one worker process"),
-    "string instead of a list": ("slurm: {cores: 8, memory: 8GB, worker_extra_args: '--lifetime 60m'}\n", "must be a list"),
+    "string instead of a list": ("slurm: {cores: 8, memory: 8GB, worker_extra_args: '--lifetime 60m'}\n",
+                                 "must be a list"),
     "no cores": ("slurm: {memory: 8GB}\n", "cores and memory per job are required"),
     "cores not a number": ("slurm: {cores: eight, memory: 8GB}\n", "cores must be a positive integer"),
     "memory not a size": ("slurm: {cores: 8, memory: lots}\n", "memory 'lots' is not a size"),
-    "GPU job split into processes by default": ("slurm: {cores: 8, memory: 8GB, job_extra_directives: ['--gres=gpu:1'], "
-                                                "worker_extra_args: ['--resources', 'GPU=1']}\n", "one worker process"),
-    "missing config section": ("slurm: {cores: 8, memory: 8GB, config_name: slurm-gpu}\n", "no jobqueue.slurm-gpu section"),
+    "GPU job split into processes by default": ("slurm: {cores: 8, memory: 8GB, job_extra_directives: "
+                                                "['--gres=gpu:1'], worker_extra_args: ['--resources', 'GPU=1']}\n",
+                                                "one worker process"),
+    "missing config section": ("slurm: {cores: 8, memory: 8GB, config_name: slurm-gpu}\n",
+                               "no jobqueue.slurm-gpu section"),
     "GPU profile without the resource": ("default: gpu\nprofiles:\n  gpu:\n    slurm: {cores: 8, memory: 8GB}\n",
                                          "profile gpu): slurm workers have no '--resources GPU=1'"),
-    "unknown profile": ("profiles:\n  gpu: {jobs: 2}\n  cpu: {jobs: 4}\ndefault: tpu\n", "unknown profile 'tpu' (profiles: gpu, cpu)"),
+    "unknown profile": ("profiles:\n  gpu: {jobs: 2}\n  cpu: {jobs: 4}\ndefault: tpu\n",
+                        "unknown profile 'tpu' (profiles: gpu, cpu)"),
     "no profile chosen": ("profiles:\n  gpu: {jobs: 2}\n  cpu: {jobs: 4}\n", "choose a profile"),
     "bad jobs": ("jobs: 0\nslurm: {cores: 8, memory: 8GB}\n", "jobs must be a positive integer"),
 }
@@ -270,7 +276,8 @@ def test_environment_pins_match_pyproject():
     for line in pip:
         if not line.startswith("-"):
             req = Requirement(line)
-            assert str(req.specifier) in pinned[req.name], f"{line} is not pinned like pyproject: {pinned.get(req.name)}"
+            assert str(req.specifier) in pinned[req.name], \
+                f"{line} is not pinned like pyproject: {pinned.get(req.name)}"
     install = (DEPLOY / "install.sh").read_text()
     assert "torch==2.13.0" in pip and '"${pip[@]}" torch==2.13.0' in install
     sam2 = re.search(r"sam2==([\d.]+)", (DEPLOY / "environment.yml").read_text()).group(1)
@@ -284,7 +291,8 @@ def test_documented_deploy_files_exist_and_commands_take_their_options(capsys):
     for doc in (readme, (ROOT / "README.md").read_text()):
         for path in set(re.findall(r"deploy/[\w./-]+\w", doc)):
             assert (ROOT / path.split(":")[0]).exists(), path
-    commands = re.findall(r"^\s*(?:\S+=\S+ )*(?:deploy/local-multigpu\.sh|cryodask) ([a-z]+)((?:.*\\\n)*.*)$", readme, re.M)
+    commands = re.findall(r"^\s*(?:\S+=\S+ )*(?:deploy/local-multigpu\.sh|cryodask) ([a-z]+)((?:.*\\\n)*.*)$", readme,
+                          re.M)
     assert len(commands) >= 5
     for name, rest in commands:
         assert main([name, "--help"]) == 0

@@ -118,7 +118,8 @@ def test_membrane_score_equals_an_eigh_reference():
         order[i] += 1
         order[j] += 1
         h[..., i, j] = h[..., j, i] = ndi.gaussian_filter(x, [sigma / s for s in spacing], order=order,
-                                                          mode="reflect", truncate=4.0) * sigma**2 / (spacing[i] * spacing[j])
+                                                          mode="reflect", truncate=4.0) \
+            * sigma**2 / (spacing[i] * spacing[j])
     w = np.linalg.eigvalsh(h)
     expected = w[..., 2] - np.abs(w[..., 1])
     scale = np.abs(expected).max()

@@ -93,7 +93,8 @@ def test_real_star_and_cryoppp_files(data_dir, tmp_path):
     assert star.coords.shape == (629, 2)
     np.testing.assert_allclose(np.sort(csv.coords, axis=0), np.sort(star.coords, axis=0))
     alone = tmp_path / "particles.star"  # RELION 5 centred Å, with no tomograms.star to place them
-    alone.write_bytes((data_dir / "star" / "relion-tomo-cylindra" / "Picks" / "job_picks" / "particles.star").read_bytes())
+    alone.write_bytes((data_dir / "star" / "relion-tomo-cylindra" / "Picks" / "job_picks" / "particles.star")
+                      .read_bytes())
     with pytest.raises(InputError, match="RELION 5 centred"):
         read_picks(alone)
     with pytest.raises(InputError, match="no table with rlnCoordinateX"):
@@ -101,7 +102,8 @@ def test_real_star_and_cryoppp_files(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("text", ["data_\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n1 abc\n",
-                                  "\x00\x01\x02 binary", "data_particles\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n1 nan\n"])
+                                  "\x00\x01\x02 binary",
+                                  "data_particles\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n1 nan\n"])
 def test_unreadable_star_is_one_clear_error(tmp_path, text):
     (tmp_path / "bad.star").write_text(text)
     with pytest.raises(InputError) as info:
@@ -133,8 +135,8 @@ def basic_index(draw, shape):
         if draw(st.booleans()):
             index.append(draw(st.integers(-n, n - 1)))
         else:
-            index.append(slice(draw(st.none() | st.integers(-n - 2, n + 2)), draw(st.none() | st.integers(-n - 2, n + 2)),
-                               draw(st.none() | st.integers(1, 3))))
+            index.append(slice(draw(st.none() | st.integers(-n - 2, n + 2)),
+                               draw(st.none() | st.integers(-n - 2, n + 2)), draw(st.none() | st.integers(1, 3))))
     return tuple(index)
 
 

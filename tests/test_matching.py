@@ -146,7 +146,8 @@ def test_blockwise_equals_whole_array_reference(particles, block, window, top_k)
     """Blocks, halos and per-block top-K give exactly the dense, whole-volume answer."""
     features, centres = particles
     q = query_vector(features, 4, centres[:2])
-    for params in (MatchParams(nms_window=window, top_k=top_k), MatchParams(nms_window=window, top_k=top_k, children="nearest"),
+    for params in (MatchParams(nms_window=window, top_k=top_k), MatchParams(nms_window=window, top_k=top_k,
+                                                                            children="nearest"),
                    MatchParams(matching="naive", nms_window=window, top_k=top_k)):
         df = match(features, q, params, block=block)
         assert_same(df, reference_match(features, q, params))
@@ -313,7 +314,8 @@ def test_query_vector_interpolates_linearly():
     expected = np.array([0.75, 1.25, 2.25, 1.0])
     np.testing.assert_allclose(query_vector(f, 4, p), expected / np.linalg.norm(expected), rtol=1e-6)
     nearest = np.array([1.0, 1.0, 2.0, 1.0])
-    np.testing.assert_allclose(query_vector(f, 4, p, interpolation="nearest"), nearest / np.linalg.norm(nearest), rtol=1e-6)
+    np.testing.assert_allclose(query_vector(f, 4, p, interpolation="nearest"), nearest / np.linalg.norm(nearest),
+                               rtol=1e-6)
     two = query_vector(f, 4, [[0, 0, 0], [8, 12, 16]])  # mean of (0,0,0,1) and (2,3,4,1)
     np.testing.assert_allclose(two, np.array([1, 1.5, 2, 1]) / np.linalg.norm([1, 1.5, 2, 1]), rtol=1e-6)
     # beyond the last grid point but inside the volume: clamped

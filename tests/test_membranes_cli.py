@@ -32,7 +32,8 @@ def test_classical_is_the_default_without_weights_and_scores(tmp_path, capsys, c
         assert m.data.shape == score.data.shape == (48, 96, 96) and score.header.mode == 2
         assert float(m.voxel_size.x) == 10.0
     assert evaluate_membranes(mask, paths["membranes"])["dice"] > 0.7
-    assert evaluate_membranes(out / "tomo_classical_predicted_post_processed_mask.mrc", paths["membranes"])["dice"] > 0.7
+    assert evaluate_membranes(out / "tomo_classical_predicted_post_processed_mask.mrc",
+                              paths["membranes"])["dice"] > 0.7
     _, labels, _, _ = open_image(out / "tomo.zarr" / "labels" / "classical_predicted_post_processed_mask")
     assert labels[0].shape == (48, 96, 96)
     assert main(args[:2] + args[3:]) == 0

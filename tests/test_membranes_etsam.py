@@ -164,7 +164,8 @@ def test_zarr_input_gets_labels_in_place_and_bad_inputs_fail_alone(weights, tomo
     from cryodask.convert import convert
 
     write_raw_mrc(tmp_path / "t.mrc", tomogram, voxel_size=10)
-    store = convert([tmp_path / "t.mrc"], tmp_path / "zarr", chunks=(4, 16, 16), levels=2, client=client).results[0].store
+    store = convert([tmp_path / "t.mrc"], tmp_path / "zarr", chunks=(4, 16, 16), levels=2,
+                    client=client).results[0].store
     nan = tomogram.copy()
     nan[2, 3, 4] = np.nan
     write_raw_mrc(tmp_path / "bad.mrc", nan, voxel_size=10)

@@ -109,7 +109,8 @@ def test_find_micrographs_from_folders_globs_and_star(tmp_path, monkeypatch):
     expected = [folder / n for n in ("a.JPG", "b.mrc", "c.tiff", "d.png", "e.mrcs")]
     assert find_micrographs(folder) == expected
     assert find_micrographs(str(folder / "*.mrc*")) == [folder / "b.mrc", folder / "e.mrcs"]
-    assert find_micrographs([folder / "b.mrc", folder, folder / "b.mrc"]) == [folder / "b.mrc", *expected[:1], *expected[2:]]
+    assert (find_micrographs([folder / "b.mrc", folder, folder / "b.mrc"])
+            == [folder / "b.mrc", *expected[:1], *expected[2:]])
 
     # RELION: names relative to the project root (the current folder) or beside the STAR
     project = tmp_path / "project"
@@ -122,7 +123,8 @@ def test_find_micrographs_from_folders_globs_and_star(tmp_path, monkeypatch):
     found = find_micrographs(star)
     assert [p.name for p in found] == ["b.mrc", "local.mrc"] and all(p.is_file() for p in found)
 
-    starfile.write({"micrographs": pd.DataFrame({"rlnMicrographName": ["MotionCorr/job002/missing.mrc"]})}, tmp_path / "bad.star")
+    starfile.write({"micrographs": pd.DataFrame({"rlnMicrographName": ["MotionCorr/job002/missing.mrc"]})},
+                   tmp_path / "bad.star")
     one_line_error(lambda: find_micrographs(tmp_path / "bad.star"), tmp_path / "bad.star", "missing.mrc")
     starfile.write({"particles": pd.DataFrame({"rlnCoordinateX": [1.0]})}, tmp_path / "nolist.star")
     one_line_error(lambda: find_micrographs(tmp_path / "nolist.star"), tmp_path / "nolist.star", "rlnMicrographName")

@@ -9,8 +9,8 @@ import starfile
 from scipy.spatial import cKDTree
 
 from conftest import one_line_error
-from cryodask.io.particles import (match_name, note_skipped, read_box, read_particles, write_box, write_coords, write_csv,
-                                   write_particles_star)
+from cryodask.io.particles import (match_name, note_skipped, read_box, read_particles, write_box, write_coords,
+                                   write_csv, write_particles_star)
 from cryodask.io.picks import read_picks
 
 FALCON = "Falcon_2012_06_12-14_33_35_0"
@@ -30,7 +30,8 @@ def test_star_round_trip(tmp_path, pixel_size):
     if pixel_size:
         assert blocks["optics"]["rlnMicrographPixelSize"][0] == pixel_size
     table = blocks["particles" if pixel_size else ""]
-    assert list(table.columns[:4]) == ["rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY", "rlnAutopickFigureOfMerit"]
+    assert list(table.columns[:4]) == ["rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY",
+                                       "rlnAutopickFigureOfMerit"]
     np.testing.assert_allclose(table["rlnCoordinateX"][:7], coords["mic_a"][:, 1])  # x is the column
 
     # names given as micrograph paths match the STAR's names
@@ -174,7 +175,8 @@ def test_bad_coordinate_inputs_are_one_line_errors(tmp_path, capsys):
     one_line_error(lambda: read_particles(tmp_path / "mic_2.star", ["mic_2"]), tmp_path / "mic_2.star", "not numbers")
     one_line_error(lambda: read_particles(tmp_path / "mic_2.txt", ["mic_2"]), tmp_path / "mic_2.txt", "no such file")
     (tmp_path / "mic_2.txt").write_text("1 2\n")
-    one_line_error(lambda: read_particles(tmp_path / "mic_2.txt", ["mic_2"]), tmp_path / "mic_2.txt", "not a coordinate file")
+    one_line_error(lambda: read_particles(tmp_path / "mic_2.txt", ["mic_2"]), tmp_path / "mic_2.txt",
+                   "not a coordinate file")
 
 
 def test_relion_listing_of_per_micrograph_files(tmp_path):
@@ -221,12 +223,14 @@ def test_relion5_centred_picks_become_tomogram_pixels(data_dir, tmp_path):
     np.testing.assert_allclose(binned.coords[0], [(11.16 / 10.52 + 22) / 4, (765.48005 / 10.52 + 68) / 4,
                                                   (-176.94 / 10.52 + 168) / 4])
     assert binned.pixel_size == pytest.approx(42.08)
-    assert read_picks(tmp_path / "elsewhere" / ".." / "elsewhere" / "particles.star").coords.shape == (5, 3)  # found above
+    # found above
+    assert read_picks(tmp_path / "elsewhere" / ".." / "elsewhere" / "particles.star").coords.shape == (5, 3)
 
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     (lonely / "particles.star").write_bytes(particles.read_bytes())
-    one_line_error(lambda: read_picks(lonely / "particles.star", tomograms=tmp_path / "none.star"), tmp_path / "none.star",
+    one_line_error(lambda: read_picks(lonely / "particles.star", tomograms=tmp_path / "none.star"),
+                   tmp_path / "none.star",
                    "no such file")
     tomos.loc[0, "rlnTomoName"] = "TS_99"
     starfile.write({"global": tomos}, lonely / "tomograms.star")

@@ -137,7 +137,8 @@ def test_sheets_and_larger_blobs_are_not_picked():
     picks = log_pick(volume, shape, 10.0, LogParams(diameter=120, threshold=1.0))
     np.testing.assert_allclose(picks[["z", "y", "x"]].to_numpy(), [(16, 20, 20)], atol=0.5)
     # without the shape tests the LoG alone fires on both, and higher than on the particle
-    loose = log_pick(volume, shape, 10.0, LogParams(diameter=120, threshold=1.0, min_roundness=None, max_scale_ratio=None))
+    loose = log_pick(volume, shape, 10.0,
+                     LogParams(diameter=120, threshold=1.0, min_roundness=None, max_scale_ratio=None))
     assert loose["x"].iloc[0] == pytest.approx(20, abs=0.5) and loose["y"].iloc[0] == pytest.approx(48, abs=0.5)
     assert (np.abs(loose["x"] - 48) < 1).any() and len(loose) > 2
 

@@ -91,7 +91,8 @@ def test_window_of_an_integer_tomogram_and_of_one_block(tmp_path, client):
         window = zarr.open_group(str(tmp_path / folder / "t.zarr"), mode="r").attrs["omero"]["channels"][0]["window"]
         assert_window(window, data)
     one = zarr.open_group(str(tmp_path / "one" / "t.zarr"), mode="r").attrs["omero"]["channels"][0]["window"]
-    assert one["start"] == pytest.approx(np.percentile(data, 0.5)) and one["end"] == pytest.approx(np.percentile(data, 99.5))
+    assert (one["start"] == pytest.approx(np.percentile(data, 0.5))
+            and one["end"] == pytest.approx(np.percentile(data, 99.5)))
 
 
 def test_merge_window_bounds_and_empty_blocks():
@@ -255,7 +256,8 @@ def _make_weights(folder):
 
     folder.mkdir()
     torch.manual_seed(0)
-    torch.save({"model": build_predictor("sam2.1_hiera_t", image_size=128).state_dict()}, folder / "sam2.1_hiera_tiny.pt")
+    torch.save({"model": build_predictor("sam2.1_hiera_t", image_size=128).state_dict()},
+               folder / "sam2.1_hiera_tiny.pt")
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                              patch_size=14, image_size=56)).save_pretrained(folder / "dinov2-large")
     return folder

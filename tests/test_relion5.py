@@ -67,7 +67,8 @@ def test_written_star_has_relion5_columns_and_version_lines(data_dir, tmp_path):
     assert (row["rlnTomoSizeX"], row["rlnTomoSizeY"], row["rlnTomoSizeZ"]) == (384, 384, 192)  # tilt-series pixels
     assert row["rlnTomoTomogramBinning"] == 4.0 and row["rlnTomoTiltSeriesPixelSize"] == 2.5
     # the version line before every block, as in RELION 5's own files
-    for star in (path, tmp_path / "tomograms.star", project_file(data_dir, "Refine3D", "job_refine", "run_it050_data.star"),
+    for star in (path, tmp_path / "tomograms.star",
+                 project_file(data_dir, "Refine3D", "job_refine", "run_it050_data.star"),
                  project_file(data_dir, "Tomograms", "job_tomo", "tomograms.star")):
         assert all(version_lines(star)) and version_lines(star), star
 
@@ -106,7 +107,8 @@ def test_reference_coordinates_written_back_as_relion_wrote_them(data_dir, tmp_p
         np.testing.assert_allclose(again[column], original[column], atol=1e-5)
     ours = starfile.read(tmp_path / "tomograms.star").iloc[0]
     theirs = starfile.read(project_file(data_dir, "Tomograms", "job_tomo", "tomograms.star")).iloc[0]
-    for column in ("rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ", "rlnTomoTiltSeriesPixelSize", "rlnTomoTomogramBinning"):
+    for column in ("rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ", "rlnTomoTiltSeriesPixelSize",
+                   "rlnTomoTomogramBinning"):
         assert ours[column] == pytest.approx(theirs[column]), column
 
 
@@ -155,7 +157,8 @@ def test_evaluate_relion5_against_multi_tomogram_truth(data_dir, tmp_path, capsy
     particles = project_file(data_dir, "Picks", "job_picks", "particles.star")
     ts01 = read_picks(particles, tomo_name="TS_01").coords
     (tmp_path / "pred").mkdir()
-    pred = write_relion5(tmp_path / "pred" / "TS_01_log_picks.star", ts01[:2], tomogram_row("TS_01", (44, 136, 84), 10.52))
+    pred = write_relion5(tmp_path / "pred" / "TS_01_log_picks.star", ts01[:2],
+                         tomogram_row("TS_01", (44, 136, 84), 10.52))
     scores = evaluate_picks(pred, particles, radius=1.0)  # truth kept to TS_01, the one tomogram pred names
     assert (scores["tp"], scores["fp"], scores["fn"]) == (2, 0, 1)
     csv = write_picks(tmp_path / "pred.csv", ts01)
@@ -168,7 +171,8 @@ def test_evaluate_relion5_against_multi_tomogram_truth(data_dir, tmp_path, capsy
     alone.parent.mkdir(parents=True)
     alone.write_bytes(particles.read_bytes())
     code, out, err = run(capsys, "evaluate", "picks", csv, alone, "--radius", "1", "--tomo", "TS_01", "--out",
-                         tmp_path / "eval2", "--tomograms", project_file(data_dir, "Tomograms", "job_tomo", "tomograms.star"))
+                         tmp_path / "eval2", "--tomograms",
+                         project_file(data_dir, "Tomograms", "job_tomo", "tomograms.star"))
     assert code == 0 and "f1                 1.0000" in out, out + err
 
 
@@ -187,7 +191,8 @@ def test_pick_cli_writes_relion5_by_default_and_relion4_on_request(synthetic, tm
     assert f"wrote {tmp_path / 'r5' / 'tomograms.star'}" in out
     blocks = starfile.read(star, always_dict=True)
     particles = blocks["particles"]
-    assert list(particles.columns[:4]) == ["rlnTomoName", *CENTRED_AXES.values()] and (particles["rlnTomoName"] == "tomo").all()
+    assert (list(particles.columns[:4]) == ["rlnTomoName", *CENTRED_AXES.values()]
+            and (particles["rlnTomoName"] == "tomo").all())
     assert "rlnAutopickFigureOfMerit" in particles.columns and "rlnCoordinateX" not in particles.columns
     assert blocks["optics"]["rlnTomoTiltSeriesPixelSize"].iloc[0] == 2.5
     tomo_row = starfile.read(tmp_path / "r5" / "tomograms.star").iloc[0]
@@ -203,15 +208,18 @@ def test_pick_cli_writes_relion5_by_default_and_relion4_on_request(synthetic, tm
     code, out, err = run(capsys, "pick", synthetic["tomogram"], "--out", tmp_path / "r4", *common, "--star", "relion4")
     assert code == 0, err
     old = starfile.read(tmp_path / "r4" / "tomo_log_picks.star", always_dict=True)
-    assert {"rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ", "rlnAutopickFigureOfMerit"} <= set(old["particles"].columns)
-    assert old["optics"]["rlnTomoTiltSeriesPixelSize"].iloc[0] == 10.0 and not (tmp_path / "r4" / "tomograms.star").exists()
+    assert {"rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ",
+            "rlnAutopickFigureOfMerit"} <= set(old["particles"].columns)
+    assert (old["optics"]["rlnTomoTiltSeriesPixelSize"].iloc[0] == 10.0
+            and not (tmp_path / "r4" / "tomograms.star").exists())
     np.testing.assert_allclose(read_picks(tmp_path / "r4" / "tomo_log_picks.star").coords, picked, atol=1e-5)
 
     # copick's own RELION reader places both files at the same Å (corner origin) as the CSV's pixels × 10 Å
     formats = pytest.importorskip("copick.util.formats")
     particles, optics = formats.read_star_particles_with_optics(str(star))
     tomograms = formats.read_relion_tomograms(str(tmp_path / "r5" / "tomograms.star"))
-    angstrom = formats.relion_coordinates_to_angstrom(particles, tomograms=tomograms, optics=optics, relion_version="relion5")
+    angstrom = formats.relion_coordinates_to_angstrom(particles, tomograms=tomograms, optics=optics,
+                                                      relion_version="relion5")
     np.testing.assert_allclose(angstrom, picked[:, ::-1] * 10.0, atol=1e-4)
     particles, optics = formats.read_star_particles_with_optics(str(tmp_path / "r4" / "tomo_log_picks.star"))
     angstrom = formats.relion_coordinates_to_angstrom(particles, optics=optics, relion_version="relion4")

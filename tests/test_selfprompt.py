@@ -112,7 +112,8 @@ def test_next_prompt_is_argmax_of_previous_logits():
     first[3, 7] = 2.0
     np.testing.assert_array_equal(calls[7][3], first)  # the previous low-res logits as the mask prompt
     _, decoder = run(table, point=(6, 4, 5), max_extent=1, mask_prompt="binary")
-    np.testing.assert_array_equal([c for c in decoder.calls if c[1] == 7][0][3], box_mask(2, 9, 2, 9).astype(np.float32))
+    np.testing.assert_array_equal([c for c in decoder.calls if c[1] == 7][0][3],
+                                  box_mask(2, 9, 2, 9).astype(np.float32))
 
 
 def test_area_and_score_filters_pick_the_best_passing_candidate():
@@ -126,7 +127,8 @@ def test_area_and_score_filters_pick_the_best_passing_candidate():
     assert inst[1].size == 0 and inst[0] == (slice(6, 6), slice(6, 6), slice(6, 6)) and inst.extents == {"z": None}
     inst, _ = run(table, max_area=200, max_extent=0, score_threshold=-0.5)  # neg passes, big wins
     assert inst[1].sum() == 100
-    inst, _ = run(table, diameter_voxels=5, max_area=None, max_extent=0)  # max_area = ceil((1.2 * 5)^2) = 36: small wins
+    # max_area = ceil((1.2 * 5)^2) = 36: small wins
+    inst, _ = run(table, diameter_voxels=5, max_area=None, max_extent=0)
     assert inst[1].sum() == 9
 
 

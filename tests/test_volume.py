@@ -107,10 +107,12 @@ def test_validate_returns_canonical_values_and_names_the_field():
     assert validate.boolean("dark", np.bool_(False)) is False
     cases = [
         (lambda: validate.positive("diameter", -3), "diameter must be a positive number, got -3"),
-        (lambda: validate.number("iou_threshold", 1.5, low=0, high=1), "iou_threshold must be a number >= 0 and <= 1, got 1.5"),
+        (lambda: validate.number("iou_threshold", 1.5, low=0, high=1),
+         "iou_threshold must be a number >= 0 and <= 1, got 1.5"),
         (lambda: validate.number("low", "3"), "low must be a number, got '3'"),
         (lambda: validate.number("low", True), "low must be a number, got True"),
-        (lambda: validate.count("max_picks", 2.0, 1, none=True), "max_picks must be a whole number >= 1 or None, got 2.0"),
+        (lambda: validate.count("max_picks", 2.0, 1, none=True),
+         "max_picks must be a whole number >= 1 or None, got 2.0"),
         (lambda: validate.count("nms_window", 4, 1, odd=True), "nms_window must be an odd whole number >= 1, got 4"),
         (lambda: validate.choice("matching", "fast", ("hierarchical", "naive")),
          "matching must be one of hierarchical, naive, got 'fast'"),

@@ -51,7 +51,9 @@ def version() -> str:
 
 
 def _register() -> None:
-    from . import autopick, bench, convert, crisp, demo, doctor, evaluate, jobscript, membranes, picking, postprocess, run, synth  # noqa: F401  (each adds its commands to ``app``)
+    # each adds its commands to ``app``
+    from . import (autopick, bench, convert, crisp, demo, doctor, evaluate, jobscript, membranes,  # noqa: F401
+                   picking, postprocess, run, synth)
 
 
 def main(argv=None) -> int:
@@ -105,7 +107,8 @@ def usage_line(exc, argv=(), root=None) -> str:
         param = exc.param
         if param.param_type_name == "option":
             name = max(param.opts, key=len)
-            return f"{where_}: missing option {name}" + (f" ({_first_line(param.help)})" if param.help else "") + f"; {see}"
+            return (f"{where_}: missing option {name}" + (f" ({_first_line(param.help)})" if param.help else "")
+                    + f"; {see}")
         return f"{where_}: missing argument {(param.name or '').upper()}" + \
             (f" ({_first_line(param.help)})" if getattr(param, "help", None) else "") + f"; {see}"
     message = " ".join(exc.format_message().split())

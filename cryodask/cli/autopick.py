@@ -85,13 +85,15 @@ def train_command(
 def repick_command(
     model: Path = typer.Option(..., "--model", help="Model folder written by `cryodask autopick train`."),
     micrographs: list[str] = MICROGRAPHS,
-    out: Path = typer.Option(..., "--out", help="Output folder: <name>_true.star, <name>_false.star, <name>_picks.png."),
+    out: Path = typer.Option(..., "--out",
+                             help="Output folder: <name>_true.star, <name>_false.star, <name>_picks.png."),
     stride: float = typer.Option(None, "--stride", help="Sliding-window step in pixels (default box/4)."),
     threshold: float = typer.Option(0.5, "--threshold", help="Lowest score of a true pick."),
     radius: float = typer.Option(None, "--radius", help="NMS distance in pixels (default box/2)."),
     batch: int = typer.Option(16, "--batch", help="Windows per forward pass."),
     show_false: bool = typer.Option(False, "--show-false", help="Also draw the false picks (red) in the PNG."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo micrographs already done with this model and these parameters."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Redo micrographs already done with this model and these parameters."),
     margin: float = typer.Option(None, "--margin", help="Keep picks this far from the image border, in pixels of "
                                                         "the model's box (default half a box; 0: none)."),
     pixel_size: float = PIXEL_SIZE,

@@ -23,10 +23,12 @@ def suite_script() -> Path:
 @app.command()
 def bench(
     quick: bool = typer.Option(False, "--quick",
-                               help="Small shapes (40 s for 3 repeats on 2 idle cores): checks the suite, not the figures."),
+                               help="Small shapes (40 s for 3 repeats on 2 idle cores): checks the suite, not the "
+                                    "figures."),
     repeat: int = typer.Option(3, "--repeat", help="Runs per benchmark: median, min and max are reported."),
     out: Path = typer.Option(Path("bench"), "--out", help="Folder for bench.json, the PNGs and each run's raw JSON."),
-    only: str = typer.Option("", "--only", help="Comma-separated benchmarks: convert,components,matching,membranes,scaling (default: all)."),
+    only: str = typer.Option("", "--only", help="Comma-separated benchmarks: "
+                                                "convert,components,matching,membranes,scaling (default: all)."),
 ):
     """Run the benchmark suite; write bench.json and PNGs (ratios to the baselines, scaling, memory, stages)."""
     import importlib.util
@@ -37,7 +39,8 @@ def bench(
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    argv = ["--repeat", str(repeat), "--out", str(out)] + (["--quick"] if quick else []) + (["--only", only] if only else [])
+    argv = (["--repeat", str(repeat), "--out", str(out)] + (["--quick"] if quick else [])
+            + (["--only", only] if only else []))
     code = module.main(argv)
     if code:
         raise typer.Exit(code)

@@ -27,7 +27,8 @@ def over_collection(command: str, inputs, work: Callable[[Item, object], Outcome
                     check: Callable[[Item], object] | None = None, cluster: str = "local", workers=None,
                     threads_per_worker=None, memory_limit="auto", cluster_config=None, report_dir=None,
                     lock_folder: Path | None = None, in_flight: int | None = None, needs_cluster: bool = True,
-                    items: list[Item] | None = None, finish_later: bool = False, prepare=None, **find) -> CollectionReport:
+                    items: list[Item] | None = None, finish_later: bool = False, prepare=None,
+                    **find) -> CollectionReport:
     """Find the tomograms, check each (``check(item)`` raises for a bad one), start one cluster,
     run ``work(item, client)`` over the good ones, print the summary; exit 2 if any failed
     (``finish_later``: the caller adds collection-wide outputs first, then calls :func:`finish`;

@@ -19,9 +19,15 @@ def convert(
     chunks: str = typer.Option("64,256,256", "--chunks", help="Chunk shape z,y,x."),
     ngff: str = typer.Option("0.4", "--ngff", help="0.4 (zarr v2: CryoET Data Portal, napari) or 0.5 (zarr v3)."),
     dtype: str = typer.Option(None, "--dtype", help="float32 to convert; default keeps the input's type."),
-    voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (one value or z,y,x; default: the input's header)."),
-    layout: str = typer.Option("default", "--layout", help="default, or portal: the CryoET Data Portal's (NGFF 0.4, float32, 256³ chunks, Blosc lz4; --chunks and --dtype ignored)."),
-    copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): write each tomogram into the project as ExperimentRuns/<stem>/VoxelSpacing<vs>/<type>.zarr instead of --out (which keeps the resume marks)."),
+    voxel_size: str = typer.Option(None, "--voxel-size",
+                                   help="Voxel size in Å (one value or z,y,x; default: the input's header)."),
+    layout: str = typer.Option("default", "--layout", help="default, or portal: the CryoET Data Portal's (NGFF 0.4, "
+                                                           "float32, 256³ chunks, Blosc lz4; --chunks and --dtype "
+                                                           "ignored)."),
+    copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): write each tomogram "
+                                                       "into the project as "
+                                                       "ExperimentRuns/<stem>/VoxelSpacing<vs>/<type>.zarr instead of "
+                                                       "--out (which keeps the resume marks)."),
     copick_type: str = typer.Option("wbp", "--copick-type", help="copick tomogram type written with --copick."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
@@ -54,7 +60,8 @@ def convert(
             with run_report(report_dir, None, command="convert", echo=typer.echo):
                 report = run_conversion(plan, None)
     for r in report.results:
-        extra = f"{r.nbytes / 1e6:8.1f} MB {r.seconds:6.1f} s  blocks {r.blocks_written} written, {r.blocks_skipped} skipped" \
+        extra = f"{r.nbytes / 1e6:8.1f} MB {r.seconds:6.1f} s  blocks {r.blocks_written} written, " \
+            f"{r.blocks_skipped} skipped" \
             if r.status != "failed" else r.message
         typer.echo(f"{r.status:>9}  {Path(r.source).name:<30} {extra}")
     failed = report.failed
@@ -68,7 +75,8 @@ def convert(
 
 @app.command()
 def export(
-    inputs: list[str] = typer.Argument(..., help="OME-Zarr images written by cryodask convert (stores, folders, globs)."),
+    inputs: list[str] = typer.Argument(...,
+                                       help="OME-Zarr images written by cryodask convert (stores, folders, globs)."),
     out: Path = typer.Option(..., "--out", help="Output MRC file for one image; for several, a folder of <name>.mrc "
                                                 "(<name>_<labels>.mrc with --labels)."),
     level: int = typer.Option(0, "--level", help="Pyramid level."),

@@ -31,16 +31,25 @@ def _widths(text: str | None):
 
 @crisp_app.command("train")
 def train_command(
-    micrographs: list[Path] = typer.Option(..., "--micrographs", help="Micrograph files, folders, globs or a STAR listing them (repeatable)."),
-    out: Path = typer.Option(..., "--out", help="Model folder: model.pt, config.json, training_log.json, loss_curve.png."),
-    particles: Path = typer.Option(None, "--particles", help="Coordinates (STAR/.box/.coords/.csv file or folder); labels are disks of --diameter."),
-    diameter: float = typer.Option(None, "--diameter", help="Particle diameter in full-resolution pixels (with --particles)."),
-    masks: Path = typer.Option(None, "--masks", help="Folder of <name>_mask.png/.jpg/.mrc label masks (instead of --particles)."),
-    flip_y: str = typer.Option("no", "--flip-y", metavar="no|yes|auto", help="The coordinates' y counts from the bottom (CryoPPP STAR, autopick-bc .box): no | yes | auto (decided from the images, and said)."),
-    pixel_size: float = typer.Option(None, "--pixel-size", help="Å/px of the micrographs (default: from their headers; JPEG/PNG have none)."),
+    micrographs: list[Path] = typer.Option(..., "--micrographs", help="Micrograph files, folders, globs or a STAR "
+                                                                      "listing them (repeatable)."),
+    out: Path = typer.Option(..., "--out",
+                             help="Model folder: model.pt, config.json, training_log.json, loss_curve.png."),
+    particles: Path = typer.Option(None, "--particles", help="Coordinates (STAR/.box/.coords/.csv file or folder); "
+                                                             "labels are disks of --diameter."),
+    diameter: float = typer.Option(None, "--diameter",
+                                   help="Particle diameter in full-resolution pixels (with --particles)."),
+    masks: Path = typer.Option(None, "--masks",
+                               help="Folder of <name>_mask.png/.jpg/.mrc label masks (instead of --particles)."),
+    flip_y: str = typer.Option("no", "--flip-y", metavar="no|yes|auto",
+                               help="The coordinates' y counts from the bottom (CryoPPP STAR, autopick-bc .box): no | "
+                                    "yes | auto (decided from the images, and said)."),
+    pixel_size: float = typer.Option(None, "--pixel-size",
+                                     help="Å/px of the micrographs (default: from their headers; JPEG/PNG have none)."),
     checks: bool = typer.Option(True, "--checks/--no-checks", help="Refuse coordinates that look y-flipped."),
     model: str = typer.Option("unet", "--model", help="unet | deeplab (DeepLabV3+-style ASPP network)."),
-    loss: str = typer.Option("dice", "--loss", help="dice | ce (label smoothing 0.1) | jaccard | tversky (focal) | lovasz."),
+    loss: str = typer.Option("dice", "--loss",
+                             help="dice | ce (label smoothing 0.1) | jaccard | tversky (focal) | lovasz."),
     widths: str = typer.Option(None, "--widths", help="Channels per level, e.g. 16,32,64,128 (default per model)."),
     bin: int = typer.Option(1, "--bin", help="Bin micrographs (and labels) by this integer factor first."),
     epochs: int = typer.Option(50, "--epochs"),
@@ -48,7 +57,8 @@ def train_command(
     batch_size: int = typer.Option(4, "--batch-size"),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of the one-cycle schedule (Adam)."),
     seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(None, "--threads", help="Torch threads (default: one per core; 1 is faster on a busy machine)."),
+    threads: int = typer.Option(None, "--threads",
+                                help="Torch threads (default: one per core; 1 is faster on a busy machine)."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
@@ -100,27 +110,37 @@ def _sampling_note(model: Path, micrographs) -> None:
 @crisp_app.command("predict")
 def predict_command(
     model: Path = typer.Option(..., "--model", help="Model folder written by cryodask crisp train."),
-    micrographs: list[Path] = typer.Option(..., "--micrographs", help="Micrograph files, folders, globs or a STAR listing them (repeatable)."),
+    micrographs: list[Path] = typer.Option(..., "--micrographs", help="Micrograph files, folders, globs or a STAR "
+                                                                      "listing them (repeatable)."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
     crf: str = typer.Option("auto", "--crf", help="auto | on | off: refine the mask with a dense CRF; auto: with the "
                                                  "settings crisp train chose, only if they raised its training IoU "
-                                                 "(any --crf-* setting means on). Without --crf-* settings, the CRF settings "
-                                                 "crisp train chose; with some, CRISP's default for the others."),
+                                                 "(any --crf-* setting means on). Without --crf-* settings, the CRF "
+                                                 "settings crisp train chose; with some, CRISP's default for the "
+                                                 "others."),
     no_crf: bool = typer.Option(False, "--no-crf", hidden=True, help="Same as --crf off."),
-    crf_features: str = typer.Option(None, "--crf-features", help="image | logits: the bilateral kernel's feature (CRISP's default: image)."),
+    crf_features: str = typer.Option(None, "--crf-features",
+                                     help="image | logits: the bilateral kernel's feature (CRISP's default: image)."),
     crf_iterations: int = typer.Option(None, "--crf-iterations", help="Mean-field iterations (CRISP's default: 5)."),
-    crf_sxy: float = typer.Option(None, "--crf-sxy", help="Bilateral spatial std, pixels of the binned grid (CRISP's default: 160)."),
-    crf_srgb: float = typer.Option(None, "--crf-srgb", help="Bilateral feature std, feature scaled to 0–255 by its 1–99th percentiles (CRISP's default: 13)."),
+    crf_sxy: float = typer.Option(None, "--crf-sxy",
+                                  help="Bilateral spatial std, pixels of the binned grid (CRISP's default: 160)."),
+    crf_srgb: float = typer.Option(None, "--crf-srgb", help="Bilateral feature std, feature scaled to 0–255 by its "
+                                                            "1–99th percentiles (CRISP's default: 13)."),
     crf_compat: float = typer.Option(None, "--crf-compat", help="Bilateral Potts weight (CRISP's default: 1)."),
-    crf_gaussian_sxy: float = typer.Option(None, "--crf-gaussian-sxy", help="Smoothness kernel spatial std, binned pixels (CRISP's default: 3)."),
-    crf_gaussian_compat: float = typer.Option(None, "--crf-gaussian-compat", help="Smoothness kernel Potts weight (CRISP's default: 1)."),
-    extract: str = typer.Option("peaks", "--extract", help="components (centroids, area filter) | peaks (distance-transform maxima)."),
-    diameter: float = typer.Option(None, "--diameter", help="Particle diameter, full-resolution pixels (default: the model's)."),
+    crf_gaussian_sxy: float = typer.Option(None, "--crf-gaussian-sxy",
+                                           help="Smoothness kernel spatial std, binned pixels (CRISP's default: 3)."),
+    crf_gaussian_compat: float = typer.Option(None, "--crf-gaussian-compat",
+                                              help="Smoothness kernel Potts weight (CRISP's default: 1)."),
+    extract: str = typer.Option("peaks", "--extract",
+                                help="components (centroids, area filter) | peaks (distance-transform maxima)."),
+    diameter: float = typer.Option(None, "--diameter",
+                                   help="Particle diameter, full-resolution pixels (default: the model's)."),
     probability: bool = typer.Option(False, "--probability", help="Also write <name>_probability.mrc (binned grid)."),
     tile: int = typer.Option(512, "--tile", help="Inference tile side, binned pixels."),
     overlap: int = typer.Option(64, "--overlap", help="Tile overlap, binned pixels."),
     truth_masks: Path = typer.Option(None, "--truth-masks", help="Folder of <name>_mask.* truth masks: pixel scores."),
-    truth_particles: Path = typer.Option(None, "--truth-particles", help="Truth coordinates (file or folder): picking scores."),
+    truth_particles: Path = typer.Option(None, "--truth-particles",
+                                         help="Truth coordinates (file or folder): picking scores."),
     truth_flip_y: bool = typer.Option(False, "--truth-flip-y", help="The truth coordinates' y counts from the bottom."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
@@ -139,8 +159,8 @@ def predict_command(
              "compat": crf_compat, "gaussian_sxy": crf_gaussian_sxy, "gaussian_compat": crf_gaussian_compat}
     given = {k: v for k, v in given.items() if v is not None}
     crf_params = CRFParams(**{f.name: given[f.name] for f in fields(CRFParams) if f.name in given}) if given else None
-    params = PredictParams(crf="off" if no_crf else crf, crf_params=crf_params, extract=extract, diameter=diameter, tile=tile,
-                           overlap=overlap, probability=probability)
+    params = PredictParams(crf="off" if no_crf else crf, crf_params=crf_params, extract=extract, diameter=diameter,
+                           tile=tile, overlap=overlap, probability=probability)
     plan = plan_prediction(micrographs, model, out, params=params, truth_masks=truth_masks,
                            truth_particles=truth_particles, truth_flip_y=truth_flip_y)
     typer.echo(plan.crf_note)

@@ -37,7 +37,8 @@ def demo(
     else:
         typer.echo("micrographs: skipped (Autopick-BC and CRISP need torch: bash deploy/install.sh .venv micrographs)")
     typer.echo("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
-    typer.echo(f"previews: {out / 'previews'}   stores: {out / 'zarr'} (open with napari: the napari extra installs cryodask's reader)")
+    typer.echo(f"previews: {out / 'previews'}   stores: {out / 'zarr'} (open with napari: the napari extra installs "
+               "cryodask's reader)")
 
 
 def _table(rows: list[dict]) -> None:

@@ -14,7 +14,8 @@ MARK = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
 
 @app.command()
 def doctor(
-    weights: Path = typer.Option(None, "--weights", help="Weights folder to check (default: CRYODASK_WEIGHTS / config)."),
+    weights: Path = typer.Option(None, "--weights",
+                                 help="Weights folder to check (default: CRYODASK_WEIGHTS / config)."),
     cluster: str = CLUSTER, cluster_config: Path = CLUSTER_CONFIG,
 ):
     """Check torch/SAM2/DINOv2, GPU and CUDA libraries, the weights found, and that the cluster is reachable."""

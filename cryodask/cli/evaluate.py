@@ -168,7 +168,8 @@ def _pairs_of_files(inputs, truth):
     for text in inputs:
         path = Path(text)
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in (".star", ".csv") and p.name != "tomograms.star")
+            files += sorted(p for p in path.iterdir()
+                            if p.suffix.lower() in (".star", ".csv") and p.name != "tomograms.star")
         elif any(ch in text for ch in "*?["):
             files += sorted(Path(p) for p in glob.glob(text))
         elif path.is_file():

@@ -18,7 +18,8 @@ from . import app
 def jobscript(
     cluster: str = typer.Option(..., "--cluster", help="slurm | pbs | sge | lsf"),
     cluster_config: Path = typer.Option(None, "--cluster-config",
-                                        help="cryodask cluster YAML (FILE or FILE:PROFILE); default: the jobqueue config only."),
+                                        help="cryodask cluster YAML (FILE or FILE:PROFILE); default: the jobqueue "
+                                             "config only."),
     profile: str = typer.Option(None, "--profile", help="Profile of the cluster YAML (default: its 'default:')."),
     scheduler: str = typer.Option(None, "--scheduler",
                                   help="Scheduler the workers join, e.g. tcp://login1:8786; each worker is then "
@@ -44,5 +45,5 @@ def jobscript(
     name = f"{profile or 'cryodask'}-{JOB_ID[cluster]}" if scheduler else None
     typer.echo(job_script(cluster, options, scheduler=scheduler, name=name, source=source), nl=False)
     how = f"submit it with {SUBMIT[cluster]}" if scheduler else "pass --scheduler to submit it by hand"
-    typer.echo(f"# --cluster {cluster} ({origin}): {jobs} job(s) like this one; rendered only, nothing submitted ({how})",
-               err=True)
+    typer.echo(f"# --cluster {cluster} ({origin}): {jobs} job(s) like this one; rendered only, nothing submitted "
+               f"({how})", err=True)

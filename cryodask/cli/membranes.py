@@ -31,37 +31,63 @@ def parse_pair(text: str | None, name: str) -> tuple[int, int] | None:
 def membranes(
     inputs: list[str] = typer.Argument(..., help="Tomograms: MRC/REC/MAP files, folders, globs, or OME-Zarr images."),
     out: Path = typer.Option(..., "--out", help="Output folder (MRC outputs; OME-Zarr for MRC inputs)."),
-    method: str = typer.Option(None, "--method", help="etsam | classical (default: etsam when weights are found, else classical)."),
-    stage1_checkpoint: Path = typer.Option(None, "--stage1-checkpoint", help="ETSAM stage-1 weights (default: etsam_stage1_v1.pt in --weights)."),
-    stage2_checkpoint: Path = typer.Option(None, "--stage2-checkpoint", help="ETSAM stage-2 weights (default: etsam_stage2_v1.pt in --weights)."),
-    weights: Path = typer.Option(None, "--weights", help="Folder holding etsam_stage{1,2}_v1.pt (or CRYODASK_WEIGHTS)."),
-    model_config: str = typer.Option("sam2.1_hiera_b+", "--model-config", help="SAM2 config name (sam2.1_hiera_b+, sam2.1_hiera_t, ...) or YAML path."),
-    image_size: int = typer.Option(None, "--image-size", help="Model input size (default: the SAM2 config's; published models 1024)."),
-    normalize: str = typer.Option("min_max_positive_values", "--normalize", help="min_max_positive_values | softplus_minmax."),
+    method: str = typer.Option(None, "--method",
+                               help="etsam | classical (default: etsam when weights are found, else classical)."),
+    stage1_checkpoint: Path = typer.Option(None, "--stage1-checkpoint",
+                                           help="ETSAM stage-1 weights (default: etsam_stage1_v1.pt in --weights)."),
+    stage2_checkpoint: Path = typer.Option(None, "--stage2-checkpoint",
+                                           help="ETSAM stage-2 weights (default: etsam_stage2_v1.pt in --weights)."),
+    weights: Path = typer.Option(None, "--weights",
+                                 help="Folder holding etsam_stage{1,2}_v1.pt (or CRYODASK_WEIGHTS)."),
+    model_config: str = typer.Option("sam2.1_hiera_b+", "--model-config",
+                                     help="SAM2 config name (sam2.1_hiera_b+, sam2.1_hiera_t, ...) or YAML path."),
+    image_size: int = typer.Option(None, "--image-size",
+                                   help="Model input size (default: the SAM2 config's; published models 1024)."),
+    normalize: str = typer.Option("min_max_positive_values", "--normalize",
+                                  help="min_max_positive_values | softplus_minmax."),
     stage1_prompt: str = typer.Option("grid_zero", "--stage1-prompt", help="grid_zero | grid | zero."),
-    stage2_prompt: str = typer.Option("zero", "--stage2-prompt", help="zero | grid | grid_zero | etsam_stage1_partial."),
-    grid_interval: int = typer.Option(50, "--grid-interval", help="Grid prompt spacing in pixels and slices (ETSAM: 50, 10 when split)."),
-    logit_threshold: float = typer.Option(-0.25, "--logit-threshold", help="Stage-2 logit threshold (ETSAM v1 used -0.5)."),
+    stage2_prompt: str = typer.Option("zero", "--stage2-prompt",
+                                      help="zero | grid | grid_zero | etsam_stage1_partial."),
+    grid_interval: int = typer.Option(50, "--grid-interval",
+                                      help="Grid prompt spacing in pixels and slices (ETSAM: 50, 10 when split)."),
+    logit_threshold: float = typer.Option(-0.25, "--logit-threshold",
+                                          help="Stage-2 logit threshold (ETSAM v1 used -0.5)."),
     store_logits: bool = typer.Option(False, "--store-logits", help="Also write <stem>_<method>_predicted_logits.mrc."),
-    post_process: bool = typer.Option(False, "--post-process", help="Remove components spanning fewer than --post-process-min-slices."),
+    post_process: bool = typer.Option(False, "--post-process",
+                                      help="Remove components spanning fewer than --post-process-min-slices."),
     min_slices: int = typer.Option(10, "--post-process-min-slices", help="Smallest z extent kept by --post-process."),
-    remove_bridges: bool = typer.Option(False, "--remove-bridges", help="Also remove short bridges between parallel membranes."),
+    remove_bridges: bool = typer.Option(False, "--remove-bridges",
+                                        help="Also remove short bridges between parallel membranes."),
     max_bridge_len: int = typer.Option(5, "--max-bridge-len", help="Longest bridge removed, in pixels."),
-    tile: str = typer.Option(None, "--tile", help="Y,X: largest slice part per task (very large slices, more parallelism; default: whole slices, as ETSAM)."),
+    tile: str = typer.Option(None, "--tile", help="Y,X: largest slice part per task (very large slices, more "
+                                                  "parallelism; default: whole slices, as ETSAM)."),
     split_processing: bool = typer.Option(False, "--split-processing", help="ETSAM's four quadrants."),
     thickness: float = typer.Option(None, "--thickness", help="Classical: membrane thickness in Å (default 45)."),
-    low: float = typer.Option(None, "--low", help="Classical: hysteresis low threshold, robust standard deviations above the median score (default 2.5)."),
-    high: float = typer.Option(None, "--high", help="Classical: hysteresis high threshold, robust standard deviations above the median score (default 6)."),
+    low: float = typer.Option(None, "--low", help="Classical: hysteresis low threshold, robust standard deviations "
+                                                  "above the median score (default 2.5)."),
+    high: float = typer.Option(None, "--high", help="Classical: hysteresis high threshold, robust standard deviations "
+                                                    "above the median score (default 6)."),
     polarity: str = POLARITY,
-    working_voxel_size: float = typer.Option(None, "--working-voxel-size", help="Å: run the method on the tomogram resampled to this voxel size (block by block) and map the outputs back onto its grid (default: the tomogram's own)."),
+    working_voxel_size: float = typer.Option(None, "--working-voxel-size",
+                                             help="Å: run the method on the tomogram resampled to this voxel size "
+                                                  "(block by block) and map the outputs back onto its grid (default: "
+                                                  "the tomogram's own)."),
     batch: int = typer.Option(None, "--batch", help="Slices per image-encoder call (default 8 on CUDA, 1 on CPU)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (on the workers)."),
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (default: the input's header)."),
     chunks: str = typer.Option("64,256,256", "--chunks", help="Chunks z,y,x of converted OME-Zarr."),
-    layout: str = typer.Option("default", "--layout", help="default (masks in labels/ of the tomogram's OME-Zarr) or portal (the CryoET Data Portal's: each mask its own <out>/<stem>_<name>.zarr; MRC inputs converted in its layout)."),
-    copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): MRC inputs are converted into the project, masks written as its 'membrane' segmentations (user cryodask-membranes)."),
-    copick_type: str = typer.Option(None, "--copick-type", help="copick tomogram type: read from a config given as input, written with --copick (default wbp)."),
-    copick_spacing: float = typer.Option(None, "--copick-spacing", help="Voxel spacing (Å) of the tomograms read from a copick config given as input."),
+    layout: str = typer.Option("default", "--layout", help="default (masks in labels/ of the tomogram's OME-Zarr) or "
+                                                           "portal (the CryoET Data Portal's: each mask its own "
+                                                           "<out>/<stem>_<name>.zarr; MRC inputs converted in its "
+                                                           "layout)."),
+    copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): MRC inputs are "
+                                                       "converted into the project, masks written as its 'membrane' "
+                                                       "segmentations (user cryodask-membranes)."),
+    copick_type: str = typer.Option(None, "--copick-type", help="copick tomogram type: read from a config given as "
+                                                                "input, written with --copick (default wbp)."),
+    copick_spacing: float = typer.Option(None, "--copick-spacing",
+                                         help="Voxel spacing (Å) of the tomograms read from a copick config given as "
+                                              "input."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
 ):
@@ -123,8 +149,8 @@ def membranes(
         if project is not None:  # MRC inputs go straight into the project's runs
             from ..io.copick import tomograms_into
 
-            links = tomograms_into(project, [p for kind, p in found if kind == "volume"], tomo_type=copick_type or "wbp",
-                                   chunks=block, voxel_size=vs, work=out, client=client)
+            links = tomograms_into(project, [p for kind, p in found if kind == "volume"],
+                                   tomo_type=copick_type or "wbp", chunks=block, voxel_size=vs, work=out, client=client)
             found = [(kind, links.get(p, p)) for kind, p in found]
         report = segment([str(p) for _, p in found], out, method=method, stage1_checkpoint=stage1_checkpoint,
                          stage2_checkpoint=stage2_checkpoint, weights=weights, config=model_config,

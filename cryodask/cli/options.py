@@ -10,14 +10,19 @@ import typer
 from ..errors import InputError
 
 CLUSTER = typer.Option("local", "--cluster", help="local | cuda | slurm | pbs | sge | lsf | tcp://host:port")
-WORKERS = typer.Option(None, "--workers", help="Workers (local/cuda) or batch jobs (slurm, pbs, ...) (default: one per core / "
-                                                "--threads-per-worker for local, one per GPU for cuda, the cluster config's jobs or 1).")
+WORKERS = typer.Option(None, "--workers",
+                       help="Workers (local/cuda) or batch jobs (slurm, pbs, ...) (default: one per core / "
+                                                "--threads-per-worker for local, one per GPU for cuda, the cluster "
+                                                "config's jobs or 1).")
 THREADS = typer.Option(None, "--threads-per-worker", help="Threads per worker (default 1).")
 MEMORY = typer.Option("auto", "--memory-limit", help="Memory limit per worker, e.g. 4GB.")
-CLUSTER_CONFIG = typer.Option(None, "--cluster-config", help="YAML with options per cluster kind; FILE:PROFILE picks a profile (see deploy/README.md).")
+CLUSTER_CONFIG = typer.Option(None, "--cluster-config", help="YAML with options per cluster kind; FILE:PROFILE picks a "
+                                                             "profile (see deploy/README.md).")
 REPORT = typer.Option(None, "--report", help="Write a run report (JSON, PNG, Dask's HTML) to this folder.")
-POLARITY = typer.Option("auto", "--polarity", help="auto | dark | bright: is dense matter dark (most tomograms) or bright? auto decides per tomogram from the data and prints why.")
-DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda: where the workers run the models (auto: a GPU where a worker has one).")
+POLARITY = typer.Option("auto", "--polarity", help="auto | dark | bright: is dense matter dark (most tomograms) or "
+                                                   "bright? auto decides per tomogram from the data and prints why.")
+DEVICE = typer.Option("auto", "--device",
+                      help="auto | cpu | cuda: where the workers run the models (auto: a GPU where a worker has one).")
 
 
 def check_device(device: str) -> str:

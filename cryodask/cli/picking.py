@@ -35,9 +35,11 @@ def parse_prompt(text: str) -> tuple[str | None, tuple[float, float, float]]:
 
 @app.command()
 def features(
-    inputs: list[str] = typer.Argument(..., help="Tomograms: MRC/TIFF files, OME-Zarr images, folders, globs, a STAR listing or a copick config."),
+    inputs: list[str] = typer.Argument(..., help="Tomograms: MRC/TIFF files, OME-Zarr images, folders, globs, a STAR "
+                                                 "listing or a copick config."),
     out: Path = typer.Option(..., "--out", help="Output folder; each store is <out>/<stem>_features.zarr."),
-    checkpoint: Path = typer.Option(None, "--checkpoint", help="Local DINOv2 folder (transformers format; ViT-L/14 default)."),
+    checkpoint: Path = typer.Option(None, "--checkpoint",
+                                    help="Local DINOv2 folder (transformers format; ViT-L/14 default)."),
     weights: Path = typer.Option(None, "--weights", help="Weights folder holding dinov2-large (or CRYODASK_WEIGHTS)."),
     image_size: int = typer.Option(518, "--image-size", help="Slices are resized to this (CryoSAM: 518)."),
     batch: int = typer.Option(8, "--batch", help="Slices per model call."),
@@ -79,25 +81,33 @@ def features(
 
 @app.command()
 def pick(
-    inputs: list[str] = typer.Argument(..., help="Tomograms: MRC/TIFF files, OME-Zarr images, folders, globs, a STAR listing or a copick config."),
-    out: Path = typer.Option(..., "--out", help="Output folder (one <stem>_<method>_picks.star per tomogram, and <method>_picks.star for all)."),
+    inputs: list[str] = typer.Argument(..., help="Tomograms: MRC/TIFF files, OME-Zarr images, folders, globs, a STAR "
+                                                 "listing or a copick config."),
+    out: Path = typer.Option(..., "--out", help="Output folder (one <stem>_<method>_picks.star per tomogram, and "
+                                                "<method>_picks.star for all)."),
     method: str = typer.Option("log", "--method", help="log (no weights) | cryosam (SAM2 + DINOv2 weights)."),
-    diameter: float = typer.Option(None, "--diameter", help="Particle diameter in Å (log: required; cryosam: sizes the masks)."),
+    diameter: float = typer.Option(None, "--diameter",
+                                   help="Particle diameter in Å (log: required; cryosam: sizes the masks)."),
     threshold: float = typer.Option(None, "--threshold", help="log: response threshold in robust standard deviations "
                                     "above the median response (default 4)."),
-    min_distance: float = typer.Option(None, "--min-distance", help="log: closest two picks, Å (default: the particle radius, --diameter / 2)."),
+    min_distance: float = typer.Option(None, "--min-distance", help="log: closest two picks, Å (default: the particle "
+                                                                    "radius, --diameter / 2)."),
     max_picks: int = typer.Option(None, "--max-picks", help="log: keep the best N (default: all)."),
     min_roundness: str = typer.Option(None, "--min-roundness", help="log: Hessian roundness at a pick, at least "
                                       "(default 0.2; balls 0.33-0.38 under any wedge, sheets 0); none: off."),
-    max_scale_ratio: str = typer.Option(None, "--max-scale-ratio", help="log: response at 1.5σ over at σ, at most (default "
+    max_scale_ratio: str = typer.Option(None, "--max-scale-ratio",
+                                        help="log: response at 1.5σ over at σ, at most (default "
                                         "0.85: a ball of the diameter 0.7, 1.25x it 1.1); none: off."),
-    prompt: list[str] = typer.Option(None, "--prompt", help="cryosam: a clicked particle z,y,x in voxels, or TOMOGRAM:z,y,x in a collection (repeatable)."),
+    prompt: list[str] = typer.Option(None, "--prompt", help="cryosam: a clicked particle z,y,x in voxels, or "
+                                                            "TOMOGRAM:z,y,x in a collection (repeatable)."),
     prompts: Path = typer.Option(None, "--prompts", help="cryosam: prompts as STAR, CSV or copick JSON."),
-    sam_checkpoint: Path = typer.Option(None, "--sam-checkpoint", help="cryosam: SAM2.1 checkpoint ({'model': state_dict})."),
+    sam_checkpoint: Path = typer.Option(None, "--sam-checkpoint",
+                                        help="cryosam: SAM2.1 checkpoint ({'model': state_dict})."),
     dinov2_checkpoint: Path = typer.Option(None, "--dinov2-checkpoint", help="cryosam: local DINOv2 folder."),
     weights: Path = typer.Option(None, "--weights", help="Weights folder (sam2.1_hiera_*.pt, dinov2-large/)."),
     model_config: str = typer.Option("sam2.1_hiera_l", "--model-config", help="cryosam: SAM2 config name or YAML."),
-    image_size: int = typer.Option(None, "--image-size", help="cryosam: SAM2 input size (default: the SAM2 config's, 1024)."),
+    image_size: int = typer.Option(None, "--image-size",
+                                   help="cryosam: SAM2 input size (default: the SAM2 config's, 1024)."),
     feature_image_size: int = typer.Option(518, "--feature-image-size", help="cryosam: DINOv2 slice size."),
     iou_threshold: float = typer.Option(0.5, "--iou-threshold", help="cryosam: stop propagating below this IoU."),
     sim_threshold: float = typer.Option(0.5, "--sim-threshold", help="cryosam: cosine similarity kept per level."),
@@ -117,8 +127,12 @@ def pick(
     device: str = DEVICE,
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (default: the input's header)."),
     chunks: str = typer.Option("64,256,256", "--chunks", help="Block shape z,y,x."),
-    layout: str = typer.Option("default", "--layout", help="cryosam labels: default (labels/ of the tomogram's OME-Zarr) or portal (the CryoET Data Portal's: each its own <out>/<stem>_cryosam_<name>.zarr)."),
-    copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): an MRC input is converted into the project, picks written as user cryodask-<method>, the object added to the config."),
+    layout: str = typer.Option("default", "--layout", help="cryosam labels: default (labels/ of the tomogram's "
+                                                           "OME-Zarr) or portal (the CryoET Data Portal's: each its "
+                                                           "own <out>/<stem>_cryosam_<name>.zarr)."),
+    copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): an MRC input is "
+                                                       "converted into the project, picks written as user "
+                                                       "cryodask-<method>, the object added to the config."),
     copick_type: str = typer.Option("wbp", "--copick-type", help="copick tomogram type written with --copick."),
     polarity: str = POLARITY,
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
@@ -156,8 +170,8 @@ def pick(
     items = find_items(inputs)
     unknown = sorted({t for t, _ in points if t} - {item.name for item in items})
     if unknown:
-        raise InputError(f"--prompt names {', '.join(unknown)}, not among the tomograms ({', '.join(i.name for i in items[:5])}"
-                         f"{', ...' if len(items) > 5 else ''})")
+        raise InputError(f"--prompt names {', '.join(unknown)}, not among the tomograms "
+                         f"({', '.join(i.name for i in items[:5])}{', ...' if len(items) > 5 else ''})")
     named = _prompted_names(prompts) if prompts is not None else set()
     prompted = {item.name for item in items if points_of(item) or named is None or item.name in named}
     shared = {}  # cryosam over a collection: one query from the prompted tomograms, matched in all
@@ -256,7 +270,8 @@ def pick(
                  *(f"  wrote {path}" for path in result.files)]
         return Outcome(item, "done", value=result, lines=lines)
 
-    report = over_collection("pick", inputs, work, check=check, items=items, prepare=prepare if collective else None, cluster=cluster, workers=workers,
+    report = over_collection("pick", inputs, work, check=check, items=items, prepare=prepare if collective else None,
+                             cluster=cluster, workers=workers,
                              threads_per_worker=threads_per_worker, memory_limit=memory_limit,
                              cluster_config=cluster_config, report_dir=report_dir, lock_folder=out,
                              in_flight=in_flight, finish_later=True)

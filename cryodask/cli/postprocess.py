@@ -15,20 +15,29 @@ from .options import (CLUSTER, CLUSTER_CONFIG, MEMORY, REPORT, THREADS, WORKERS,
 
 @app.command()
 def postprocess(
-    inputs: list[str] = typer.Argument(..., help="Masks: MRC files, OME-Zarr images or x.zarr/labels/<name>, folders, globs."),
-    out: Path = typer.Option(..., "--out", help="Output .mrc or .zarr for one mask; for several, a folder of <name>_post_processed.mrc."),
-    min_slices: int = typer.Option(10, "--min-slices", help="Keep components whose z extent is at least N (ETSAM's 10; 0: off)."),
+    inputs: list[str] = typer.Argument(..., help="Masks: MRC files, OME-Zarr images or x.zarr/labels/<name>, folders, "
+                                                 "globs."),
+    out: Path = typer.Option(..., "--out", help="Output .mrc or .zarr for one mask; for several, a folder of "
+                                                "<name>_post_processed.mrc."),
+    min_slices: int = typer.Option(10, "--min-slices",
+                                   help="Keep components whose z extent is at least N (ETSAM's 10; 0: off)."),
     min_voxels: int = typer.Option(0, "--min-voxels", help="Keep components of at least N voxels."),
     connectivity: int = typer.Option(26, "--connectivity", help="6, 18 or 26."),
-    remove_bridges: bool = typer.Option(False, "--remove-bridges", help="ETSAM's per-slice removal of short bridges between parallel membranes."),
+    remove_bridges: bool = typer.Option(False, "--remove-bridges",
+                                        help="ETSAM's per-slice removal of short bridges between parallel membranes."),
     max_bridge_len: int = typer.Option(5, "--max-bridge-len", help="Longest bridge removed, in pixels."),
     labels: bool = typer.Option(False, "--labels", help="Also write the component labels."),
     chunks: str = typer.Option("64,256,256", "--chunks", help="Block shape z,y,x for MRC input."),
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (default: the input's header)."),
-    device: str = typer.Option("cpu", "--device", help="cpu (cc3d) | cuda (CuPy on the workers) | auto (cuda where a worker has a GPU)."),
-    layout: str = typer.Option("default", "--layout", help="default, or portal for a .zarr output: the CryoET Data Portal's (int8 mask, 3 levels, 256³ chunks, Blosc lz4; --labels as its own <out>_components.zarr)."),
-    copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): also write the mask as a segmentation of user cryodask-postprocess."),
-    copick_run: str = typer.Option(None, "--copick-run", help="Its copick run (default: the run the mask lies in, else the mask's name)."),
+    device: str = typer.Option("cpu", "--device",
+                               help="cpu (cc3d) | cuda (CuPy on the workers) | auto (cuda where a worker has a GPU)."),
+    layout: str = typer.Option("default", "--layout", help="default, or portal for a .zarr output: the CryoET Data "
+                                                           "Portal's (int8 mask, 3 levels, 256³ chunks, Blosc lz4; "
+                                                           "--labels as its own <out>_components.zarr)."),
+    copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): also write the mask "
+                                                       "as a segmentation of user cryodask-postprocess."),
+    copick_run: str = typer.Option(None, "--copick-run",
+                                   help="Its copick run (default: the run the mask lies in, else the mask's name)."),
     copick_object: str = typer.Option("membrane", "--copick-object", help="Its pickable object (added to the config)."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
@@ -76,8 +85,8 @@ def postprocess(
                                                        voxel_size=vs, chunks=block))
         if result.status == "skipped":
             return Outcome(item, "skipped", value=result, lines=[f"{dest}: already done with these parameters"])
-        lines = [f"{item.path}: components: {result.n_components}, kept: {result.n_kept} ({result.voxels_kept} voxels); "
-                 f"blocks written: {result.blocks_written}",
+        lines = [f"{item.path}: components: {result.n_components}, kept: {result.n_kept} ({result.voxels_kept} "
+                 f"voxels); blocks written: {result.blocks_written}",
                  "  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()),
                  *(f"  wrote {path}" for path in result.files)]
         return Outcome(item, "done", value=result, lines=lines)

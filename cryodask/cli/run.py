@@ -22,13 +22,17 @@ def _example(value: bool) -> None:
 
 @app.command()
 def run(
-    pipeline_file: Path = typer.Argument(None, metavar="PIPELINE", help="Pipeline YAML (cryodask run --example prints one)."),
-    inputs: list[str] = typer.Argument(None, help="Tomograms: MRC/TIFF files, OME-Zarr images, folders, globs, a STAR listing or a copick config."),
+    pipeline_file: Path = typer.Argument(None, metavar="PIPELINE",
+                                         help="Pipeline YAML (cryodask run --example prints one)."),
+    inputs: list[str] = typer.Argument(None, help="Tomograms: MRC/TIFF files, OME-Zarr images, folders, globs, a STAR "
+                                                  "listing or a copick config."),
     out: Path = typer.Option(None, "--out", help="Output folder: every step's outputs, named after each tomogram."),
     example: bool = typer.Option(False, "--example", callback=_example, is_eager=True,
                                  help="Print a commented pipeline file and exit."),
-    copick_type: str = typer.Option(None, "--copick-type", help="copick tomogram type read from a copick config input."),
-    copick_spacing: float = typer.Option(None, "--copick-spacing", help="Voxel spacing (Å) read from a copick config input."),
+    copick_type: str = typer.Option(None, "--copick-type",
+                                    help="copick tomogram type read from a copick config input."),
+    copick_spacing: float = typer.Option(None, "--copick-spacing",
+                                         help="Voxel spacing (Å) read from a copick config input."),
     cluster: str = CLUSTER, workers: int = WORKERS, threads_per_worker: int = THREADS,
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
     in_flight: int = IN_FLIGHT,
@@ -42,7 +46,8 @@ def run(
     from ..pipeline import StepCounts, load_pipeline, run_tomogram, write_scores
 
     if pipeline_file is None or not inputs:
-        raise InputError("usage: cryodask run PIPELINE.yaml INPUTS... --out DIR (cryodask run --example prints a pipeline)")
+        raise InputError("usage: cryodask run PIPELINE.yaml INPUTS... --out DIR (cryodask run --example prints a "
+                         "pipeline)")
     if out is None:
         raise InputError("missing option --out (the output folder)")
     check_spec(cluster)

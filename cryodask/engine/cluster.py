@@ -386,7 +386,8 @@ def _lifetime(args) -> tuple[float, float, bool]:
         try:
             values.append(float(parse_timedelta(text)) if text else 0.0)
         except (ValueError, TypeError, KeyError):
-            raise ValueError(f"{flag} {text!r} is not a duration dask can read; use one unit, e.g. 230m or 13800s") from None
+            raise ValueError(f"{flag} {text!r} is not a duration dask can read; "
+                             "use one unit, e.g. 230m or 13800s") from None
     return values[0], values[1], "--lifetime-restart" in _words(args)
 
 

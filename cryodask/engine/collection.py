@@ -92,7 +92,8 @@ def _star_items(path: Path) -> list[Path]:
         for text in table["rlnTomoReconstructedTomogram"]:
             rel = Path(str(text))
             # RELION writes paths relative to its project folder: the first parent that holds it
-            hits = [p / rel for p in [path.parent, *path.parents] if (p / rel).exists()] if not rel.is_absolute() else [rel]
+            hits = ([p / rel for p in [path.parent, *path.parents] if (p / rel).exists()]
+                    if not rel.is_absolute() else [rel])
             if not hits:
                 raise where(path, f"lists {rel}, which is not found relative to {path.parent} or any folder above")
             found.append(hits[0])
@@ -202,7 +203,8 @@ def run_collection(items: list[Item], work: Callable[[Item], Outcome | Any], *, 
             outcome = value if isinstance(value, Outcome) else Outcome(item, "done", value=value)
             resumed = progress.take_resumed()
             if resumed and outcome.status == "done":
-                outcome.lines.insert(min(1, len(outcome.lines)), f"  resumed: {resumed} blocks already done were not redone")
+                outcome.lines.insert(min(1, len(outcome.lines)),
+                                     f"  resumed: {resumed} blocks already done were not redone")
         except (CryodaskError, OSError) as exc:
             outcome = Outcome(item, "failed", _named(item, exc))
         except Exception as exc:  # noqa: BLE001  (a bug, or a worker's error: named, the rest go on)

@@ -63,7 +63,8 @@ def output_lock(out, command: str):
             who = (f"cryodask {owner.get('command', '?')} (pid {owner.get('pid', '?')} on {owner.get('host', '?')}, "
                    f"started {owner.get('started', '?')})") if owner else "another cryodask run"
             hint = "" if same_host else f"; if it is no longer running, delete {path}"
-            raise InputError(f"{out}: {who} is writing to this folder; wait for it to finish or use another --out{hint}")
+            raise InputError(f"{out}: {who} is writing to this folder; "
+                             f"wait for it to finish or use another --out{hint}")
         with os.fdopen(fd, "w") as handle:
             json.dump(me, handle)
         break

@@ -130,7 +130,8 @@ def _local(url, config: Path, key: str) -> Path:
             break
     else:
         if "://" in url:
-            raise where(config, f"{key} {url!r} is not on this filesystem; cryodask reads and writes local copick projects")
+            raise where(config,
+                        f"{key} {url!r} is not on this filesystem; cryodask reads and writes local copick projects")
     return Path(url)
 
 
@@ -455,7 +456,8 @@ def expand_config(config, *, tomo_type: str | None = None, voxel_spacing: float 
     for run, choices in runs.items():
         if len(choices) > 1:
             listed = ", ".join(f"{kind} at {vs:.3f} Å" for vs, kind, _ in choices)
-            raise where(config, f"run {run} has several tomograms ({listed}); choose one with --copick-type / --copick-spacing")
+            raise where(config,
+                        f"run {run} has several tomograms ({listed}); choose one with --copick-type / --copick-spacing")
     subfolder = open_project(config).overlay / ".cryodask" / "inputs" / f"{tomo_type or 'any'}-{voxel_spacing or 'any'}"
     return [run_link(choices[0][2], subfolder, run) for run, choices in runs.items()]
 

@@ -219,7 +219,8 @@ def _from_star(path: Path) -> list[Path]:
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # starfile raises many kinds on malformed text
-        raise where(path, f"not a readable STAR file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise where(path, "not a readable STAR file "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     table = next((t for t in blocks.values() if isinstance(t, pd.DataFrame) and "rlnMicrographName" in t.columns), None)
     if table is None:
         raise where(path, "lists no micrographs (no rlnMicrographName column)")

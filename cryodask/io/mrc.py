@@ -82,7 +82,8 @@ def header_dict(header) -> dict:
     for name in header.dtype.names:
         value = header[name]
         if name == "label":
-            out[name] = [bytes(v).decode("ascii", "replace").strip() for v in value[: max(0, min(int(header.nlabl), 10))]]
+            out[name] = [bytes(v).decode("ascii", "replace").strip()
+                         for v in value[: max(0, min(int(header.nlabl), 10))]]
         elif value.dtype.names:  # records (x, y, z) before the byte fields: their dtype kind is "V" too
             out[name] = [float(value[f]) for f in value.dtype.names]
         elif value.dtype.kind in "SV":  # the field's own bytes: numpy drops trailing NULs of "S" values
@@ -181,7 +182,8 @@ def describe(path):
         with np.errstate(divide="ignore", invalid="ignore"):  # a zero sampling mx/my/mz is a missing voxel size
             vs = mrc.voxel_size
         voxel = (float(vs.z), float(vs.y), float(vs.x))
-        metadata = {"header": header_dict(mrc.header), "extended_header_type": mrc.header.exttyp.tobytes().decode("ascii", "replace").strip(),
+        metadata = {"header": header_dict(mrc.header),
+                    "extended_header_type": mrc.header.exttyp.tobytes().decode("ascii", "replace").strip(),
                     "data_offset": 1024 + int(mrc.header.nsymbt), "position": position(mrc.header)}
         dtype = mrc.data.dtype
         why = unsigned_bytes(mrc.header)
@@ -371,4 +373,5 @@ def finish_mrc(partial, path, stats) -> Path:
 def _max(data):
     import dask.array as da
 
-    return da.from_array(data, chunks=getattr(data, "chunks", "auto")).max().compute() if not isinstance(data, np.ndarray) else data.max()
+    return (da.from_array(data, chunks=getattr(data, "chunks", "auto")).max().compute()
+            if not isinstance(data, np.ndarray) else data.max())

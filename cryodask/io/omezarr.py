@@ -73,7 +73,8 @@ def _datasets(voxel_size, levels: int, translation=None, *, averaged: bool = Tru
 
 def _create_arrays(group, shapes, chunks, dtype, version: str, *, fill_value=0, layout: str = "default") -> None:
     """One array per level; the portal layout keeps 256^3 chunks even on levels smaller than that."""
-    extra = {"dimension_names": ("z", "y", "x")} if version == "0.5" else {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+    extra = ({"dimension_names": ("z", "y", "x")} if version == "0.5"
+             else {"chunk_key_encoding": {"name": "v2", "separator": "/"}})
     if layout == "portal":
         extra["compressors"] = portal_compressor()
     for level, shape in enumerate(shapes):

@@ -200,8 +200,10 @@ def _star_table(path) -> pd.DataFrame:
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # starfile raises many kinds on malformed text
-        raise where(path, f"not a readable STAR file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    tables = sorted((t for t in blocks.values() if isinstance(t, pd.DataFrame)), key=lambda t: t is not blocks.get("particles"))
+        raise where(path, "not a readable STAR file "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    tables = sorted((t for t in blocks.values() if isinstance(t, pd.DataFrame)),
+                    key=lambda t: t is not blocks.get("particles"))
     table = next((t for t in tables if "rlnCoordinateX" in t.columns and "rlnCoordinateY" in t.columns), None)
     if table is None:
         table = next((t for t in tables if {"rlnMicrographName", "rlnMicrographCoordinates"} <= set(t.columns)), None)
@@ -304,7 +306,8 @@ def _read_csv(path) -> tuple[np.ndarray, np.ndarray]:
         table = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise where(path, f"not a readable CSV file ({str(exc).strip().splitlines()[0]})") from None
-    table.columns = [str(c).strip().lower().removesuffix("-coordinate").removesuffix("_coordinate") for c in table.columns]
+    table.columns = [str(c).strip().lower().removesuffix("-coordinate").removesuffix("_coordinate")
+                     for c in table.columns]
     if "x" not in table.columns or "y" not in table.columns:
         raise where(path, "needs columns x and y")
     try:

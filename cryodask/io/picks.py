@@ -22,8 +22,10 @@ from .folders import atomic_write
 from .volumes import stem
 
 STAR_AXES = {"x": "rlnCoordinateX", "y": "rlnCoordinateY", "z": "rlnCoordinateZ"}
-CENTRED_AXES = {"x": "rlnCenteredCoordinateXAngst", "y": "rlnCenteredCoordinateYAngst", "z": "rlnCenteredCoordinateZAngst"}
-PIXEL_SIZE_COLUMNS = ("rlnImagePixelSize", "rlnTomoTiltSeriesPixelSize", "rlnMicrographPixelSize", "rlnDetectorPixelSize")
+CENTRED_AXES = {"x": "rlnCenteredCoordinateXAngst", "y": "rlnCenteredCoordinateYAngst",
+                "z": "rlnCenteredCoordinateZAngst"}
+PIXEL_SIZE_COLUMNS = ("rlnImagePixelSize", "rlnTomoTiltSeriesPixelSize", "rlnMicrographPixelSize",
+                      "rlnDetectorPixelSize")
 RELION5_VERSION = "# version 50001"  # RELION 5 writes it before every block
 NAME_COLUMNS = ["rlnTomoName", "rlnOpticsGroupName", "rlnTomoReconstructedTomogram", "rlnTomoParticleName"]
 
@@ -44,7 +46,8 @@ def _particles_table(path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     try:
         data = starfile.read(path, always_dict=True, parse_as_string=NAME_COLUMNS)
     except Exception as exc:  # starfile raises many kinds on malformed text
-        raise where(path, f"not a readable STAR file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise where(path, "not a readable STAR file "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     tables = [t for t in data.values() if isinstance(t, pd.DataFrame)]
     particles = next((t for t in tables if STAR_AXES["x"] in t.columns), None)
     if particles is None:
@@ -77,7 +80,8 @@ def read_picks(path, voxel_size: float | None = None, *, tomograms=None, tomo_na
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise where(path, f"not a readable CSV file ({exc})") from None
         # plain x,y,z or CryoPPP's "X-Coordinate,Y-Coordinate,Diameter"
-        table.columns = [c.strip().lower().removesuffix("-coordinate").removesuffix("_coordinate") for c in table.columns]
+        table.columns = [c.strip().lower().removesuffix("-coordinate").removesuffix("_coordinate")
+                         for c in table.columns]
         names = [a for a in "zyx" if a in table.columns]
         if "x" not in names or "y" not in names:
             raise where(path, "needs columns x and y (and z for tomograms)")
@@ -120,8 +124,9 @@ def _one_tomogram(path: Path, table: pd.DataFrame, tomo_name: str | None, tomos:
     keep = names.isin(aliases)
     if not keep.any():
         listed = sorted(set(names))
-        raise where(path, f"names {len(listed)} tomograms ({', '.join(listed[:3])}{', ...' if len(listed) > 3 else ''}) "
-                          f"and none is {tomo_name}" + (f" (nor reconstructed as {tomo_name}.* in {found})" if found else ""))
+        raise where(path, f"names {len(listed)} tomograms "
+                          f"({', '.join(listed[:3])}{', ...' if len(listed) > 3 else ''}) and none is {tomo_name}"
+                          + (f" (nor reconstructed as {tomo_name}.* in {found})" if found else ""))
     return table[keep]
 
 
@@ -134,8 +139,9 @@ def _decentred(path: Path, table: pd.DataFrame, tomograms, voxel_size: float | N
     ``tomo_centre = rlnTomoSize{X,Y,Z} / 2.0`` (float division, TomogramSet::loadTomogram): the
     sizes are in unbinned tilt-series pixels, as copick's test_tomogram_centre_ignores_binning
     also reads them; the pixel size is the tomogram's from tomograms.star (subtomo.cpp passes
-    ``tomogram.optics.pixelSize``), not the particles' optics group. A tomogram reconstructed at ``rlnTomoTomogramBinning`` B has pixels of
-    B × the tilt-series pixel size, so its pixel = (centred_Å / ts_px + size / 2) / B.
+    ``tomogram.optics.pixelSize``), not the particles' optics group. A tomogram reconstructed at
+    ``rlnTomoTomogramBinning`` B has pixels of B × the tilt-series pixel size, so its pixel =
+    (centred_Å / ts_px + size / 2) / B.
     Subtomogram origin shifts (rlnOrigin*Angst) are not applied, as for RELION 4 files.
     With ``voxel_size`` the result is in pixels of that size instead (Å from the corner / voxel_size)."""
     import starfile
@@ -149,23 +155,27 @@ def _decentred(path: Path, table: pd.DataFrame, tomograms, voxel_size: float | N
     try:
         blocks = starfile.read(found, always_dict=True, parse_as_string=NAME_COLUMNS)
     except Exception as exc:  # starfile raises many kinds on malformed text
-        raise where(found, f"not a readable STAR file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise where(found, "not a readable STAR file "
+                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     needed = ["rlnTomoName", "rlnTomoTiltSeriesPixelSize", "rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ"]
     tomos = next((t for t in blocks.values() if isinstance(t, pd.DataFrame) and set(needed) <= set(t.columns)), None)
     if tomos is None:
         raise where(found, f"no table with {', '.join(needed)}: the tomogram sizes are needed to place RELION 5 "
                            f"centred coordinates (from {path})")
-    tomos = tomos.assign(rlnTomoName=tomos["rlnTomoName"].astype(str)).drop_duplicates("rlnTomoName").set_index("rlnTomoName")
+    tomos = (tomos.assign(rlnTomoName=tomos["rlnTomoName"].astype(str)).drop_duplicates("rlnTomoName")
+             .set_index("rlnTomoName"))
     table = _one_tomogram(path, table, tomo_name, tomos, found)
     if "rlnTomoName" in table.columns:
         tomo_names = table["rlnTomoName"].astype(str)
     elif len(tomos) == 1:
         tomo_names = pd.Series([tomos.index[0]] * len(table), index=table.index)
     else:
-        raise where(path, f"has no rlnTomoName column to tell which of the {len(tomos)} tomograms in {found} each particle is in")
+        raise where(path, f"has no rlnTomoName column to tell which of the {len(tomos)} tomograms in {found} each "
+                          "particle is in")
     missing = sorted(set(tomo_names) - set(tomos.index))
     if missing:
-        raise where(path, f"names tomogram {missing[0]}, which {found} does not list (it lists {', '.join(tomos.index[:3])}"
+        raise where(path,
+                    f"names tomogram {missing[0]}, which {found} does not list (it lists {', '.join(tomos.index[:3])}"
                           + (", ..." if len(tomos) > 3 else "") + ")")
     try:
         per_particle = tomos.loc[tomo_names.to_numpy()]
@@ -175,7 +185,8 @@ def _decentred(path: Path, table: pd.DataFrame, tomograms, voxel_size: float | N
         centred = table[[CENTRED_AXES[a] for a in "zyx"]].to_numpy(dtype=np.float64)
         sizes = per_particle[["rlnTomoSizeZ", "rlnTomoSizeY", "rlnTomoSizeX"]].to_numpy(dtype=np.float64)
     except (ValueError, TypeError):
-        raise where(path, f"centred coordinates, or the pixel sizes and tomogram sizes in {found}, are not numbers") from None
+        raise where(path,
+                    f"centred coordinates, or the pixel sizes and tomogram sizes in {found}, are not numbers") from None
     if not (ts_pixel > 0).all() or not (binning > 0).all():
         raise where(found, "rlnTomoTiltSeriesPixelSize and rlnTomoTomogramBinning must be positive")
     if not np.isfinite(centred).all():
@@ -203,7 +214,8 @@ def _find_tomograms_star(path: Path) -> Path | None:
     roots = next((above[: i + 1] for i, f in enumerate(above) if (f / "default_pipeline.star").is_file()), above[:4])
     if (folder / "tomograms.star").is_file():
         return folder / "tomograms.star"
-    sets = sorted(folder.glob("*optimisation_set.star"), key=lambda p: not p.name.startswith(path.stem.removesuffix("_data")))
+    sets = sorted(folder.glob("*optimisation_set.star"),
+                  key=lambda p: not p.name.startswith(path.stem.removesuffix("_data")))
     for optimisation_set in sets:
         try:
             blocks = starfile.read(optimisation_set, always_dict=True)
@@ -327,8 +339,9 @@ def _merge_tomograms_star(path: Path, rows: list[dict]) -> Path:
             old = next((t for t in starfile.read(path, always_dict=True, parse_as_string=NAME_COLUMNS).values()
                         if isinstance(t, pd.DataFrame) and "rlnTomoName" in t.columns), None)
         except Exception as exc:  # starfile raises many kinds on malformed text
-            raise where(path, f"not a readable STAR file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                              "move it away to write picks here") from None
+            raise where(path, "not a readable STAR file "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); move it away to "
+                              "write picks here") from None
         if old is None:
             raise where(path, "has no table with rlnTomoName; move it away to write picks here")
         old = old[~old["rlnTomoName"].astype(str).isin(table["rlnTomoName"])]
@@ -399,6 +412,7 @@ def write_tomogram_picks(path, coords, name: str, shape, voxel_size: float, colu
     """(N, 3) z, y, x pixels of the tomogram ``name`` (shape, voxel size) as STAR in ``style``."""
     style = StarStyle() if style is None else style
     if style.version == "relion4":  # as cryodask wrote them before RELION 5: tomogram pixels, binning 1
-        return write_picks(path, coords, {"rlnTomoName": [str(name)] * len(np.reshape(coords, (-1, 3))), **(columns or {})},
+        return write_picks(path, coords,
+                           {"rlnTomoName": [str(name)] * len(np.reshape(coords, (-1, 3))), **(columns or {})},
                            pixel_size=voxel_size)
     return write_relion5(path, coords, style.row(name, shape, voxel_size), columns)

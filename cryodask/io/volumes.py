@@ -166,7 +166,8 @@ def open_volume(path, voxel_size: float | tuple[float, float, float] | None = No
         shape, stored, header_voxel, metadata = tiff.describe(path)
         fmt = "tiff"
     else:
-        raise where(path, f"unsupported format {suffix or '(no suffix)'}; expected one of {', '.join(sorted(SUFFIXES))}")
+        raise where(path,
+                    f"unsupported format {suffix or '(no suffix)'}; expected one of {', '.join(sorted(SUFFIXES))}")
     if len(shape) != 3 or min(shape) < 1:
         raise where(path, f"not a 3D volume (shape {tuple(shape)})")
     stored = np.dtype(stored)

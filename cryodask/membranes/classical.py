@@ -481,7 +481,8 @@ def classical_segment(read, shape, voxel_size, chunks, params: ClassicalParams, 
     spacing = _spacing(voxel_size)
     shape, chunks = tuple(int(n) for n in shape), tuple(int(c) for c in chunks)
     if len(shape) != 3 or len(chunks) != 3 or min(shape) < 1 or min(chunks) < 1:
-        raise InputError(f"the classical filter needs a non-empty 3D volume and 3 positive chunks, got {shape}, {chunks}")
+        raise InputError(f"the classical filter needs a non-empty 3D volume and 3 positive chunks, got {shape}, "
+                         f"{chunks}")
     if not isinstance(params, ClassicalParams):
         raise InputError(f"params must be ClassicalParams, got {type(params).__name__}")
     blocks = plan_blocks(shape, chunks)

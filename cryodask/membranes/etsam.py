@@ -2,8 +2,8 @@
 
 Stage 1 propagates SAM2 through the normalised slices and streams its logits to a zarr array;
 stage 2 reads the tomogram again, adds min-max(clip(stage-1 logits, -5, 5)) and propagates
-the second model (ETSAM's ``run_two_stage_inference_on_tomogram``). The min-max uses the extremes of this column's stage-1 logits,
-exactly as ETSAM's split-processing normalises each quadrant on its own. Host memory is one
+the second model (ETSAM's ``run_two_stage_inference_on_tomogram``). The min-max uses the extremes of this
+column's stage-1 logits, exactly as ETSAM's split-processing normalises each quadrant on its own. Host memory is one
 encoder batch plus one z-chunk of logits, whatever the tomogram's size.
 
 A column is ETSAM's whole tomogram when there is no tiling, or one of ``--tile`` parts (ETSAM's

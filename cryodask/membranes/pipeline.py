@@ -178,7 +178,8 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
             weights=None, config: str = "sam2.1_hiera_b+", image_size: int | None = None,
             normalize: str = "min_max_positive_values", stage1_prompt: str = "grid_zero",
             stage2_prompt: str = "zero", grid_interval: int = 50, logit_threshold: float = -0.25,
-            tile: tuple[int, int] | None = None, split_processing: bool = False, store_logits: bool = False, post_process: bool = False,
+            tile: tuple[int, int] | None = None, split_processing: bool = False, store_logits: bool = False,
+            post_process: bool = False,
             min_slices: int = 10, remove_bridges: bool = False, max_bridge_len: int = 5, classical=None,
             voxel_size=None, chunks=(64, 256, 256), levels: int = 3, batch: int | None = None, device: str = "auto",
             random_weights: bool = False, client=None, progress: bool = False, layout: str = "default",
@@ -503,7 +504,8 @@ def _finish(job: _Tomogram, out: Path, method, method_params, outputs: OutputPar
             result.files.append(post_path)
     # last, so a run whose outputs could not be written leaves no preview of them; an absolute path
     # in place of the label name: the preview opens the Portal's separate mask store
-    preview = (job.store, name if outputs.layout != "portal" else str(mask_path), out / f"{job.stem}_{method}_preview.png")
+    preview = (job.store, name if outputs.layout != "portal" else str(mask_path),
+               out / f"{job.stem}_{method}_preview.png")
     options = dict(name=job.stem, method=method, fraction=result.mask_fraction)
     result.files.append(client.submit(membranes_preview, *preview, **options, pure=False).result()  # on a worker:
                         if client is not None else membranes_preview(*preview, **options))  # about a CPU-second

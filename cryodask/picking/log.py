@@ -343,7 +343,8 @@ def pick_block(read, block: Block, shape, voxel_size, params: LogParams, *, mean
     fate = np.full(len(points), KEPT)
     if len(points) and (params.min_roundness is not None or params.max_scale_ratio is not None):
         # mirror where the block meets the volume's edge, as the filters do; elsewhere the halo has room
-        edge = [(g.patch[a] if o.start == 0 else 0, g.patch[a] if o.stop == shape[a] else 0) for a, o in enumerate(outer)]
+        edge = [(g.patch[a] if o.start == 0 else 0,
+                 g.patch[a] if o.stop == shape[a] else 0) for a, o in enumerate(outer)]
         mirrored = np.pad(x, edge, mode="symmetric") if any(map(any, edge)) else x
         roundness, ratio = shape_tests(mirrored, points + np.array([e[0] for e in edge]), g, params.dark)
         if params.max_scale_ratio is not None:

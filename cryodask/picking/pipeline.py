@@ -315,7 +315,8 @@ def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, ou
     coords = detections[["z", "y", "x"]].to_numpy(dtype=np.float64)
     coords = np.minimum(coords, np.array(shape) - 1)
     instances = [None] * len(coords)
-    futures = [(group, client.submit(segment, RecordedRead(read), shape, coords[group], sp_params, pure=False, **options))
+    futures = [(group,
+                client.submit(segment, RecordedRead(read), shape, coords[group], sp_params, pure=False, **options))
                for group in _groups(coords, 16)] if len(coords) else []
     for group, future in futures:
         for i, instance in zip(group, future.result()):

@@ -67,7 +67,8 @@ def block_id_offset(index: tuple[int, ...], grid: tuple[int, ...]) -> np.uint64:
     return np.uint64(np.ravel_multi_index(index, grid)) << np.uint64(32)
 
 
-def label_pass(read, block: Block, grid, shape, connectivity: int, device: str = "cpu") -> tuple[BlockLabels, np.ndarray]:
+def label_pass(read, block: Block, grid, shape, connectivity: int,
+               device: str = "cpu") -> tuple[BlockLabels, np.ndarray]:
     """Label one block; return its label statistics and boundary planes in global ids, and
     its local labels."""
     labels, n = label_block(read(block.region), connectivity, device)
@@ -85,7 +86,8 @@ def label_pass(read, block: Block, grid, shape, connectivity: int, device: str =
     np.maximum.at(zmax, local, z)
     origin = [s.start for s in block.region]
     first_zyx = np.unravel_index(first[1:], labels.shape) if n else (np.empty(0, np.int64),) * 3
-    first_global = np.ravel_multi_index(tuple(c + o for c, o in zip(first_zyx, origin)), shape) if n else np.empty(0, np.int64)
+    first_global = (np.ravel_multi_index(tuple(c + o for c, o in zip(first_zyx, origin)), shape) if n
+                    else np.empty(0, np.int64))
     ids = np.concatenate([[0], offset + np.arange(1, n + 1, dtype=np.uint64)]).astype(np.uint64)
     faces = {}
     for axis in range(3):

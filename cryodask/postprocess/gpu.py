@@ -63,7 +63,8 @@ def label_block_gpu(block: np.ndarray, connectivity: int) -> tuple[np.ndarray, i
     if block.ndim != 3:
         raise ValueError(f"expected a 3D block, got shape {block.shape}")
     if block.size > MAX_VOXELS:
-        raise ValueError(f"block of {block.size} voxels is too large for CuPy's 32-bit label kernels; use smaller chunks")
+        raise ValueError(f"block of {block.size} voxels is too large for CuPy's 32-bit label kernels; use smaller "
+                         "chunks")
     cupy, cundi = _cupy()
     structure = ndimage.generate_binary_structure(3, RANK[connectivity])
     device_block = cupy.asarray(block)

@@ -302,7 +302,8 @@ def _finished(out: Path, key: str) -> bool:
     import zarr
 
     try:
-        return zarr.open_group(str(out), mode="r").attrs.get("cryodask", {}).get(STEP, {}) == {"key": key, "complete": True}
+        return (zarr.open_group(str(out), mode="r").attrs.get("cryodask", {}).get(STEP, {})
+                == {"key": key, "complete": True})
     except Exception:  # noqa: BLE001  (absent or unreadable: do it)
         return False
 
@@ -335,7 +336,8 @@ def _prepare(out: Path, shape, chunks, vs, params: PostprocessParams, key: str, 
     if mrc:
         made = all(_partial(p).exists() for p in outputs)
     else:
-        made = out.exists() and zarr.open_group(str(out), mode="r").attrs.get("cryodask", {}).get(STEP, {}).get("key") == key
+        made = out.exists() and zarr.open_group(str(out), mode="r").attrs.get("cryodask", {}).get(STEP, {}).get(
+            "key") == key
     resume = made and any(marks.folder.glob("write/*"))
     if not resume:
         for name in ("write", "bridges"):
@@ -358,7 +360,8 @@ def _prepare(out: Path, shape, chunks, vs, params: PostprocessParams, key: str, 
             for path, dtype in zip(stores, (np.int8, np.uint32)):
                 create_mask_store(path, shape, dtype, voxel_size=vs, levels=PORTAL_LEVELS,
                                   translation=translation(position, vs), binary=path == out,
-                                  attributes={"cryodask": {STEP: {"key": key, "complete": False, "params": asdict(params)},
+                                  attributes={"cryodask": {STEP: {"key": key, "complete": False,
+                                                                  "params": asdict(params)},
                                                            **source} if path == out else source})
         targets = [ZarrTarget(str(path / "0")) for path in stores]
     else:
@@ -371,7 +374,8 @@ def _prepare(out: Path, shape, chunks, vs, params: PostprocessParams, key: str, 
                                                   "source": {"position": position} if position else {}}})
             if params.labels:
                 create_labels(out, "components", np.uint32)
-        targets = [ZarrTarget(str(out / "0"))] + ([ZarrTarget(str(out / "labels" / "components" / "0"))] if params.labels else [])
+        targets = [ZarrTarget(str(out / "0"))] + ([ZarrTarget(str(out / "labels" / "components" / "0"))]
+                                                  if params.labels else [])
     filtered = str(marks.folder / "filtered.zarr")
     if params.remove_bridges and not (resume and Path(filtered).exists()):
         zarr.create_array(filtered, shape=shape, chunks=chunks, dtype=np.uint8, fill_value=0, overwrite=True)
@@ -419,8 +423,8 @@ def _run(read, shape, vs, chunks, params, out: Path, marks: DoneMarks, key: str,
     result.seconds["union-find + filter"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    mask_target, labels_target, final_mask, filtered = _prepare(out, shape, chunks, vs, params, key, marks, comps.n_kept,
-                                                                _position(read))
+    mask_target, labels_target, final_mask, filtered = _prepare(out, shape, chunks, vs, params, key, marks,
+                                                                comps.n_kept, _position(read))
     result.blocks_written = sum(not marks.done(f"write/{b.name}") for b in blocks)
     tables = {b.name: block_table(comps, s) for b, s in zip(blocks, block_stats)}
     written = run_blocks(client, _write_kernel, blocks, step="write", name="cc-write", report="relabel",

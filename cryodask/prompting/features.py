@@ -236,7 +236,8 @@ def _slab_kernel(region, tomo: Tomogram, model_path: str, mean: float, std: floa
                 slices = tomo.slices(task.axis, batch)
                 read.bytes_read = slices.nbytes
             with stage("infer", block=task.name):
-                maps.append(patch_maps(model, (slices - np.float32(mean)) / np.float32(std), image_size=params.image_size))
+                maps.append(patch_maps(model, (slices - np.float32(mean)) / np.float32(std),
+                                       image_size=params.image_size))
         maps = torch.cat(maps)  # (S, C, L, L): rows, columns follow the two in-plane axes in z, y, x order
         patches = maps.shape[-1]
         with stage("write", block=task.name) as written:  # sampling the grids and writing them

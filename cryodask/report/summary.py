@@ -77,7 +77,7 @@ def table(summary: dict) -> str:
                    f"{'max block s':>11} {'peak RSS MB':>11} {'read MB':>9} {'written MB':>10} {'MB/s':>7}"]
     for r in rows:
         rate = max(r["read_mb_per_s"], r["write_mb_per_s"])
-        lines.append(f"{r['step'][:16]:<16} {r['stage'][:13]:<13} {r['blocks']:>6} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} "
-                     f"{r['cpu_per_wall']:>8.2f} {r['block_wall_max_s']:>11.3f} {r['peak_rss_mb']:>11.0f} "
-                     f"{_mb(r['bytes_read']):>9} {_mb(r['bytes_written']):>10} {rate:>7.0f}")
+        lines.append(f"{r['step'][:16]:<16} {r['stage'][:13]:<13} {r['blocks']:>6} {r['wall_s']:>8.2f} "
+                     f"{r['cpu_s']:>8.2f} {r['cpu_per_wall']:>8.2f} {r['block_wall_max_s']:>11.3f} "
+                     f"{r['peak_rss_mb']:>11.0f} {_mb(r['bytes_read']):>9} {_mb(r['bytes_written']):>10} {rate:>7.0f}")
     return "\n".join(lines)

@@ -336,7 +336,8 @@ def _project(volume_zxy: np.ndarray, angles) -> np.ndarray:
             cols.append(zi[ok] * nx + xi[ok])
             weights.append(w[ok])
     matrix = _sparse(rows, cols, weights, (len(angles) * nx, nz * nx))
-    return np.ascontiguousarray((matrix @ volume_zxy.reshape(nz * nx, ny)).reshape(len(angles), nx, ny).transpose(0, 2, 1))
+    return np.ascontiguousarray((matrix @ volume_zxy.reshape(nz * nx, ny)).reshape(len(angles), nx, ny)
+                                .transpose(0, 2, 1))
 
 
 def _sparse(rows, cols, weights, shape):

@@ -151,7 +151,8 @@ def classify(micrographs, model_dir, particles, out, *, threshold: float = 0.5, 
             keep = scores[name] >= threshold
             for kind, rows in (("true", keep), ("false", ~keep)):
                 files.append(write_particles_star(
-                    out / f"{name}_{kind}.star", {str(path): centres[name][rows]}, scores={str(path): scores[name][rows]},
+                    out / f"{name}_{kind}.star", {str(path): centres[name][rows]},
+                    scores={str(path): scores[name][rows]},
                     pixel_size=pixel_size or header_pixel_size(path), shapes={str(path): mics.shapes[name]},
                     flip_y=flip_y))
     return ClassifyResult(centres, scores, files, time.perf_counter() - clock, threshold)

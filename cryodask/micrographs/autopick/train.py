@@ -278,7 +278,8 @@ def training_inputs(micrographs, good, bad, *, flip_y: bool = False, quiet: bool
     from .inputs import micrograph_set, read_centres
 
     mics = micrograph_set(micrographs)
-    centres = {kind: read_centres(source, mics, flip_y=flip_y, quiet=quiet) for kind, source in (("good", good), ("bad", bad))}
+    centres = {kind: read_centres(source, mics, flip_y=flip_y, quiet=quiet)
+               for kind, source in (("good", good), ("bad", bad))}
     for (kind, found), source in zip(centres.items(), (good, bad)):
         n = sum(len(c) for c in found.values())
         if n < MIN_PER_CLASS:

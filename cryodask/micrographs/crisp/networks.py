@@ -81,7 +81,8 @@ class DeepLab(nn.Module):
         super().__init__()
         widths = tuple(int(w) for w in widths)
         stages = [_double(in_channels, widths[0])]
-        stages += [nn.Sequential(_conv(cin, cout, stride=2), _conv(cout, cout)) for cin, cout in zip(widths, widths[1:])]
+        stages += [nn.Sequential(_conv(cin, cout, stride=2), _conv(cout, cout))
+                   for cin, cout in zip(widths, widths[1:])]
         self.stages = nn.ModuleList(stages)
         self.aspp = ASPP(widths[-1], widths[-1], rates)
         low = widths[1] if len(widths) > 1 else widths[0]

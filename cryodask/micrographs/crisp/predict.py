@@ -414,7 +414,8 @@ def run_prediction(plan: PredictPlan, client) -> PredictReport:
     from distributed import as_completed
 
     report = PredictReport(results=list(plan.done), crf_note=plan.crf_note, without_truth=list(plan.without_truth))
-    futures = {} if not plan.jobs else {client.submit(predict_one, job["path"], str(plan.model_dir), str(plan.out), plan.params,
+    futures = {} if not plan.jobs else {client.submit(predict_one, job["path"], str(plan.model_dir), str(plan.out),
+                                                      plan.params,
                              plan.diameter, job["key"], job["truth_mask"], job["truth_particles"],
                              pure=False, retries=1): job for job in plan.jobs}
     for future in as_completed(futures) if futures else ():

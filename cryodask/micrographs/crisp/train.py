@@ -99,7 +99,8 @@ def read_mask(path, shape=None) -> np.ndarray:
     """A binary mask file: pixels above half its maximum (> 127 for 8-bit JPEG/PNG, > 0.5 for 0/1)."""
     image = read_micrograph(path).image
     if shape is not None and tuple(image.shape) != tuple(shape):
-        raise where(path, f"mask is {image.shape[0]}×{image.shape[1]} px but its micrograph is {shape[0]}×{shape[1]} px")
+        raise where(path,
+                    f"mask is {image.shape[0]}×{image.shape[1]} px but its micrograph is {shape[0]}×{shape[1]} px")
     top = float(image.max())
     return (image > top / 2).astype(np.uint8) if top > 0 else np.zeros(image.shape, np.uint8)
 
