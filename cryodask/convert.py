@@ -1,11 +1,14 @@
 """MRC/TIFF tomograms to chunked OME-Zarr, many at once, on a Dask cluster.
 
 Each tomogram becomes ``<out>/<stem>.zarr``: a multiscale image (z, y, x in Å) whose level 0
-equals the input. The work is a graph of block tasks — level 0 reads a chunk-aligned slab of
-the file, level ``l`` averages 2x2x2 voxels of the level ``l-1`` blocks it depends on — so a
-worker holds a few chunks, never a tomogram, and pyramid levels start as soon as their parent
-blocks are written. Every block writes whole chunks and then a done-mark; a rerun skips marked
-blocks and finished tomograms, and a changed parameter starts that tomogram again.
+equals the input. Its blocks go through the one block runner (:func:`~cryodask.engine.runner.run_blocks`),
+one call per level: level 0 reads a chunk-aligned slab of the file and writes levels 0 and 1,
+then each level ``l >= 2`` averages 2x2x2 voxels of level ``l-1``; so a worker holds a few
+chunks, never a tomogram. Levels run one after another (a level no longer starts on the blocks
+of the one below as they finish): the collection runner keeps several tomograms in flight, which
+keeps the workers busy instead. Every block writes whole chunks and then a done-mark (level 0's
+keeps the block's value sketch, for the contrast window); a rerun skips marked blocks and
+finished tomograms, and a changed parameter starts that tomogram again.
 """
 
 from __future__ import annotations
@@ -14,18 +17,19 @@ import errno
 import os
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .engine.blocks import Block, DoneMarks, fault_injection_delay, plan_blocks
+from . import validate
+from .engine.blocks import Block, DoneMarks, plan_blocks
 from .engine.cluster import current_client
-from .io.folders import check_output_dir
+from .engine.runner import Region, run_blocks
 from .errors import CryodaskError, InputError, where
+from .io.folders import check_output_dir
 from .io.omezarr import NGFF, PORTAL_CHUNKS, check_layout, create_image, level_shapes, merge_window, sketch, write_omero
-from .io.volumes import VolumeSource, find_volumes, open_volume
+from .io.volumes import Volume, find_volumes, open_volume, stem as name_of
 from .params import params_hash
 from .report.stages import stage
 
@@ -44,14 +48,11 @@ class ConvertParams:
     layout: str = "default"
 
     def __post_init__(self):
-        if len(self.chunks) != 3 or min(self.chunks) < 1:
-            raise InputError(f"--chunks must be three positive integers, got {self.chunks}")
-        if self.levels < 1:
-            raise InputError(f"--levels must be at least 1, got {self.levels}")
-        if self.ngff not in NGFF:
-            raise InputError(f"--ngff must be one of {', '.join(NGFF)}, got {self.ngff}")
+        object.__setattr__(self, "chunks", validate.shape("chunks", self.chunks))
+        object.__setattr__(self, "levels", validate.count("levels", self.levels, 1))
+        validate.choice("ngff", self.ngff, NGFF)
         if self.dtype not in (None, "float32"):
-            raise InputError(f"--dtype must be float32 or left out (keep the input's), got {self.dtype}")
+            raise validate.FieldError("dtype", f"must be float32 or left out (keep the input's), got {self.dtype}")
         check_layout(self.layout, self.ngff)
         if self.layout == "portal":  # the Portal's chunks and type, whatever --chunks and --dtype say
             object.__setattr__(self, "chunks", PORTAL_CHUNKS)
@@ -81,7 +82,7 @@ class ConvertReport:
         return [r for r in self.results if r.status == "failed"]
 
 
-# ---------------------------------------------------------------- block tasks (run on workers)
+# ---------------------------------------------------------------- block kernels (the runner does the rest)
 
 def downsample_mean(data: np.ndarray, out_shape, dtype) -> np.ndarray:
     """2x2x2 mean; an odd edge voxel is averaged with itself (edge replication).
@@ -106,69 +107,68 @@ def downsample_mean(data: np.ndarray, out_shape, dtype) -> np.ndarray:
     return total.astype(dtype)
 
 
-def _write_source_block(source: VolumeSource, store: str, block: Block, dtype: str, marks: DoneMarks,
-                        level1: Block | None = None):
-    """Write a level-0 block; with ``level1``, also its 2x-averaged level-1 block from the same
-    data (the block spans two level-1 chunks per axis, so both writes are whole chunks)."""
+def _halved(region) -> tuple[slice, ...]:
+    """A level-0 block's region one level down (an odd edge voxel keeps its own level-1 voxel)."""
+    return tuple(slice(r.start // 2, -(-r.stop // 2)) for r in region)
+
+
+def _source_kernel(region: Region, data, store: str, dtype: str, halve: bool):
+    """Write a level-0 block as ``dtype``; with ``halve``, also its 2x-averaged level-1 block from
+    the same data (the block spans two level-1 chunks per axis, so both writes are whole chunks).
+    Hands back the block's value sketch: kept with its done-mark, the contrast window needs no
+    level read again, even after a resume."""
     import zarr
 
-    name = f"{Path(store).stem} 0/{block.name}"
-    fault_injection_delay(f"{STEP} {name}")
-    with stage("read", block=name, step=STEP) as s:
-        data = source.read(block.region)
-        s.bytes_read = data.nbytes
-    with stage("preprocess", block=name, step=STEP):
-        data = data.astype(dtype, copy=False)
-    with stage("write", block=name, step=STEP, bytes_written=data.nbytes):
-        zarr.open_array(f"{store}/0", mode="r+")[block.region] = data
-    if level1 is not None:
-        with stage("preprocess", block=name, step=STEP):
-            half = downsample_mean(data, level1.shape, dtype)
-        with stage("write", block=name, step=STEP, bytes_written=half.nbytes):
-            zarr.open_array(f"{store}/1", mode="r+")[level1.region] = half
-    marks.mark(f"0/{block.name}", sketch(data))  # the block's value sketch, for the contrast window
-    return data.nbytes
+    data = data.astype(dtype, copy=False)
+    with stage("write", bytes_written=data.nbytes):
+        zarr.open_array(f"{store}/0", mode="r+")[region.write] = data
+    if halve:
+        lower = _halved(region.write)
+        half = downsample_mean(data, tuple(r.stop - r.start for r in lower), dtype)
+        with stage("write", bytes_written=half.nbytes):
+            zarr.open_array(f"{store}/1", mode="r+")[lower] = half
+    return sketch(data)
 
 
-def _write_window(job: "_Job", block_bytes: int) -> None:
-    """The ``omero`` contrast window from the level-0 blocks' sketches (no level is read again).
-    Marks without a sketch (written by an older cryodask) leave the store without a window."""
-    dtype = _dtype(job)
-    sketches = []
-    for block in plan_pyramid(job.source.shape, job.params.chunks, job.params.levels, dtype.itemsize, block_bytes)[0]:
-        try:
-            sketches.append(job.marks.payload(f"0/{block.name}"))
-        except (OSError, ValueError, EOFError):
-            return
+@dataclass(frozen=True)
+class _Parent:
+    """Reads what a block of ``level`` averages: twice its region of the level below."""
+
+    store: str
+    level: int
+
+    def __call__(self, region):
+        import zarr
+
+        parent = zarr.open_array(f"{self.store}/{self.level - 1}", mode="r")
+        return parent[tuple(slice(2 * r.start, min(2 * r.stop, n)) for r, n in zip(region, parent.shape))]
+
+
+def _level_kernel(region: Region, data, store: str, level: int) -> None:
+    """Write a block of ``level >= 2``: the 2x2x2 mean of its parent region (read by :class:`_Parent`)."""
+    import zarr
+
+    target = zarr.open_array(f"{store}/{level}", mode="r+")
+    data = downsample_mean(data, region.block.shape, target.dtype)
+    with stage("write", bytes_written=data.nbytes):
+        target[region.write] = data
+
+
+def _write_window(job: _Job, sketches: list) -> None:
+    """The ``omero`` contrast window from the level-0 blocks' sketches. Marks without a sketch
+    (written by an older cryodask) leave the store without a window."""
+    if any(s is None for s in sketches):
+        return
     window = merge_window(sketches)
     if window is not None:
         write_omero(job.store, window, label=job.store.stem, z_size=job.source.shape[0])
-
-
-def _write_level_block(store: str, level: int, block: Block, marks: DoneMarks, *deps):
-    import zarr
-
-    name = f"{Path(store).stem} {level}/{block.name}"
-    fault_injection_delay(f"{STEP} {name}")
-    parent = zarr.open_array(f"{store}/{level - 1}", mode="r")
-    target = zarr.open_array(f"{store}/{level}", mode="r+")
-    region = tuple(slice(2 * s.start, min(2 * s.stop, n)) for s, n in zip(block.region, parent.shape))
-    with stage("read", block=name, step=PYRAMID) as s:  # the pyramid's own reads: not the input's bytes
-        data = parent[region]
-        s.bytes_read = data.nbytes
-    with stage("preprocess", block=name, step=PYRAMID):
-        data = downsample_mean(data, block.shape, target.dtype)
-    with stage("write", block=name, step=PYRAMID, bytes_written=data.nbytes):
-        target[block.region] = data
-    marks.mark(f"{level}/{block.name}")
-    return 0
 
 
 # ---------------------------------------------------------------- planning (runs on the client)
 
 @dataclass
 class _Job:
-    source: VolumeSource
+    source: Volume
     store: Path
     marks: DoneMarks
     key: str
@@ -176,7 +176,7 @@ class _Job:
     status: str = "converted"
 
 
-def _job_key(source: VolumeSource, params: ConvertParams) -> str:
+def _job_key(source: Volume, params: ConvertParams) -> str:
     stat = os.stat(source.path)
     return params_hash({**asdict(params), "source": os.path.abspath(source.path), "size": stat.st_size,
                         "mtime_ns": stat.st_mtime_ns, "voxel_size": source.voxel_size,
@@ -205,8 +205,8 @@ def _prepare(job: _Job) -> None:
     dtype = _dtype(job)
     meta = {"path": os.path.abspath(job.source.path), "format": job.source.format,
             "voxel_size": list(job.source.voxel_size), **job.source.metadata}
-    create_image(job.store, job.source.shape, chunks=job.params.chunks, dtype=dtype,
-                 voxel_size=job.source.voxel_size, levels=job.params.levels, ngff=job.params.ngff, layout=job.params.layout,
+    create_image(job.store, job.source.shape, chunks=job.params.chunks, dtype=dtype, voxel_size=job.source.voxel_size,
+                 levels=job.params.levels, ngff=job.params.ngff, layout=job.params.layout,
                  translation=job.source.translation,  # the MRC origin/nstart; raw values in source.position
                  attributes={"cryodask": {STEP: {"key": job.key, "complete": False, "params": asdict(job.params)},
                                           "source": meta}})
@@ -224,50 +224,33 @@ def plan_pyramid(shape, chunks, levels: int, itemsize: int, block_bytes: int) ->
         return [plan_blocks(shapes[0], chunks, itemsize=itemsize, max_bytes=block_bytes)]
     c1 = tuple(min(c, s) for c, s in zip(chunks, shapes[1]))
     fused = plan_blocks(shapes[0], tuple(2 * c for c in c1), itemsize=itemsize, max_bytes=block_bytes)
-    halved = [Block(b.index, tuple(slice(r.start // 2, -(-r.stop // 2)) for r in b.region)) for b in fused]
+    halved = [Block(b.index, _halved(b.region)) for b in fused]
     return [fused, halved] + [plan_blocks(s, chunks, itemsize=itemsize * 8, max_bytes=block_bytes) for s in shapes[2:]]
-
-
-def _overlapping(blocks: list[Block], region) -> list[Block]:
-    return [b for b in blocks if all(r.start < s.stop and s.start < r.stop for r, s in zip(b.region, region))]
 
 
 def _dtype(job: _Job) -> np.dtype:
     return np.dtype(job.params.dtype or job.source.dtype).newbyteorder("=")
 
 
-def _submit(client, job: _Job, block_bytes: int, priority: int, run: str) -> list:
-    """Submit the block graph of one tomogram; return its futures (done blocks are left out).
-
-    A block of level ``l >= 2`` depends on exactly the level ``l-1`` blocks it reads, so the
-    pyramid proceeds as soon as its inputs are written.
-    """
+def _convert_levels(client, job: _Job, block_bytes: int, priority: int) -> list:
+    """One tomogram's blocks through the block runner, a level at a time (level 0 writes level 1
+    too); returns the level-0 blocks' value sketches (a done block's from its mark)."""
     store, dtype = str(job.store), _dtype(job)
     plan = plan_pyramid(job.source.shape, job.params.chunks, job.params.levels, dtype.itemsize, block_bytes)
-    futures, previous = [], {}
+    stem = Path(job.source.path).stem  # task names: copick stores share a name, their sources do not
+    sketches = []
     for level, blocks in enumerate(plan):
         if level == 1:
-            continue  # written by the level-0 tasks; ``previous`` already maps its names
-        current = {}
-        for i, block in enumerate(blocks):
-            name = f"{level}/{block.name}"
-            if job.marks.done(name):
-                current[block.name] = None
-                continue
-            key = f"convert-{Path(job.source.path).stem}-{run}-{level}-{block.name}"  # copick stores share a name
-            if level == 0:
-                level1 = plan[1][i] if len(plan) > 1 else None
-                fut = client.submit(_write_source_block, job.source, store, block, dtype.str, job.marks, level1,
-                                    key=key, priority=priority, retries=1)
-            else:
-                parent_region = tuple(slice(2 * s.start, 2 * s.stop) for s in block.region)
-                deps = [previous[b.name] for b in _overlapping(plan[level - 1], parent_region) if previous[b.name] is not None]
-                fut = client.submit(_write_level_block, store, level, block, job.marks, *deps,
-                                    key=key, priority=priority, retries=1)
-            current[block.name] = fut
-            futures.append(fut)
-        previous = current
-    return futures
+            continue  # written by the level-0 blocks
+        common = {"step": str(level), "marks": job.marks, "stage": "preprocess", "label": f"{STEP} {job.store.stem}",
+                  "name": f"{STEP}-{stem}-{level}", "priority": priority}
+        if level == 0:
+            sketches = run_blocks(client, _source_kernel, blocks, args=(store, dtype.str, len(plan) > 1),
+                                  read=job.source, report=STEP, **common)
+        else:  # the pyramid's own reads and writes: not the input's bytes
+            run_blocks(client, _level_kernel, blocks, args=(store, level), read=_Parent(store, level),
+                       report=PYRAMID, **common)
+    return sketches
 
 
 def _mark_complete(job: _Job) -> None:
@@ -314,7 +297,7 @@ def plan_conversion(inputs, out, *, chunks=(64, 256, 256), levels: int = 3, ngff
     for path in paths:
         try:
             source = open_volume(path, voxel_size)
-            stem = Path(path).stem
+            stem = name_of(path)  # the one stem rule: TS_01.rec.mrc and TS_01.mrc are both TS_01
             if stem in stems:
                 raise where(path, f"has the same name as {stems[stem]}; both would write {stem}.zarr")
             stems[stem] = Path(path)
@@ -327,7 +310,8 @@ def plan_conversion(inputs, out, *, chunks=(64, 256, 256), levels: int = 3, ngff
             report.results.append(TomogramResult(str(path), None, "failed", str(exc)))
             continue
         except OSError as exc:
-            report.results.append(TomogramResult(str(path), None, "failed", str(where(out / f"{stem}.zarr", _one_line(exc)))))
+            message = str(where(out / f"{stem}.zarr", _one_line(exc)))
+            report.results.append(TomogramResult(str(path), None, "failed", message))
             continue
         jobs.append(job)
         if job.status == "skipped":
@@ -373,76 +357,45 @@ def convert(inputs, out, *, chunks=(64, 256, 256), levels: int = 3, ngff: str = 
 
 def _run(client, jobs: list[_Job], block_bytes: int, report: ConvertReport, progress: bool,
          in_flight: int | None = None) -> None:
-    """Keep ``in_flight`` tomograms submitted (default: four per worker, at least 8).
+    """Every tomogram through the collection runner, ``in_flight`` at a time (default: four per
+    worker, at least 8): the scheduler holds the tasks of a few tomograms, not of ten thousand,
+    and each is finished (and marked complete) as early as possible, so a killed run has lost little."""
+    from .engine.collection import Item, run_collection
 
-    A window rather than everything at once: the scheduler holds the tasks of a few
-    tomograms, not of ten thousand, and each tomogram is finished (and marked complete)
-    as early as possible, so a killed run has lost little.
-    """
-    from distributed import as_completed
-
-    run = uuid.uuid4().hex[:8]  # a fresh key per run: never collide with a cancelled run's tasks
     window = in_flight or max(8, 4 * len(client.scheduler_info().get("workers", {})))
-    totals = [_count_blocks(job, block_bytes) for job in jobs]
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=sum(t - job.marks.count() for t, job in zip(totals, jobs)), unit="block", desc="convert")
-    queue = iter(range(len(jobs)))
-    started, futures, pending, owner = {}, {}, {}, {}
-    stream = as_completed()
-
-    def submit_next() -> bool:
-        """Submit the next tomogram that has blocks to do; finish those that have none."""
-        while (i := next(queue, None)) is not None:
-            started[i] = time.perf_counter()
-            futures[i] = _submit(client, jobs[i], block_bytes, priority=-i, run=run)
-            pending[i] = len(futures[i])
-            for f in futures[i]:
-                owner[f.key] = i
-                stream.add(f)
-            if futures[i]:
-                return True
-            finish(i)
-        return False
-
-    def finish(i: int) -> None:
-        job, done = jobs[i], futures.pop(i)
-        errors = [f.exception() if f.status == "error" else CryodaskError(f"block task {f.status}")
-                  for f in done if f.status != "finished"]
-        result = TomogramResult(job.source.path, str(job.store), job.status,
-                                blocks_written=sum(f.status == "finished" for f in done),
-                                blocks_skipped=totals[i] - len(done), nbytes=job.source.nbytes,
-                                seconds=time.perf_counter() - started[i])
-        if errors:
-            error = next((e for e in errors if isinstance(e, CryodaskError)), errors[0])
+    def one(item: Item):
+        i = int(item.name)
+        job = jobs[i]
+        names = _mark_names(job, block_bytes)
+        started = time.perf_counter()
+        skipped = sum(map(job.marks.done, names))
+        result = TomogramResult(job.source.path, str(job.store), job.status, blocks_skipped=skipped,
+                                nbytes=job.source.nbytes)
+        try:
+            sketches = _convert_levels(client, job, block_bytes, priority=-i)
+        except Exception as error:  # noqa: BLE001  (the first failed block: this tomogram fails, the others go on)
             message = _one_line(error)
             if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk
                 message = f"cannot write {job.store} ({error.strerror})"
             result.status = "failed"
             result.message = message if message.startswith(job.source.path) else f"{job.source.path}: {message}"
+            result.blocks_written = sum(map(job.marks.done, names)) - skipped
         else:
-            _write_window(job, block_bytes)
+            result.blocks_written = len(names) - skipped
+            _write_window(job, sketches)
             _mark_complete(job)
-        report.results.append(result)
-        client.cancel(done)
+        result.seconds = time.perf_counter() - started
+        return result
 
-    for _ in range(window):
-        if not submit_next():
-            break
-    for future in stream:
-        i = owner.pop(future.key)
-        pending[i] -= 1
-        if bar is not None:
-            bar.update(1)
-        if not pending[i]:
-            finish(i)
-            submit_next()
-    if bar is not None:
-        bar.close()
+    collection = run_collection([Item(Path(job.source.path), str(i)) for i, job in enumerate(jobs)], one,
+                                command="convert", client=client, window=window, echo=None, show_progress=progress)
+    for outcome in collection.outcomes:  # a bug in one tomogram's bookkeeping is that tomogram's failure
+        report.results.append(outcome.value if outcome.value is not None else
+                              TomogramResult(str(outcome.item.path), "", "failed", message=outcome.message))
 
 
-def _count_blocks(job: _Job, block_bytes: int) -> int:
+def _mark_names(job: _Job, block_bytes: int) -> list[str]:
+    """The done-mark of every block task of a tomogram (level 1 is written by level 0's)."""
     plan = plan_pyramid(job.source.shape, job.params.chunks, job.params.levels, _dtype(job).itemsize, block_bytes)
-    return sum(len(blocks) for level, blocks in enumerate(plan) if level != 1)
+    return [f"{level}/{b.name}" for level, blocks in enumerate(plan) if level != 1 for b in blocks]
