@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import CryodaskError, InputError, where
+from ...errors import InputError, where
 from ...io.folders import atomic_write
 from ...params import file_identity
 from .crf import CRFParams
@@ -410,22 +410,26 @@ def _read_record(path: Path) -> dict:
 
 
 def run_prediction(plan: PredictPlan, client) -> PredictReport:
-    """Run the plan's micrograph tasks on ``client``; gather records, write metrics."""
-    from distributed import as_completed
+    """Run the plan's micrograph tasks on ``client`` through the collection runner (a failed
+    micrograph is named and the others go on); gather records, write metrics."""
+    from ...engine.collection import Item, run_collection
 
     report = PredictReport(results=list(plan.done), crf_note=plan.crf_note, without_truth=list(plan.without_truth))
-    futures = {} if not plan.jobs else {client.submit(predict_one, job["path"], str(plan.model_dir), str(plan.out),
-                                                      plan.params,
-                             plan.diameter, job["key"], job["truth_mask"], job["truth_particles"],
-                             pure=False, retries=1): job for job in plan.jobs}
-    for future in as_completed(futures) if futures else ():
-        job = futures[future]
-        if future.status == "finished":
-            report.results.append(future.result())
+    jobs = {job["path"]: job for job in plan.jobs}
+
+    def one(item: Item) -> dict:
+        job = jobs[str(item.path)]
+        args = (job["path"], str(plan.model_dir), str(plan.out), plan.params, plan.diameter, job["key"],
+                job["truth_mask"], job["truth_particles"])
+        return client.submit(predict_one, *args, pure=False, retries=1).result()
+
+    collection = run_collection([Item(Path(path), Path(path).stem) for path in jobs], one, command="crisp predict",
+                                client=client, echo=None)
+    for outcome in collection.outcomes:
+        if outcome.status == "done":
+            report.results.append(outcome.value)
         else:
-            exc = future.exception()
-            message = str(exc) if isinstance(exc, CryodaskError) else f"{type(exc).__name__}: {exc}"
-            report.failed.append(message if message.startswith(job["path"]) else f"{job['path']}: {message}")
+            report.failed.append(outcome.message)
     order = {Path(j["path"]).stem: i for i, j in enumerate(plan.jobs)}
     report.results.sort(key=lambda r: (order.get(r["name"], -1), r["name"]))
     report.summary = summarise(report.results)
