@@ -171,8 +171,9 @@ def run_blocks(client, kernel, blocks, *, step: str, key: str | None = None, arg
         return []
     prefix = "-".join([name or step.replace("/", "-")] + ([key[:8]] if key else []) + [uuid.uuid4().hex[:8]])
     # a task of its own, not scattered data: the scheduler keeps the recipe, so a worker that dies
-    # holding it costs a recompute, not the run
-    shared = client.submit(_same, task, key=f"state-{prefix}", pure=False, retries=retries)
+    # holding it costs a recompute, not the run; for one or two blocks it travels inside them
+    # (a task of its own costs ~10 ms, which a collection of small tomograms pays per step)
+    shared = client.submit(_same, task, key=f"state-{prefix}", pure=False, retries=retries) if len(blocks) > 2 else task
     futures = [client.submit(_call, shared, block, key=f"{prefix}-{block.name}",
                              retries=retries, resources=resources, priority=priority, pure=False)
                for block in blocks]
@@ -182,7 +183,7 @@ def run_blocks(client, kernel, blocks, *, step: str, key: str | None = None, arg
         raise_first_error(futures, [b.name for b in blocks], step)
         return client.gather(futures)
     finally:
-        client.cancel(futures + [shared])
+        client.cancel(futures + ([shared] if shared is not task else []))
 
 
 def _count(future) -> None:
