@@ -24,8 +24,9 @@ def _example(value: bool) -> None:
 def run(
     pipeline_file: Path = typer.Argument(None, metavar="PIPELINE",
                                          help="Pipeline YAML (cryodask run --example prints one)."),
-    inputs: list[str] = typer.Argument(None, help="Tomograms: MRC/TIFF files, OME-Zarr images, folders, globs, a STAR "
-                                                  "listing or a copick config."),
+    inputs: list[str] = typer.Argument(None, metavar="INPUTS",
+                                       help="Tomograms: MRC/TIFF files, OME-Zarr images, folders, globs, a STAR "
+                                            "listing or a copick config."),
     out: Path = typer.Option(None, "--out", help="Output folder: every step's outputs, named after each tomogram."),
     example: bool = typer.Option(False, "--example", callback=_example, is_eager=True,
                                  help="Print a commented pipeline file and exit."),
