@@ -21,7 +21,6 @@ from .errors import InputError, where
 from .params import params_hash
 
 ORDER = ("convert", "membranes", "postprocess", "pick", "evaluate")
-NEEDS = {"postprocess": "membranes", "pick": None, "evaluate": None}
 
 EXAMPLE = """\
 # cryodask run: steps run per tomogram, in this order, on one cluster:

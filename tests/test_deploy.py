@@ -224,27 +224,30 @@ def test_walltimes(kind, text, seconds):
     assert walltime_seconds(kind, text) == seconds
 
 
-def test_retired_workers_are_replaced_by_new_jobs():
+@pytest.mark.parametrize("processes", [1, 2])
+def test_retired_workers_are_replaced_by_new_jobs(processes):
     """dask-jobqueue does not resubmit a job whose worker retired at --lifetime (#691); cryodask does.
-    Jobs here are dask-jobqueue's local ones (a bash process per job), with a 2 s lifetime."""
+    Jobs here are dask-jobqueue's local ones (a bash process per job), with a 2 s lifetime. With two
+    worker processes per job (the shipped ``cpu`` profile), distributed forgets each lost worker by
+    its own name (``<job>-0``), never the job: cryodask forgets the job once all its workers are gone."""
     from dask_jobqueue.local import LocalCluster
     from distributed import Client
 
     with dask.config.set({"distributed.deploy.lost-worker-timeout": "0.2s"}):
-        cluster = LocalCluster(cores=1, memory="500MB", processes=1, worker_extra_args=["--lifetime", "2s"],
-                               scheduler_options={"dashboard_address": ":0"})
+        cluster = LocalCluster(cores=processes, memory=f"{500 * processes}MB", processes=processes,
+                               worker_extra_args=["--lifetime", "2s"], scheduler_options={"dashboard_address": ":0"})
         try:
             cluster.scale(jobs=1)
             replace_retired_jobs(cluster, 1, interval=0.5)
             seen = set()
             with Client(cluster) as client:
                 deadline = time.monotonic() + 40
-                while time.monotonic() < deadline and len(seen) < 2:
+                while time.monotonic() < deadline and len(seen) < 2 * processes:
                     seen |= set(client.scheduler_info()["workers"])
                     time.sleep(0.2)
         finally:
             cluster.close()
-    assert len(seen) == 2  # the first worker retired and a new job's worker took its place
+    assert len(seen) == 2 * processes  # the first job's workers retired and a new job's took their place
 
 
 def test_local_multigpu_recipe_parses_and_asks_for_one_gpu_per_worker():

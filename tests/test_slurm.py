@@ -153,31 +153,3 @@ def test_a_collection_through_batch_jobs_survives_a_cancelled_job(slurm, tmp_pat
         ours, theirs = (starfile.read(path, always_dict=True) for path in (star, tmp_path / "ref" / star.name))
         assert len(ours["particles"]) > 0 and ours.keys() == theirs.keys()
         assert all(ours[block].equals(theirs[block]) for block in ours)
-
-
-def test_a_lost_job_of_two_worker_processes_is_replaced():
-    """distributed forgets a lost worker by its own name (``<job>-0``), never the job, so
-    dask-jobqueue would not resubmit a job of ``processes: 2`` (the shipped ``cpu`` profile) even
-    when asked; cryodask forgets the job once all its workers are gone. dask-jobqueue's local jobs
-    (a bash process each; no SLURM needed), whose two workers retire after 2 s."""
-    import dask
-    from dask_jobqueue.local import LocalCluster
-    from distributed import Client
-
-    from cryodask.engine.cluster import replace_retired_jobs
-
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "0.2s"}):
-        cluster = LocalCluster(cores=2, processes=2, memory="1GB", worker_extra_args=["--lifetime", "2s"],
-                               scheduler_options={"dashboard_address": ":0"})
-        try:
-            cluster.scale(jobs=1)
-            replace_retired_jobs(cluster, 1, interval=0.5)
-            seen = set()
-            with Client(cluster) as client:
-                deadline = time.monotonic() + 40
-                while time.monotonic() < deadline and len(seen) < 4:
-                    seen |= set(client.scheduler_info()["workers"])
-                    time.sleep(0.2)
-        finally:
-            cluster.close()
-    assert len(seen) == 4  # two workers of the first job, then two of the job in its place

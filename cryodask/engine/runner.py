@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CryodaskError
+from ..errors import CryodaskError, InputError
 from ..report.stages import stage
 from . import progress
 from .blocks import Block, DoneMarks, fault_injection_delay
@@ -238,3 +238,17 @@ def lazy(fn, array, depth, *, dtype=np.float32, **kwargs):
         raise CryodaskError(f"a depth per axis is needed: {array.ndim} axes, got {depth}")
     return array.map_overlap(fn, depth=dict(enumerate(depth)), boundary="none", dtype=dtype, meta=np.array((), dtype),
                              **kwargs)
+
+
+def volume_input(array, mean=None, std=None, *, what: str = "a tomogram"):
+    """A lazy step's input: a 3D dask array, and the mean and standard deviation that normalise it
+    (without them, the array is standardised by its own lazy statistics: 0 and 1 then)."""
+    import dask.array as da
+
+    array = da.asarray(array)
+    if array.ndim != 3:
+        raise InputError(f"{what} must be 3D (z, y, x), got shape {array.shape}")
+    if mean is None or std is None:
+        array = array.astype(np.float32)
+        array, mean, std = (array - array.mean()) / array.std(), 0.0, 1.0
+    return array, mean, std

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import validate
 from ..engine.blocks import DoneMarks, plan_blocks
-from ..engine.runner import Region, grow, lazy, run_blocks, within
+from ..engine.runner import Region, grow, lazy, run_blocks, volume_input, within
 from ..errors import InputError
 from .hessian import GaussianHessian, ridge, sheet_eigen
 
@@ -264,18 +264,12 @@ def sheet_score(array, voxel_size, params: ClassicalParams | None = None, *, mea
     >>> score.shape, score.dtype
     ((32, 64, 64), dtype('float32'))
     """
-    import dask.array as da
 
     params = params or ClassicalParams()
     if not isinstance(params, ClassicalParams):
         raise InputError(f"params must be ClassicalParams, got {type(params).__name__}")
     spacing = _spacing(voxel_size)
-    array = da.asarray(array)
-    if array.ndim != 3:
-        raise InputError(f"sheet_score needs a 3D (z, y, x) array, got shape {array.shape}")
-    if mean is None or std is None:
-        array = array.astype(np.float32)
-        array, mean, std = (array - array.mean()) / array.std(), 0.0, 1.0
+    array, mean, std = volume_input(array, mean, std, what="sheet_score's array")
     return lazy(membrane_score, array, halo(spacing, params), voxel_size=spacing, params=params, mean=mean, std=std)
 
 

@@ -19,7 +19,7 @@ from scipy.spatial import cKDTree
 
 from .. import validate
 from ..engine.blocks import Block, DoneMarks, plan_blocks
-from ..engine.runner import Region, lazy, run_blocks
+from ..engine.runner import Region, lazy, run_blocks, volume_input
 from ..errors import InputError
 from ..report.stages import RecordedRead
 
@@ -157,15 +157,9 @@ def laplacian_of_gaussian(array, voxel_size, params: LogParams, *, mean=None, st
     >>> r.shape, r.dtype
     ((32, 64, 64), dtype('float32'))
     """
-    import dask.array as da
 
     g = Geometry.of(params, voxel_size)
-    array = da.asarray(array)
-    if array.ndim != 3:
-        raise InputError(f"a tomogram must be 3D (z, y, x), got shape {array.shape}")
-    if mean is None or std is None:
-        array = array.astype(np.float32)
-        array, mean, std = (array - array.mean()) / array.std(), 0.0, 1.0
+    array, mean, std = volume_input(array, mean, std)
     return lazy(log_response, array, response_halo(g), voxel_size=g.voxel_size, params=params, mean=mean, std=std)
 
 
