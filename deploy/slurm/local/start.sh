@@ -16,7 +16,15 @@ ready() {  # the node accepts jobs (idle, or already running some)
   command -v sinfo >/dev/null && timeout 5 sinfo -h -n "$host" -o %T 2>/dev/null | grep -Eq '^(idle|mixed|allocated|completing)$'
 }
 
-if ready; then echo "slurm: already running ($(sinfo -h -n "$host" -o '%P %T %c CPUs %m MB'))"; exit 0; fi
+cpus=$(nproc --all)  # the machine's, not the caller's affinity mask (a caller under taskset sees fewer)
+if ready; then
+  if [ "$(timeout 5 sinfo -h -n "$host" -o %c 2>/dev/null)" = "$cpus" ]; then
+    echo "slurm: already running ($(sinfo -h -n "$host" -o '%P %T %c CPUs %m MB'))"; exit 0
+  fi
+  # running with another CPU count than this machine has (an older slurm.conf): write it anew, restart
+  pkill -x slurmctld || true; pkill -x slurmd || true
+  for _ in $(seq 50); do pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break; sleep 0.1; done
+fi
 
 packages=(slurmctld slurmd slurm-client munge)
 if ! dpkg -s "${packages[@]}" >/dev/null 2>&1; then
@@ -42,7 +50,6 @@ fi
 
 # slurm.conf for this host: all CPUs, 90% of the memory (the node is drained if it claims more
 # than it has), cores and memory consumable so that several small jobs share the node
-cpus=$(nproc)
 mem_mb=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
 install -d /etc/slurm /var/spool/slurmctld /var/spool/slurmd /run/slurm "$logs"
 cat >"$conf.new" <<CONF
