@@ -28,7 +28,7 @@ from conftest import ROOT, one_line_error
 from cryodask.cli import main
 from cryodask.errors import InputError
 from cryodask.io import copick as cp
-from cryodask.io.picks import read_picks
+from cryodask.io.picks import read_picks, write_picks
 from cryodask.synth.tomogram import synth_tomogram, write_tomogram
 
 COPICK = "copick==1.31.0"
@@ -291,6 +291,40 @@ def test_a_copick_config_as_input_is_its_runs(written, tmp_path, capsys, client)
             == ["other.zarr", "third.zarr", "tomo.zarr"])
     one_line_error(lambda: cp.expand_config(config, voxel_spacing=7.0), config, "no tomogram of voxel spacing 7.0")
     os.unlink(run_dir / "denoised.zarr")
+
+
+def test_a_project_made_by_copick_itself_is_segmented_and_picked(copick_python, tmp_path, capsys, client):
+    """The input side checked by the real tool: copick's own API writes the project (its config, its
+    OME-Zarr tomograms); cryodask reads it as a collection, names outputs after the runs, and its
+    picks of the synthetic particles score against the truth."""
+    from cryodask.evaluate import evaluate_picks
+
+    runs = {}
+    for i, name in enumerate(("TS_A", "TS_B")):
+        synth = synth_tomogram(shape=(64, 128, 128), voxel_size=10.0, n_particles=10, seed=20 + i)
+        np.save(tmp_path / f"{name}.npy", synth.volume)
+        write_picks(tmp_path / f"{name}_truth.csv", synth.particles[synth.kinds == 1])  # the 250 Å kind
+        runs[name] = synth
+    config, overlay = tmp_path / "project" / "config.json", tmp_path / "project" / "overlay"
+    done = subprocess.run([str(copick_python), str(ROOT / "tests" / "copick_project.py"), str(config), str(overlay),
+                           "10.0", *(f"{n}={tmp_path / n}.npy" for n in runs)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    code, out, err = run(capsys, "membranes", config, "--out", tmp_path / "m", "--method", "classical",
+                         "--cluster", client.scheduler.address)
+    assert code == 0, err
+    for name, synth in runs.items():
+        assert mrc_data(tmp_path / "m" / f"{name}_classical_predicted_mask.mrc").shape == synth.volume.shape
+    code, out, err = run(capsys, "pick", config, "--out", tmp_path / "p", "--diameter", "250",
+                         "--cluster", client.scheduler.address)
+    assert code == 0, err
+    for name in runs:
+        picks = read_picks(tmp_path / "p" / f"{name}_log_picks.star")
+        assert picks.pixel_size == pytest.approx(10.0)  # copick's voxel spacing, read from its NGFF scale
+        scores = evaluate_picks(tmp_path / "p" / f"{name}_log_picks.star", tmp_path / f"{name}_truth.csv",
+                                radius=5.0)
+        assert scores["f1"] >= 0.8, (name, scores)
 
 
 def test_bad_copick_options_are_one_line_errors(written, tmp_path, capsys):

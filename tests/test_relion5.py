@@ -153,6 +153,37 @@ def test_several_tomograms_share_one_tomograms_star(tmp_path):
                    tmp_path / "bad" / "tomograms.star", "no table with rlnTomoName")
 
 
+def test_a_collection_star_is_laid_out_as_relions_own_multi_tomogram_file(data_dir, tmp_path):
+    """``pick`` over a collection merges the tomograms' STARs into one: its blocks, columns, version
+    lines and one optics group per tomogram (named after it) as in RELION 5's own Refine3D output of
+    two tomograms; read back through RELION's tomograms.star rules, each tomogram's picks are its own."""
+    from cryodask.io.picks import merge_particle_stars
+
+    rng = np.random.default_rng(3)
+    coords = {"TS_01": rng.uniform(0, 40, (5, 3)), "TS_02": rng.uniform(0, 60, (3, 3))}
+    rows = {"TS_01": tomogram_row("TS_01", (48, 96, 96), 12.42, 3.105),
+            "TS_02": tomogram_row("TS_02", (64, 128, 128), 12.42, 3.105)}
+    parts = [write_relion5(tmp_path / f"{name}_log_picks.star", xyz, rows[name],
+                           {"rlnAutopickFigureOfMerit": np.ones(len(xyz))}) for name, xyz in coords.items()]
+    merged = merge_particle_stars(parts, tmp_path / "log_picks.star")
+
+    ours = starfile.read(merged, always_dict=True)
+    reference = starfile.read(project_file(data_dir, "Refine3D", "job_refine", "run_it050_data.star"),
+                              always_dict=True)
+    assert list(ours) == list(reference) == ["optics", "particles"]
+    assert all(version_lines(merged)) and len(version_lines(merged)) == 2
+    assert set(ours["optics"].columns) <= set(reference["optics"].columns)
+    assert set(ours["particles"].columns) - {"rlnAutopickFigureOfMerit"} <= set(reference["particles"].columns)
+    # as RELION's: groups 1..n, one per tomogram, each named after its tomogram
+    assert list(ours["optics"]["rlnOpticsGroup"]) == list(reference["optics"]["rlnOpticsGroup"]) == [1, 2]
+    assert list(ours["optics"]["rlnOpticsGroupName"]) == list(reference["optics"]["rlnOpticsGroupName"])
+    groups = dict(zip(ours["optics"]["rlnOpticsGroup"], ours["optics"]["rlnOpticsGroupName"]))
+    assert all(groups[g] == t for g, t in zip(ours["particles"]["rlnOpticsGroup"], ours["particles"]["rlnTomoName"]))
+    for name, xyz in coords.items():
+        back = read_picks(merged, tomograms=tmp_path / "tomograms.star", tomo_name=name)
+        np.testing.assert_allclose(back.coords, xyz, atol=1e-6)
+
+
 def test_evaluate_relion5_against_multi_tomogram_truth(data_dir, tmp_path, capsys):
     particles = project_file(data_dir, "Picks", "job_picks", "particles.star")
     ts01 = read_picks(particles, tomo_name="TS_01").coords
