@@ -221,13 +221,15 @@ def run_cryodask(src: Path, out: Path, min_slices: int, workers: int, chunks, me
     from distributed import Client, LocalCluster
 
     postprocess = _postprocess_function()
+    from cryodask.postprocess.pipeline import PostprocessParams
+
     output = out / f"mask.{output_format}"
     start = time.perf_counter()
     with LocalCluster(n_workers=workers, threads_per_worker=1, memory_limit=memory_limit, dashboard_address=":0",
                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         started = time.perf_counter()
-        result = postprocess(str(src), str(output), connectivity=26, min_slices=min_slices, chunks=chunks,
-                             client=client, device=device)
+        result = postprocess(str(src), str(output), PostprocessParams(connectivity=26, min_slices=min_slices),
+                             chunks=chunks, client=client, device=device)
         done = time.perf_counter()
         worker_max_rss = max(client.run(_max_rss).values())
     return {"seconds": done - started, "cluster_start_seconds": started - start, "output": str(output),

@@ -70,13 +70,13 @@ def run_cryodask(src: Path, out: Path, chunks, workers: int, **_) -> dict:
     from distributed import Client, LocalCluster
 
     sys.path.insert(0, str(HERE.parent))
-    from cryodask.convert import convert
+    from cryodask.convert import ConvertParams, convert
 
     start = time.perf_counter()
     with LocalCluster(n_workers=workers, threads_per_worker=1,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         started = time.perf_counter()
-        report = convert([src], out, chunks=chunks, levels=3, client=client)
+        report = convert([src], out, ConvertParams(chunks=chunks, levels=3), client=client)
         os.sync()
         done = time.perf_counter()
     assert report.results[0].status == "converted", report.results[0].message

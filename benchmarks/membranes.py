@@ -36,14 +36,14 @@ def make_inputs(folder: Path, shape, config: str, image_size: int) -> None:
     """A synthetic tomogram (MRC + OME-Zarr) and two seeded random checkpoints in ETSAM's format."""
     import torch
 
-    from cryodask.convert import convert
+    from cryodask.convert import ConvertParams, convert
     from cryodask.models.sam2 import build_predictor
     from cryodask.synth.tomogram import synth_tomogram
     from cryodask.io.mrc import write_mrc
 
     tomo = synth_tomogram(shape, voxel_size=10.0, seed=0, snr=0.5)
     write_mrc(folder / "tomo.mrc", tomo.volume, 10.0)
-    convert([folder / "tomo.mrc"], folder, chunks=(16, 256, 256), levels=1)
+    convert([folder / "tomo.mrc"], folder, ConvertParams(chunks=(16, 256, 256), levels=1))
     for seed, name in ((1, "etsam_stage1_v1.pt"), (2, "etsam_stage2_v1.pt")):
         torch.manual_seed(seed)
         torch.save({"model": build_predictor(config, image_size=image_size).state_dict()}, folder / name)
@@ -78,7 +78,7 @@ def run_method(method: str, folder: Path, config: str, image_size: int, batch: i
     else:
         import dask.array as da
 
-        params = EtsamParams(config, *ckpts, image_size=image_size)
+        params = EtsamParams(config, stage1_checkpoint=ckpts[0], stage2_checkpoint=ckpts[1], image_size=image_size)
         data = da.from_zarr(level0)
         lo, hi = (float(v) for v in da.compute(data.min(), data.max(), scheduler="threads"))
         norm = from_extremes(params.normalize, lo, hi)

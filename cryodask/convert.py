@@ -22,41 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import validate
 from .engine.blocks import Block, DoneMarks, plan_blocks
 from .engine.cluster import current_client
 from .engine.runner import Region, run_blocks
 from .errors import CryodaskError, InputError, where
 from .io.folders import check_output_dir
-from .io.omezarr import NGFF, PORTAL_CHUNKS, check_layout, create_image, level_shapes, merge_window, sketch, write_omero
+from .io.layouts import ConvertParams
+from .io.omezarr import create_image, level_shapes, merge_window, sketch, write_omero
 from .io.volumes import Volume, find_volumes, open_volume, stem as name_of
 from .params import params_hash
 from .report.stages import stage
 
 STEP = "convert"
 PYRAMID = "pyramid"  # the report's step name of the level >= 2 blocks
-
-
-@dataclass(frozen=True)
-class ConvertParams:
-    """Everything that changes the converted store (its hash keys the done-marks)."""
-
-    chunks: tuple[int, int, int] = (64, 256, 256)
-    levels: int = 3
-    ngff: str = "0.4"
-    dtype: str | None = None
-    layout: str = "default"
-
-    def __post_init__(self):
-        object.__setattr__(self, "chunks", validate.shape("chunks", self.chunks))
-        object.__setattr__(self, "levels", validate.count("levels", self.levels, 1))
-        validate.choice("ngff", self.ngff, NGFF)
-        if self.dtype not in (None, "float32"):
-            raise validate.FieldError("dtype", f"must be float32 or left out (keep the input's), got {self.dtype}")
-        check_layout(self.layout, self.ngff)
-        if self.layout == "portal":  # the Portal's chunks and type, whatever --chunks and --dtype say
-            object.__setattr__(self, "chunks", PORTAL_CHUNKS)
-            object.__setattr__(self, "dtype", "float32")
 
 
 @dataclass
@@ -282,13 +260,12 @@ class ConvertPlan:
         return [j for j in self.jobs if j.status in ("converted", "resumed")]
 
 
-def plan_conversion(inputs, out, *, chunks=(64, 256, 256), levels: int = 3, ngff: str = "0.4",
-                    dtype: str | None = None, voxel_size=None, store_path=None, layout: str = "default") -> ConvertPlan:
+def plan_conversion(inputs, out, params: ConvertParams = ConvertParams(), *, voxel_size=None,
+                    store_path=None) -> ConvertPlan:
     """Validate every input and prepare its store; bad inputs go to the report as failures.
 
     ``store_path(path, source)`` puts a store elsewhere than ``<out>/<stem>.zarr`` (a copick
     run's ``VoxelSpacing…/<type>.zarr``); the resume marks stay under ``out``."""
-    params = ConvertParams(tuple(int(c) for c in chunks), int(levels), str(ngff), dtype, str(layout))
     out = check_output_dir(out).resolve()
     paths = find_volumes(inputs)
     if not paths:
@@ -329,23 +306,23 @@ def run_conversion(plan: ConvertPlan, client, *, block_bytes: int = 128 * 2**20,
     return plan.report
 
 
-def convert(inputs, out, *, chunks=(64, 256, 256), levels: int = 3, ngff: str = "0.4", dtype: str | None = None,
-            voxel_size=None, client=None, block_bytes: int = 128 * 2**20, progress: bool = False,
-            layout: str = "default") -> ConvertReport:
+def convert(inputs, out, params: ConvertParams = ConvertParams(), *, voxel_size=None, client=None,
+            block_bytes: int = 128 * 2**20, progress: bool = False) -> ConvertReport:
     """Convert tomograms (MRC/REC/MAP/TIFF files, folders or globs) to OME-Zarr under ``out``.
 
     Inputs are validated first; a bad one is reported in the returned report and the others
-    are still converted. ``client`` is a ``distributed.Client``; without one, the current
-    client is used or a local cluster is started.
+    are still converted. ``voxel_size`` (Å) overrides the inputs' headers. ``client`` is a
+    ``distributed.Client``; without one, the current client is used or a local cluster is started.
 
     Examples
     --------
-    >>> report = convert(["tomo.mrc"], "zarr/", chunks=(64, 256, 256), levels=3)  # doctest: +SKIP
-    >>> [r.status for r in report.results]                                        # doctest: +SKIP
+    >>> report = convert(["tomo.mrc"], "zarr/", ConvertParams(chunks=(64, 256, 256), levels=3))  # doctest: +SKIP
+    >>> [r.status for r in report.results]                                                      # doctest: +SKIP
     ['converted']
     """
-    plan = plan_conversion(inputs, out, chunks=chunks, levels=levels, ngff=ngff, dtype=dtype, voxel_size=voxel_size,
-                           layout=layout)
+    if not isinstance(params, ConvertParams):
+        raise TypeError(f"params must be ConvertParams, got {type(params).__name__}")
+    plan = plan_conversion(inputs, out, params, voxel_size=voxel_size)
     client = client or current_client()
     if client is None and plan.todo:
         from .engine.cluster import connect

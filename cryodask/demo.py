@@ -59,15 +59,15 @@ def run_demo(out="cryodask-demo", *, tomograms: int = 3, shape=(64, 128, 128), v
     >>> result = run_demo("cryodask-demo", tomograms=2)  # doctest: +SKIP
     >>> [row["membranes dice"] for row in result.rows]  # doctest: +SKIP
     """
-    from .convert import convert
+    from .convert import ConvertParams, convert
     from .evaluate import evaluate_membranes, evaluate_picks
     from .export import export
     from .io.mrc import read_region
     from .io.omezarr import write_labels
     from .io.picks import read_picks, write_picks
     from .io.volumes import open_volume
-    from .membranes.pipeline import segment
-    from .picking.pipeline import pick
+    from .membranes.pipeline import ClassicalParams, MembraneParams, segment
+    from .picking.pipeline import LogParams, pick
     from .viz import tomogram_preview
 
     out = Path(out)
@@ -77,7 +77,7 @@ def run_demo(out="cryodask-demo", *, tomograms: int = 3, shape=(64, 128, 128), v
     result.seconds["synthesise"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    report = convert([t["tomogram"] for t in truth], out / "zarr", chunks=(32, 64, 64), levels=3,
+    report = convert([t["tomogram"] for t in truth], out / "zarr", ConvertParams(chunks=(32, 64, 64), levels=3),
                      client=client, progress=progress)
     result.seconds["convert"] = time.perf_counter() - clock
     failed = [r.message for r in report.failed]
@@ -87,8 +87,8 @@ def run_demo(out="cryodask-demo", *, tomograms: int = 3, shape=(64, 128, 128), v
         raise CryodaskError("demo conversion failed: " + "; ".join(failed))
 
     clock = time.perf_counter()
-    membranes = segment([r.store for r in report.results], out / "membranes", method="classical", post_process=True,
-                        min_slices=10, client=client)
+    membranes = segment([r.store for r in report.results], out / "membranes",
+                        MembraneParams(ClassicalParams(), post_process=True, min_slices=10), client=client)
     failed = [r.message for r in membranes.failed]
     if failed:
         from .errors import CryodaskError
@@ -119,7 +119,7 @@ def run_demo(out="cryodask-demo", *, tomograms: int = 3, shape=(64, 128, 128), v
         kinds = picks.table["rlnClassNumber"].value_counts().sort_index()
         large = picks.coords[picks.table["rlnClassNumber"].to_numpy() == 1]
         write_picks(out / "evaluation" / stem / "truth_large.star", large)
-        picked = pick(paths["tomogram"], out / "picks", method="log", diameter=250.0, client=client)
+        picked = pick(paths["tomogram"], out / "picks", LogParams(diameter=250.0), client=client)
         picking = evaluate_picks(out / "picks" / f"{stem}_log_picks.star",
                                  out / "evaluation" / stem / "truth_large.star",
                                  radius=125.0, unit="angstrom", voxel_size=voxel_size,

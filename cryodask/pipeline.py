@@ -9,7 +9,6 @@ step whose key (its parameters and those of the steps before it) is unchanged.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import threading
@@ -62,6 +61,7 @@ class Pipeline:
 
     steps: dict[str, dict] = field(default_factory=dict)
     source: str = ""
+    built: dict[str, tuple] = field(default_factory=dict)  # step -> (parameters, runtime keywords), built once
 
     def key(self, step: str) -> str:
         """A step's key: its parameters and those of every step before it."""
@@ -69,37 +69,36 @@ class Pipeline:
         return params_hash({s: self.steps[s] for s in upto if s in self.steps})
 
 
-def _library(step: str):
-    if step == "convert":
-        from .convert import convert
-
-        return convert
-    if step == "membranes":
-        from .membranes.pipeline import segment
-
-        return segment
-    if step == "postprocess":
-        from .postprocess.pipeline import postprocess
-
-        return postprocess
-    from .picking.pipeline import pick
-
-    return pick
-
-
-_INTERNAL = {"inputs", "out", "client", "progress", "echo", "tomogram", "mask", "name", "block_bytes", "classical",
-             "random_weights"}
-_CLASSICAL = ("thickness", "low", "high", "high_fraction", "low_fraction", "scale", "reach")
 _EVALUATE = ("membranes", "picks", "radius", "unit", "voxel_size")
+#: What a step's options may name besides its parameters' fields: where and how it runs.
+_RUNTIME = {"convert": {"voxel_size"}, "membranes": {"batch", "device", "voxel_size"},
+            "postprocess": {"device"},
+            "pick": {"device", "polarity", "prompts", "prompts_file", "tomograms", "star", "layout", "object_name"}}
 
 
 def allowed(step: str) -> set[str]:
-    """The keys a step takes: its library function's keyword arguments (and, for membranes,
-    the classical filter's parameters)."""
+    """The keys a step takes: its parameters' fields (named as in Python, as the command line's
+    flags are) and the few options of where and how it runs."""
+    from dataclasses import fields
+
     if step == "evaluate":
         return set(_EVALUATE)
-    names = set(inspect.signature(_library(step)).parameters) - _INTERNAL
-    return names | set(_CLASSICAL) if step == "membranes" else names
+    if step == "convert":
+        from .io.layouts import ConvertParams
+
+        return {f.name for f in fields(ConvertParams)} | _RUNTIME[step]
+    if step == "postprocess":
+        from .postprocess.params import PostprocessParams
+
+        return {f.name for f in fields(PostprocessParams)} | _RUNTIME[step]
+    if step == "membranes":
+        from .membranes.params import ClassicalParams, EtsamParams, MembraneParams
+
+        names = {f.name for cls in (ClassicalParams, EtsamParams, MembraneParams) for f in fields(cls) if f.init}
+        return names | {"method", "weights"} | _RUNTIME[step]
+    from .picking.params import CryosamParams, LogParams
+
+    return {f.name for cls in (LogParams, CryosamParams) for f in fields(cls)} | {"method", "weights"} | _RUNTIME[step]
 
 
 def load_pipeline(path) -> Pipeline:
@@ -152,41 +151,38 @@ def load_pipeline(path) -> Pipeline:
 
 
 def _check_values(pipeline: Pipeline, path: Path) -> None:
-    """Build each step's parameter objects once, so a bad value is an error now."""
+    """Build each step's parameters once, so a bad value is an error now; the steps use these."""
     from .errors import CryodaskError
 
-    steps = pipeline.steps
-    try:
-        if "membranes" in steps:
-            from .membranes.classical import ClassicalParams
-            from .polarity import check_polarity
+    for step, options in pipeline.steps.items():
+        runtime = {k: v for k, v in options.items() if k in _RUNTIME.get(step, ())}
+        given = {k: v for k, v in options.items() if k not in runtime}
+        try:
+            pipeline.built[step] = (_build(step, given), runtime)
+        except (CryodaskError, TypeError) as exc:
+            raise where(path, f"{step}: {exc}") from None
 
-            ClassicalParams(**{k: v for k, v in steps["membranes"].items() if k in _CLASSICAL})
-            check_polarity(steps["membranes"].get("polarity", "auto"))
-            if steps["membranes"].get("method") not in (None, "classical", "etsam", "auto"):
-                raise InputError(f"method must be classical or etsam, got {steps['membranes']['method']!r}")
-        if "postprocess" in steps:
-            from .postprocess.pipeline import PostprocessParams
 
-            PostprocessParams(**{k: v for k, v in steps["postprocess"].items()
-                                 if k in inspect.signature(PostprocessParams).parameters})
-        if "pick" in steps:
-            pick = steps["pick"]
-            if pick.get("method", "log") == "log":
-                from .picking.log import LogParams
-                from .picking.pipeline import log_options
+def _build(step: str, options: dict):
+    if step == "convert":
+        from .io.layouts import ConvertParams
 
-                if pick.get("diameter") is None:
-                    raise InputError("method log needs diameter (Å)")
-                LogParams(pick["diameter"], **log_options(**{k: pick.get(k) for k in (
-                    "threshold", "min_distance", "max_picks", "min_roundness", "max_scale_ratio")}))
-            elif pick.get("method") != "cryosam":
-                raise InputError(f"method must be log or cryosam, got {pick.get('method')!r}")
-        if "evaluate" in steps and steps["evaluate"].get("unit", "px") not in ("px", "angstrom"):
-            raise InputError(f"unit must be px or angstrom, got {steps['evaluate']['unit']!r}")
-    except (CryodaskError, TypeError) as exc:
-        step = next((s for s in reversed(ORDER) if s in steps and s in str(exc)), None)
-        raise where(path, f"{step + ': ' if step else ''}{exc}") from None
+        return ConvertParams(**options)
+    if step == "membranes":
+        from .membranes.params import membrane_params
+
+        return membrane_params(**options)
+    if step == "postprocess":
+        from .postprocess.params import PostprocessParams
+
+        return PostprocessParams(**options)
+    if step == "pick":
+        from .picking.params import pick_params
+
+        return pick_params(**options)
+    if options.get("unit", "px") not in ("px", "angstrom"):
+        raise InputError(f"unit must be px or angstrom, got {options['unit']!r}")
+    return None
 
 
 # ------------------------------------------------------------------ per tomogram
@@ -238,7 +234,8 @@ def run_tomogram(item: Item, pipeline: Pipeline, out: Path, client, counts: Step
         done = marks.get(step, key)
         ran = done is None
         if ran:
-            done = STEPS[step](item, dict(options), state, out, client)
+            params, runtime = pipeline.built[step]
+            done = STEPS[step](item, params, dict(runtime if step != "evaluate" else options), state, out, client)
             marks.put(step, key, done)
         lines.append(f"  {step}: {done.get('summary', 'done') if ran else 'skipped (already done)'}")
         if counts is not None:
@@ -258,26 +255,23 @@ def _identity(path: Path) -> list:
         return [str(path)]
 
 
-def _convert(item, options, state, out, client) -> dict:
+def _convert(item, params, options, state, out, client) -> dict:
     from .convert import convert
     from .io.volumes import is_zarr
 
     if is_zarr(item.path):
         return {"image": str(item.path), "summary": "an OME-Zarr already"}
-    options.setdefault("chunks", (64, 256, 256))
-    result = convert([item.path], out, client=client, **options).results[0]
+    result = convert([item.path], out, params, client=client, **options).results[0]
     if result.status == "failed":
         raise InputError(result.message)
     return {"image": str(result.store), "files": [str(result.store)],
             "summary": f"{result.blocks_written} blocks written, {result.blocks_skipped} skipped"}
 
 
-def _membranes(item, options, state, out, client) -> dict:
-    from .membranes.classical import ClassicalParams
+def _membranes(item, params, options, state, out, client) -> dict:
     from .membranes.pipeline import segment
 
-    classical = ClassicalParams(**{k: options.pop(k) for k in _CLASSICAL if k in options})
-    report = segment([state["image"]], out, classical=classical, client=client, progress=False, **options)
+    report = segment([state["image"]], out, params, client=client, progress=False, **options)
     result = report.results[0]
     if result.status == "failed":
         raise InputError(result.message)
@@ -287,28 +281,29 @@ def _membranes(item, options, state, out, client) -> dict:
             "summary": f"{report.method}, membrane {100 * (result.mask_fraction or 0):.2f} %"}
 
 
-def _postprocess(item, options, state, out, client) -> dict:
+def _postprocess(item, params, options, state, out, client) -> dict:
     from .postprocess.pipeline import postprocess
 
     mask = Path(state["mask"])
     target = mask.with_name(mask.name.replace("_predicted_mask", "_predicted_post_processed_mask"))
     if target == mask:
         target = out / f"{item.name}_post_processed.mrc"
-    result = postprocess(mask, target, client=client, **options)
+    result = postprocess(mask, target, params, client=client, **options)
     return {"mask": str(result.out), "files": [str(f) for f in result.files],
             "summary": f"kept {result.n_kept} of {result.n_components} components ({result.voxels_kept} voxels)"}
 
 
-def _pick(item, options, state, out, client) -> dict:
+def _pick(item, params, options, state, out, client) -> dict:
     from .picking.pipeline import pick
 
-    result = pick(state["image"], out, client=client, name=item.name, **options)
+    result = pick(state["image"], out, params, client=client, name=item.name, **options)
     star = next(str(f) for f in result.files if str(f).endswith("_picks.star"))
+    method = type(params).__name__.removesuffix("Params").lower()
     return {"picks": star, "n_picks": len(result.picks), "files": [str(f) for f in result.files],
-            "summary": f"{len(result.picks)} picks ({options.get('method', 'log')})"}
+            "summary": f"{len(result.picks)} picks ({method})"}
 
 
-def _evaluate(item, options, state, out, client) -> dict:
+def _evaluate(item, params, options, state, out, client) -> dict:
     from .evaluate import evaluate_membranes, evaluate_picks
 
     folder = out / "evaluate" / item.name

@@ -23,9 +23,8 @@ class FieldError(InputError):
         self.field, self.problem = field, problem
 
 
-#: Fields whose command-line flag is not ``--`` + the field with dashes (none so far: add a
-#: field here when a command names its flag otherwise).
-FLAGS: dict[str, str] = {}
+#: Fields whose command-line flag is not ``--`` + the field with dashes.
+FLAGS: dict[str, str] = {"config": "--model-config", "split": "--split-processing", "object_name": "--object"}
 
 
 def flag(field: str) -> str:

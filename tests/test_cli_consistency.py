@@ -132,12 +132,12 @@ def test_synth_into_a_folder_that_cannot_be_made_is_one_line(capsys, tmp_path):
 
 
 def test_export_creates_the_folder_it_writes_into(tmp_path, client):
-    from cryodask.convert import convert
+    from cryodask.convert import ConvertParams, convert
     from cryodask.export import export
 
     data = np.random.default_rng(0).normal(size=(8, 16, 16)).astype(np.float32)
     write_raw_mrc(tmp_path / "t.mrc", data, voxel_size=7.0)
-    convert([tmp_path / "t.mrc"], tmp_path / "zarr", chunks=(8, 16, 16), levels=1, client=client)
+    convert([tmp_path / "t.mrc"], tmp_path / "zarr", ConvertParams(chunks=(8, 16, 16), levels=1), client=client)
     out = export(tmp_path / "zarr" / "t.zarr", tmp_path / "new" / "deeper" / "t.mrc")
     assert mrcfile.validate(str(out), print_file=io.StringIO())
     with mrcfile.open(out) as mrc:
@@ -214,18 +214,47 @@ def test_atomic_write_on_a_full_disk_leaves_neither_partial_nor_half_a_target(tm
     assert target.read_text() == "the previous, complete file\n"
 
 
-def test_defaults_said_in_help_are_the_parameter_classes_own(capsys):
-    """Options whose default is decided later say it in their help; it must be the dataclass field's."""
-    import re
+def test_every_option_of_a_parameter_defaults_to_its_field():
+    """Each default lives in one dataclass field: an option named after a field (its flag, as
+    ``validate.flag`` spells it) shows that field's default, for every parameter class."""
+    from dataclasses import MISSING, fields
 
+    import typer
+
+    from cryodask.cli import app
+    from cryodask.io.layouts import ConvertParams
+    from cryodask.membranes.params import ClassicalParams, EtsamParams, MembraneParams
+    from cryodask.picking.params import CryosamParams, LogParams
+    from cryodask.postprocess.params import PostprocessParams
+    from cryodask.prompting.params import FeatureParams
+    from cryodask.validate import flag
+
+    commands = typer.main.get_command(app).commands
+    classes = {"convert": [ConvertParams], "membranes": [ClassicalParams, EtsamParams, MembraneParams],
+               "postprocess": [PostprocessParams], "pick": [LogParams, CryosamParams], "features": [FeatureParams]}
+    checked = 0
+    for command, owners in classes.items():
+        options = {opt: p for p in commands[command].params for opt in getattr(p, "opts", [])}
+        for cls in owners:
+            for f in fields(cls):
+                option = options.get(flag(f.name))
+                if option is None or f.default is MISSING:
+                    continue
+                shown = option.default
+                if isinstance(shown, str) and not isinstance(f.default, str) and f.default is not None:
+                    shown = tuple(int(v) for v in shown.split(",")) if "," in shown else float(shown)
+                assert shown == f.default, f"{command} {flag(f.name)} defaults to {shown!r}, {cls.__name__}." \
+                                           f"{f.name} to {f.default!r}"
+                checked += 1
+    assert checked >= 35  # the options of every parameter class were found, not skipped
+
+
+def test_help_shows_the_defaults_of_the_parameter_classes(capsys):
     from cryodask.membranes.classical import ClassicalParams
     from cryodask.picking.log import LogParams
 
     assert main(["membranes", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    said = {name: float(value) for name, value in re.findall(r"--(thickness|low|high) \S+ .*?\(default ([\d.]+)\)",
-                                                             text)}
-    assert said == {"thickness": ClassicalParams.thickness, "low": ClassicalParams.low, "high": ClassicalParams.high}
+    assert f"[default: {ClassicalParams.thickness}]" in text and f"[default: {ClassicalParams.high}]" in text
     assert main(["pick", "--help"]) == 0
-    text = " ".join(capsys.readouterr().out.split())
-    assert f"default {LogParams.threshold:g})" in text
+    assert f"[default: {LogParams.threshold}]" in " ".join(capsys.readouterr().out.split())

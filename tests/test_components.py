@@ -15,7 +15,7 @@ from scipy import ndimage
 from conftest import write_raw_mrc
 from cryodask.errors import InputError
 from cryodask.postprocess.components import components, plan, structure
-from cryodask.postprocess.pipeline import postprocess
+from cryodask.postprocess.pipeline import PostprocessParams, postprocess
 
 
 def scipy_reference(mask, connectivity, min_slices=0, min_voxels=0):
@@ -82,7 +82,8 @@ def test_on_the_cluster_equals_scipy(tmp_path_factory, client, shape, chunks, co
     mask = (np.random.default_rng(seed).random(shape) < 0.4).astype(np.uint8)
     write_raw_mrc(tmp / "m.mrc", mask)
     kept, ref = scipy_reference(mask, connectivity, min_slices=2)
-    result = postprocess(tmp / "m.mrc", tmp / "out.zarr", connectivity=connectivity, min_slices=2, labels=True,
+    result = postprocess(tmp / "m.mrc", tmp / "out.zarr",
+                         PostprocessParams(connectivity=connectivity, min_slices=2, labels=True),
                          chunks=chunks, client=client)
     np.testing.assert_array_equal(zarr.open_array(str(tmp / "out.zarr" / "0"), mode="r")[:], kept)
     np.testing.assert_array_equal(zarr.open_array(str(tmp / "out.zarr" / "labels" / "components" / "0"), mode="r")[:],
@@ -110,8 +111,8 @@ def test_omezarr_labels_in_mrc_and_labels_out(tmp_path, client, membrane_mask):
                  voxel_size=(10.0, 10.0, 10.0), levels=2)
     write_labels(tmp_path / "tomo.zarr", "membranes", membrane_mask.astype(np.uint32))
     kept, ref = scipy_reference(membrane_mask, 26, min_slices=10)
-    result = postprocess(tmp_path / "tomo.zarr" / "labels" / "membranes", tmp_path / "post.mrc", min_slices=10,
-                         labels=True, client=client)
+    result = postprocess(tmp_path / "tomo.zarr" / "labels" / "membranes", tmp_path / "post.mrc",
+                         PostprocessParams(min_slices=10, labels=True), client=client)
     assert 1 <= result.n_kept < result.n_components
     with mrcfile.open(tmp_path / "post.mrc") as mrc:
         np.testing.assert_array_equal(mrc.data, kept.astype(np.uint8))
@@ -119,8 +120,8 @@ def test_omezarr_labels_in_mrc_and_labels_out(tmp_path, client, membrane_mask):
     with mrcfile.open(tmp_path / "post_labels.mrc") as mrc:
         np.testing.assert_array_equal(mrc.data, ref)
     assert not (tmp_path / ".cryodask" / "post.mrc" / "output.zarr").exists()  # work store removed
-    postprocess(tmp_path / "tomo.zarr" / "labels" / "membranes", tmp_path / "post.zarr", min_slices=10, labels=True,
-                client=client)
+    postprocess(tmp_path / "tomo.zarr" / "labels" / "membranes", tmp_path / "post.zarr",
+                PostprocessParams(min_slices=10, labels=True), client=client)
     nodes = list(Reader(parse_url(str(tmp_path / "post.zarr")))())
     assert any(isinstance(spec, Label) for node in nodes for spec in node.specs)
 
@@ -130,7 +131,8 @@ def test_bridge_removal_follows_the_component_filter(tmp_path, client, membrane_
 
     write_raw_mrc(tmp_path / "m.mrc", membrane_mask.astype(np.uint8))
     kept, _ = scipy_reference(membrane_mask, 26, min_slices=10)
-    postprocess(tmp_path / "m.mrc", tmp_path / "out.mrc", min_slices=10, remove_bridges=True, max_bridge_len=5,
+    postprocess(tmp_path / "m.mrc", tmp_path / "out.mrc",
+                PostprocessParams(min_slices=10, remove_bridges=True, max_bridge_len=5),
                 chunks=(16, 32, 32), client=client)
     with mrcfile.open(tmp_path / "out.mrc") as mrc:
         np.testing.assert_array_equal(mrc.data, remove_bridges(kept.astype(np.uint8), max_bridge_len=5))
@@ -139,14 +141,15 @@ def test_bridge_removal_follows_the_component_filter(tmp_path, client, membrane_
 def test_rerun_skips_and_a_deleted_output_is_redone(tmp_path, client, membrane_mask):
     write_raw_mrc(tmp_path / "m.mrc", membrane_mask.astype(np.uint8))
     kept, _ = scipy_reference(membrane_mask, 26, min_slices=10)
-    args = dict(min_slices=10, chunks=(16, 32, 32), client=client)
-    assert postprocess(tmp_path / "m.mrc", tmp_path / "out.mrc", **args).status == "done"
-    assert postprocess(tmp_path / "m.mrc", tmp_path / "out.mrc", **args).status == "skipped"
+    params = PostprocessParams(min_slices=10)
+    args = dict(chunks=(16, 32, 32), client=client)
+    assert postprocess(tmp_path / "m.mrc", tmp_path / "out.mrc", params, **args).status == "done"
+    assert postprocess(tmp_path / "m.mrc", tmp_path / "out.mrc", params, **args).status == "skipped"
     (tmp_path / "out.mrc").unlink()
-    assert postprocess(tmp_path / "m.mrc", tmp_path / "out.mrc", **args).status == "done"
+    assert postprocess(tmp_path / "m.mrc", tmp_path / "out.mrc", params, **args).status == "done"
     with mrcfile.open(tmp_path / "out.mrc") as mrc:
         np.testing.assert_array_equal(mrc.data, kept.astype(np.uint8))
-    changed = postprocess(tmp_path / "m.mrc", tmp_path / "out.mrc", **{**args, "min_slices": 3})
+    changed = postprocess(tmp_path / "m.mrc", tmp_path / "out.mrc", PostprocessParams(min_slices=3), **args)
     assert changed.status == "done" and changed.n_kept > 0
 
 
@@ -165,7 +168,8 @@ def test_mask_larger_than_worker_memory(tmp_path):
         mrc.voxel_size = 10.0
     with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="250MB", dashboard_address=":0") as cluster, \
             Client(cluster) as client:
-        result = postprocess(tmp_path / "big.mrc", tmp_path / "out.zarr", min_slices=2, client=client)
+        result = postprocess(tmp_path / "big.mrc", tmp_path / "out.zarr", PostprocessParams(min_slices=2),
+                             client=client)
     out = zarr.open_array(str(tmp_path / "out.zarr" / "0"), mode="r")
     assert result.n_kept == 1 and result.n_components == 1 + 86 * 256
     for z in (0, 100, 255):
@@ -205,7 +209,7 @@ def test_cli_end_to_end(tmp_path, capsys, client, membrane_mask):
     with mrcfile.open(tmp_path / "o.mrc") as mrc:
         np.testing.assert_array_equal(mrc.data, kept.astype(np.uint8))
     with pytest.raises(InputError):
-        postprocess(tmp_path / "m.mrc", tmp_path / "o.mrc", connectivity=4)
+        postprocess(tmp_path / "m.mrc", tmp_path / "o.mrc", PostprocessParams(connectivity=4))
 
 
 def test_gpu_tasks_ask_for_a_gpu_only_where_workers_have_one(client):

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import write_raw_mrc
-from cryodask.convert import convert, downsample_mean, plan_pyramid
+from cryodask.convert import ConvertParams, convert, downsample_mean, plan_pyramid
 from cryodask.io.omezarr import open_image
 
 
@@ -53,7 +53,7 @@ def test_round_trip_exact_for_every_mrc_mode(tmp_path, client, dtype):
     rng = np.random.default_rng(1)
     data = (rng.normal(size=(19, 40, 33)) * 50).astype(dtype)
     write_raw_mrc(tmp_path / "t.mrc", data, voxel_size=(5.0, 5.0, 6.0))  # x, y, z in mrcfile
-    report = convert([tmp_path / "t.mrc"], tmp_path / "out", chunks=(8, 16, 16), levels=3, client=client)
+    report = convert([tmp_path / "t.mrc"], tmp_path / "out", ConvertParams(chunks=(8, 16, 16), levels=3), client=client)
     assert [r.status for r in report.results] == ["converted"]
     assert_store_equals(tmp_path / "out" / "t.zarr", data, (6.0, 5.0, 5.0), 3)
 
@@ -65,7 +65,8 @@ def test_chunked_conversion_equals_whole_array(tmp_path_factory, client, shape, 
     tmp = tmp_path_factory.mktemp("prop")
     data = np.random.default_rng(sum(shape)).normal(size=shape).astype(np.float32)
     write_raw_mrc(tmp / "v.mrc", data, voxel_size=3.0)
-    report = convert([tmp / "v.mrc"], tmp / "out", chunks=chunks, levels=levels, client=client, block_bytes=block_bytes)
+    report = convert([tmp / "v.mrc"], tmp / "out", ConvertParams(chunks=chunks, levels=levels), client=client,
+                     block_bytes=block_bytes)
     assert report.results[0].status == "converted", report.results[0].message
     assert_store_equals(tmp / "out" / "v.zarr", data, (3.0, 3.0, 3.0), levels)
     _, arrays, _, _ = open_image(tmp / "out" / "v.zarr")
@@ -79,7 +80,8 @@ def test_ngff_metadata_is_what_napari_and_the_portal_read(tmp_path, client, ngff
 
     data = np.random.default_rng(0).normal(size=(30, 40, 50)).astype(np.float32)
     write_raw_mrc(tmp_path / "tomo.mrc", data, voxel_size=8.0)
-    convert([tmp_path / "tomo.mrc"], tmp_path / "out", chunks=(16, 16, 16), levels=3, ngff=ngff, client=client)
+    convert([tmp_path / "tomo.mrc"], tmp_path / "out", ConvertParams(chunks=(16, 16, 16), levels=3, ngff=ngff),
+            client=client)
     store = tmp_path / "out" / "tomo.zarr"
     group = zarr.open_group(str(store), mode="r")
     assert group.metadata.zarr_format == zarr_format
@@ -101,10 +103,12 @@ def test_tiff_stack_and_dtype_option(tmp_path, client):
     data = np.random.default_rng(2).integers(0, 4000, size=(12, 30, 20)).astype(np.uint16)
     tifffile.imwrite(tmp_path / "stack.tif", data, imagej=True, resolution=(1 / 0.5, 1 / 0.5),
                      metadata={"unit": "nm", "spacing": 0.5})
-    report = convert([tmp_path / "stack.tif"], tmp_path / "out", chunks=(4, 16, 16), levels=2, client=client)
+    report = convert([tmp_path / "stack.tif"], tmp_path / "out", ConvertParams(chunks=(4, 16, 16), levels=2),
+                     client=client)
     assert report.results[0].status == "converted", report.results[0].message
     assert_store_equals(tmp_path / "out" / "stack.zarr", data, (5.0, 5.0, 5.0), 2)
-    convert([tmp_path / "stack.tif"], tmp_path / "f32", chunks=(4, 16, 16), levels=2, dtype="float32", client=client)
+    convert([tmp_path / "stack.tif"], tmp_path / "f32", ConvertParams(chunks=(4, 16, 16), levels=2, dtype="float32"),
+            client=client)
     _, arrays, _, _ = open_image(tmp_path / "f32" / "stack.zarr")
     assert arrays[0].dtype == np.float32
     np.testing.assert_array_equal(arrays[0][:], data.astype(np.float32))
@@ -117,7 +121,7 @@ def test_real_mrc_files_convert_exactly(tmp_path, client, data_dir):
             # the SerialEM crop's mode-0 bytes are unsigned (header range 141..163): stored as uint8
             data = np.array(mrc.data).view(np.uint8) if name.startswith("serialem") else np.array(mrc.data)
             vs = tuple(float(mrc.voxel_size[a]) for a in "zyx")
-        report = convert([path], tmp_path, chunks=(16, 32, 32), levels=2, client=client)
+        report = convert([path], tmp_path, ConvertParams(chunks=(16, 32, 32), levels=2), client=client)
         assert report.results[0].status == "converted", report.results[0].message
         assert_store_equals(tmp_path / f"{path.stem}.zarr", data, tuple(round(v, 4) for v in vs), 2)
 
@@ -125,10 +129,12 @@ def test_real_mrc_files_convert_exactly(tmp_path, client, data_dir):
 def test_rerun_skips_and_changed_parameter_redoes(tmp_path, client):
     data = np.random.default_rng(3).normal(size=(20, 20, 20)).astype(np.float32)
     write_raw_mrc(tmp_path / "a.mrc", data)
-    first = convert([tmp_path / "a.mrc"], tmp_path / "out", chunks=(8, 8, 8), levels=2, client=client).results[0]
-    again = convert([tmp_path / "a.mrc"], tmp_path / "out", chunks=(8, 8, 8), levels=2, client=client).results[0]
+    params = ConvertParams(chunks=(8, 8, 8), levels=2)
+    first = convert([tmp_path / "a.mrc"], tmp_path / "out", params, client=client).results[0]
+    again = convert([tmp_path / "a.mrc"], tmp_path / "out", params, client=client).results[0]
     assert (first.status, again.status) == ("converted", "skipped")
-    changed = convert([tmp_path / "a.mrc"], tmp_path / "out", chunks=(4, 8, 8), levels=3, client=client).results[0]
+    changed = convert([tmp_path / "a.mrc"], tmp_path / "out", ConvertParams(chunks=(4, 8, 8), levels=3),
+                      client=client).results[0]
     assert changed.status == "converted" and changed.blocks_skipped == 0
     assert_store_equals(tmp_path / "out" / "a.zarr", data, (10.0, 10.0, 10.0), 3)
     assert open_image(tmp_path / "out" / "a.zarr")[1][0].chunks == (4, 8, 8)
@@ -140,7 +146,7 @@ def test_bad_tomogram_fails_alone_and_is_not_marked_complete(tmp_path, client):
     bad[7, 3, 3] = np.nan
     write_raw_mrc(tmp_path / "good.mrc", good)
     write_raw_mrc(tmp_path / "nan.mrc", bad)
-    report = convert([tmp_path], tmp_path / "out", chunks=(4, 8, 8), levels=2, client=client)
+    report = convert([tmp_path], tmp_path / "out", ConvertParams(chunks=(4, 8, 8), levels=2), client=client)
     status = {os.path.basename(r.source): r for r in report.results}
     assert status["good.mrc"].status == "converted"
     assert status["nan.mrc"].status == "failed"
@@ -148,7 +154,7 @@ def test_bad_tomogram_fails_alone_and_is_not_marked_complete(tmp_path, client):
             and "z=7" in status["nan.mrc"].message)
     attrs = zarr.open_group(str(tmp_path / "out" / "nan.zarr"), mode="r").attrs["cryodask"]["convert"]
     assert attrs["complete"] is False
-    again = convert([tmp_path / "nan.mrc"], tmp_path / "out", chunks=(4, 8, 8), levels=2, client=client)
+    again = convert([tmp_path / "nan.mrc"], tmp_path / "out", ConvertParams(chunks=(4, 8, 8), levels=2), client=client)
     assert again.results[0].status == "failed"  # never skipped as if done
 
 
@@ -164,7 +170,7 @@ def test_tomogram_larger_than_worker_memory(tmp_path):
         mrc.voxel_size = 10.0
     with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="250MB", dashboard_address=":0") as cluster, \
             Client(cluster) as client:
-        report = convert([tmp_path / "big.mrc"], tmp_path / "out", chunks=(16, 256, 256), levels=2,
+        report = convert([tmp_path / "big.mrc"], tmp_path / "out", ConvertParams(chunks=(16, 256, 256), levels=2),
                          client=client, block_bytes=8 * 2**20)
         rss = client.run(lambda dask_worker: dask_worker.monitor.get_process_memory())
     assert report.results[0].status == "converted", report.results[0].message
@@ -221,8 +227,8 @@ def test_collection_larger_than_the_window(tmp_path, client):
     volumes["t4"][2, 2, 2] = np.nan
     for name, data in volumes.items():
         write_raw_mrc(tmp_path / f"{name}.mrc", data)
-    convert([tmp_path / "t7.mrc"], tmp_path / "out", chunks=(4, 8, 8), levels=2, client=client)
-    plan = plan_conversion([tmp_path / "*.mrc"], tmp_path / "out", chunks=(4, 8, 8), levels=2)
+    convert([tmp_path / "t7.mrc"], tmp_path / "out", ConvertParams(chunks=(4, 8, 8), levels=2), client=client)
+    plan = plan_conversion([tmp_path / "*.mrc"], tmp_path / "out", ConvertParams(chunks=(4, 8, 8), levels=2))
     report = run_conversion(plan, client, in_flight=2)
     assert [os.path.basename(r.source) for r in report.results] == [f"t{i}.mrc" for i in range(10)]
     assert [r.status for r in report.results] == (["converted"] * 4 + ["failed"] + ["converted"] * 2 + ["skipped"]

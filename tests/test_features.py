@@ -3,6 +3,7 @@ real MRC files and zarr stores, checked against CryoSAM's whole-volume algorithm
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import warnings
@@ -20,6 +21,11 @@ SHAPE = (20, 40, 36)  # non-cubic: every view has its own slice count and aspect
 PARAMS = FeatureParams(image_size=56, slab=16, tile=4, batch=3)  # 4x4 patches; several tasks, chunks per view
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14,
             image_size=56)
+
+
+def with_checkpoint(checkpoint, params=PARAMS):
+    """``params`` reading the DINOv2 folder ``checkpoint``."""
+    return dataclasses.replace(params, checkpoint=str(checkpoint))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +114,7 @@ def test_patch_features(models, kind):
 
 def test_features_equal_cryosam_reference(client, models, tomo, volume, tmp_path):
     kind = "registers"  # CryoSAM's ViT-L/14 has registers; the plain model runs in the tests below
-    out = extract_features(tomo, tmp_path / "features.zarr", checkpoint=models[kind], params=PARAMS, client=client,
+    out = extract_features(tomo, tmp_path / "features.zarr", with_checkpoint(models[kind]), client=client,
                            device="cpu")
     features = open_features(out)
     assert list(features) == [16, 8, 4]
@@ -138,7 +144,7 @@ def test_features_equal_cryosam_reference(client, models, tomo, volume, tmp_path
 def test_a_bright_tomogram_is_read_negated(client, models, tomo, volume, tmp_path):
     """--polarity bright: every slice is read negated, so the stored normalisation is the negated
     volume's, and the choice is kept with the store."""
-    out = extract_features(tomo, tmp_path / "bright.zarr", checkpoint=models["plain"], params=PARAMS, client=client,
+    out = extract_features(tomo, tmp_path / "bright.zarr", with_checkpoint(models["plain"]), client=client,
                            device="cpu", polarity="bright")
     attrs = zarr.open_group(str(out), mode="r").attrs["cryodask"]["features"]
     assert attrs["source"]["polarity"] == {"polarity": "bright", "decided": "given"}
@@ -153,9 +159,9 @@ def test_ome_zarr_input_and_pickled_levels(client, models, tomo, volume, tmp_pat
     image = tmp_path / "tomo.zarr"
     create_image(image, SHAPE, chunks=(8, 16, 16), dtype=np.float32, voxel_size=(12.5,) * 3, levels=1)
     zarr.open_array(str(image / "0"), mode="r+")[:] = volume
-    a = open_features(extract_features(tomo, tmp_path / "a.zarr", checkpoint=models["plain"], params=PARAMS,
+    a = open_features(extract_features(tomo, tmp_path / "a.zarr", with_checkpoint(models["plain"]),
                                        client=client, device="cpu"))
-    b = open_features(extract_features(image, tmp_path / "b.zarr", checkpoint=models["plain"], params=PARAMS,
+    b = open_features(extract_features(image, tmp_path / "b.zarr", with_checkpoint(models["plain"]),
                                        client=client, device="cpu"))
     level = pickle.loads(pickle.dumps(b[8]))
     np.testing.assert_array_equal(a[8][:], level[:])
@@ -163,14 +169,15 @@ def test_ome_zarr_input_and_pickled_levels(client, models, tomo, volume, tmp_pat
 
 def test_resume(client, models, tomo, tmp_path):
     out = tmp_path / "features.zarr"
-    run = dict(checkpoint=models["plain"], params=PARAMS, client=client, device="cpu")
-    extract_features(tomo, out, **run)
+    params = with_checkpoint(models["plain"])
+    run = dict(client=client, device="cpu")
+    extract_features(tomo, out, params, **run)
     marks = sorted(p for p in (tmp_path / ".cryodask" / out.name).rglob("*") if p.is_file())
     assert len(marks) == len(plan_tasks(SHAPE, PARAMS)) == 2 + 3 + 3
     times = {p: p.stat().st_mtime_ns for p in marks}
     expected = open_features(out)[4][:]
 
-    extract_features(tomo, out, **run)  # everything is done-marked: no work
+    extract_features(tomo, out, params, **run)  # everything is done-marked: no work
     assert {p: p.stat().st_mtime_ns for p in marks} == times
 
     # lose one slab (y/1: y in 16..31) and scribble over another (z/0); only y/1 is redone
@@ -179,7 +186,7 @@ def test_resume(client, models, tomo, tmp_path):
     z_view[0:4] = 0
     lost = next(p for p in marks if p.parent.name == "y" and p.name == "1")
     lost.unlink()
-    extract_features(tomo, out, **run)
+    extract_features(tomo, out, params, **run)
     assert lost.exists()
     assert {p: p.stat().st_mtime_ns for p in marks if p != lost} == {p: t for p, t in times.items() if p != lost}
     again = open_features(out)[4][:]
@@ -188,7 +195,8 @@ def test_resume(client, models, tomo, tmp_path):
     assert zarr.open_group(str(out), mode="r").attrs["cryodask"]["features"]["complete"]
 
     # another parameter: the store is rebuilt from scratch
-    extract_features(tomo, out, **{**run, "params": FeatureParams(image_size=56, slab=16, tile=8, batch=3)})
+    wider = FeatureParams(image_size=56, slab=16, tile=8, batch=3)
+    extract_features(tomo, out, with_checkpoint(models["plain"], wider), **run)
     np.testing.assert_allclose(open_features(out)[4][:], expected, atol=5e-3)
 
 
@@ -199,19 +207,19 @@ def test_errors(client, models, tomo, volume, tmp_path, monkeypatch):
 
     out = tmp_path / "f.zarr"
     with pytest.raises(InputError, match="nowhere.*checkpoint not found"):
-        extract_features(tomo, out, checkpoint=tmp_path / "nowhere", params=PARAMS, client=client)
+        extract_features(tomo, out, with_checkpoint(tmp_path / "nowhere"), client=client)
     monkeypatch.delenv("CRYODASK_WEIGHTS", raising=False)
     monkeypatch.setattr("cryodask.models.weights.CONFIG", tmp_path / "no-config.yaml")
     with pytest.raises(InputError, match="--checkpoint not given.*dinov2-large"):
-        extract_features(tomo, out, params=PARAMS, client=client)
+        extract_features(tomo, out, PARAMS, client=client)
     not_a_model = tmp_path / "bert"
     not_a_model.mkdir()
     (not_a_model / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(InputError, match="bert: not a DINOv2 model folder"):
-        extract_features(tomo, out, checkpoint=not_a_model, params=PARAMS, client=client)
+        extract_features(tomo, out, with_checkpoint(not_a_model), client=client)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="empty: not a DINOv2 model folder"):
-        extract_features(tomo, out, checkpoint=tmp_path / "empty", params=PARAMS, client=client)
+        extract_features(tomo, out, with_checkpoint(tmp_path / "empty"), client=client)
     corrupt = tmp_path / "corrupt"
     shutil.copytree(models["plain"], corrupt)
     (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
@@ -225,18 +233,17 @@ def test_errors(client, models, tomo, volume, tmp_path, monkeypatch):
     with pytest.raises(InputError, match="^slab 10 must be a multiple"):
         FeatureParams(slab=10)
     with pytest.raises(InputError, match="--image-size 50 is not a multiple"):
-        extract_features(tomo, out, checkpoint=models["plain"], params=FeatureParams(image_size=50, slab=16),
+        extract_features(tomo, out, with_checkpoint(models["plain"], FeatureParams(image_size=50, slab=16)),
                          client=client)
     with pytest.raises(InputError, match="must end in .zarr"):
-        extract_features(tomo, tmp_path / "f.mrc", checkpoint=models["plain"], params=PARAMS, client=client)
+        extract_features(tomo, tmp_path / "f.mrc", with_checkpoint(models["plain"]), client=client)
     bad = volume.copy()
     bad[13, 5, 5] = np.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # mrcfile's own NaN warning
         bad = write_raw_mrc(tmp_path / "bad.mrc", bad)
     with pytest.raises(InputError, match="bad.mrc: contains NaN"):
-        extract_features(bad, out, checkpoint=models["plain"], params=PARAMS,
-                         client=client, device="cpu")
+        extract_features(bad, out, with_checkpoint(models["plain"]), client=client, device="cpu")
     assert not out.exists()  # nothing written, nothing marked done
     with pytest.raises(InputError, match="not a cryodask features store"):
         open_features(tmp_path / "empty")

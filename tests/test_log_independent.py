@@ -107,12 +107,15 @@ def test_pick_command_prints_the_rule_counts_and_takes_none(crowded, tmp_path, c
 
 
 def test_number_or_none_refuses_words():
-    from cryodask.picking.pipeline import log_options
+    from cryodask.picking.pipeline import pick_params
+    from cryodask.validate import cli_message
 
-    assert log_options(min_roundness="none", max_scale_ratio="0.5", threshold=None) == {
-        "min_roundness": None, "max_scale_ratio": 0.5}
-    with pytest.raises(InputError, match="--max-scale-ratio must be a number or none"):
-        log_options(max_scale_ratio="big")
+    params = pick_params("log", diameter=220, min_roundness="none", max_scale_ratio="0.5")
+    assert (params.min_roundness, params.max_scale_ratio) == (None, 0.5)
+    assert params.threshold == LogParams.threshold  # what is not given keeps its one default
+    with pytest.raises(InputError) as info:
+        pick_params("log", diameter=220, max_scale_ratio="big")
+    assert cli_message(info.value) == "--max-scale-ratio must be a number or none, got 'big'"
 
 
 def test_a_flat_volume_says_why_it_has_no_picks():

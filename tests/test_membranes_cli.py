@@ -42,12 +42,12 @@ def test_classical_is_the_default_without_weights_and_scores(tmp_path, capsys, c
 
 def test_a_folder_or_glob_of_ome_zarr_stores_is_found(tmp_path, client):
     """``cryodask membranes zarr/`` (what the README shows) finds every store in the folder."""
-    from cryodask.convert import convert
+    from cryodask.convert import ConvertParams, convert
     from cryodask.membranes.pipeline import find_inputs
 
     for name in ("a", "b"):
         write_raw_mrc(tmp_path / f"{name}.mrc", np.random.default_rng(0).random((16, 32, 32), np.float32))
-    convert([tmp_path / "a.mrc", tmp_path / "b.mrc"], tmp_path / "zarr", levels=1, client=client)
+    convert([tmp_path / "a.mrc", tmp_path / "b.mrc"], tmp_path / "zarr", ConvertParams(levels=1), client=client)
     (tmp_path / "zarr" / "notes.txt").write_text("not a tomogram")
     for inputs in ([tmp_path / "zarr"], [str(tmp_path / "zarr" / "*.zarr")], [tmp_path / "zarr" / "a.zarr"]):
         found, failed = find_inputs(inputs)

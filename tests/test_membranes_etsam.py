@@ -20,7 +20,7 @@ from cryodask.errors import InputError  # noqa: E402
 from cryodask.io.omezarr import open_image  # noqa: E402
 from cryodask.membranes.etsam import EtsamParams, TiledLogits, tiles, two_stage_column  # noqa: E402
 from cryodask.io.normalize import from_extremes  # noqa: E402
-from cryodask.membranes.pipeline import segment  # noqa: E402
+from cryodask.membranes.pipeline import MembraneParams, membrane_params, segment  # noqa: E402
 from cryodask.models.sam2 import build_predictor  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -134,10 +134,11 @@ def test_collection_on_a_cluster_writes_etsams_files_and_labels(weights, models,
     write_raw_mrc(tmp_path / "tomo_a.rec", tomogram, voxel_size=13.48)
     write_raw_mrc(tmp_path / "tomo_b.mrc", tomogram[:, ::-1].copy(), voxel_size=13.48)
     out = tmp_path / "out"
-    run = dict(stage1_checkpoint=weights / "etsam_stage1_v1.pt", stage2_checkpoint=weights / "etsam_stage2_v1.pt",
-               config=CONFIG, image_size=SIZE, grid_interval=10, store_logits=True, post_process=True, min_slices=3,
-               tile=(20, 44), batch=2, chunks=(4, 16, 16), client=client)
-    report = segment([tmp_path / "tomo_a.rec", tmp_path / "tomo_b.mrc"], out, **run)
+    etsam = EtsamParams(CONFIG, str(weights / "etsam_stage1_v1.pt"), str(weights / "etsam_stage2_v1.pt"),
+                        image_size=SIZE, grid_interval=10, tile=(20, 44))
+    params = MembraneParams(etsam, store_logits=True, post_process=True, min_slices=3)
+    run = dict(batch=2, chunks=(4, 16, 16), client=client)
+    report = segment([tmp_path / "tomo_a.rec", tmp_path / "tomo_b.mrc"], out, params, **run)
     assert [r.status for r in report.results] == ["done", "done"], report
     for stem in ("tomo_a", "tomo_b"):
         mask_file = out / f"{stem}_etsam_predicted_mask.mrc"
@@ -156,21 +157,21 @@ def test_collection_on_a_cluster_writes_etsams_files_and_labels(weights, models,
         assert (out / f"{stem}.zarr" / "labels" / "etsam_predicted_post_processed_mask").exists()
     # tile (20, 44) makes two columns, each ETSAM on its own part of the slices
     assert len(tiles(36, 44, (20, 44))) == 2
-    again = segment([tmp_path / "tomo_a.rec"], out, **run)
+    again = segment([tmp_path / "tomo_a.rec"], out, params, **run)
     assert again.results[0].status == "skipped"
 
 
 def test_zarr_input_gets_labels_in_place_and_bad_inputs_fail_alone(weights, tomogram, tmp_path, client):
-    from cryodask.convert import convert
+    from cryodask.convert import ConvertParams, convert
 
     write_raw_mrc(tmp_path / "t.mrc", tomogram, voxel_size=10)
-    store = convert([tmp_path / "t.mrc"], tmp_path / "zarr", chunks=(4, 16, 16), levels=2,
+    store = convert([tmp_path / "t.mrc"], tmp_path / "zarr", ConvertParams(chunks=(4, 16, 16), levels=2),
                     client=client).results[0].store
     nan = tomogram.copy()
     nan[2, 3, 4] = np.nan
     write_raw_mrc(tmp_path / "bad.mrc", nan, voxel_size=10)
-    report = segment([store, tmp_path / "bad.mrc"], tmp_path / "out", weights=weights, config=CONFIG, image_size=SIZE,
-                     grid_interval=10, client=client)
+    params = membrane_params(method="auto", weights=weights, config=CONFIG, image_size=SIZE, grid_interval=10)
+    report = segment([store, tmp_path / "bad.mrc"], tmp_path / "out", params, client=client)
     status = {r.source.split("/")[-1]: r for r in report.results}
     assert status["t.zarr"].status == "done"
     assert status["bad.mrc"].status == "failed" and "NaN" in status["bad.mrc"].message

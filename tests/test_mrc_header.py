@@ -13,11 +13,11 @@ import zarr
 
 from conftest import validate_ome_zarr
 from cryodask.cli import main
-from cryodask.convert import convert, downsample_mean
+from cryodask.convert import ConvertParams, convert, downsample_mean
 from cryodask.export import export
 from cryodask.io import mrc as mrcio
 from cryodask.io.omezarr import open_image, write_labels
-from cryodask.postprocess.pipeline import postprocess
+from cryodask.postprocess.pipeline import PostprocessParams, postprocess
 
 ORIGIN = (1230.0, 4560.0, 7890.0)  # x, y, z Å
 NSTART = (5, 6, 7)  # nxstart, nystart, nzstart
@@ -51,7 +51,8 @@ def transforms(group_path):
 def test_origin_and_nstart_go_through_convert_and_export(tmp_path, client, ngff):
     data = np.random.default_rng(0).normal(size=(20, 24, 28)).astype(np.float32)
     placed_mrc(tmp_path / "tomo.mrc", data)
-    report = convert([tmp_path / "tomo.mrc"], tmp_path / "zarr", chunks=(8, 8, 8), levels=3, ngff=ngff, client=client)
+    report = convert([tmp_path / "tomo.mrc"], tmp_path / "zarr", ConvertParams(chunks=(8, 8, 8), levels=3, ngff=ngff),
+                     client=client)
     assert report.results[0].status == "converted", report.results[0].message
     store = tmp_path / "zarr" / "tomo.zarr"
     levels = transforms(store)
@@ -90,7 +91,7 @@ def test_nstart_alone_places_voxel_zero_real_map(tmp_path, client, data_dir):
         vx = float(m.voxel_size.x)
         nstart = (int(m.header.nxstart), int(m.header.nystart), int(m.header.nzstart))
     assert nstart == (-2, 0, 0)
-    convert([path], tmp_path, chunks=(8, 8, 8), levels=2, client=client)
+    convert([path], tmp_path, ConvertParams(chunks=(8, 8, 8), levels=2), client=client)
     t = transforms(tmp_path / "EMD-3197.zarr")[0]["translation"]
     assert t == pytest.approx([0.0, 0.0, -2 * round(vx, 4)])
     export(tmp_path / "EMD-3197.zarr", tmp_path / "back.mrc")
@@ -113,7 +114,7 @@ def test_membrane_masks_logits_and_postprocess_outputs_carry_the_origin(tmp_path
         assert transforms(out / "tomo.zarr" / "labels" / name)[0]["translation"] == pytest.approx(t0)
     # postprocess on its own: from the exported MRC mask, and from the label image
     mask = out / "tomo_classical_predicted_mask.mrc"
-    postprocess(mask, tmp_path / "from_mrc.mrc", min_slices=2, labels=True, client=client)
+    postprocess(mask, tmp_path / "from_mrc.mrc", PostprocessParams(min_slices=2, labels=True), client=client)
     assert_placed(tmp_path / "from_mrc.mrc")
     assert_placed(tmp_path / "from_mrc_labels.mrc")
     postprocess(out / "tomo.zarr" / "labels" / "classical_predicted_mask", tmp_path / "from_zarr.zarr", client=client)
@@ -166,7 +167,7 @@ def test_serialem_crop_converts_to_its_unsigned_values(tmp_path, client, data_di
     with mrcfile.mmap(path, permissive=True) as m:
         assert m.header.mode == 0 and (m.header.dmin, m.header.dmax) == (141, 163)
         expected = np.array(m.data).view(np.uint8)  # mrcfile gives int8 -115..-93
-    report = convert([path], tmp_path, chunks=(16, 32, 32), levels=2, dtype=dtype, client=client)
+    report = convert([path], tmp_path, ConvertParams(chunks=(16, 32, 32), levels=2, dtype=dtype), client=client)
     assert report.results[0].status == "converted", report.results[0].message
     _, arrays, _, _ = open_image(tmp_path / "serialem-int8-3d.zarr")
     level0 = arrays[0][:]
@@ -186,7 +187,7 @@ def test_serialem_crop_converts_to_its_unsigned_values(tmp_path, client, data_di
 def test_unsigned_gradient_pyramid_does_not_average_across_a_wrap(tmp_path, client):
     gradient = np.broadcast_to(np.arange(256, dtype=np.uint8), (4, 8, 256)).copy()
     byte_mrc(tmp_path / "gradient.mrc", gradient, dmin=0, dmax=255)
-    convert([tmp_path / "gradient.mrc"], tmp_path / "zarr", chunks=(4, 8, 64), levels=2, client=client)
+    convert([tmp_path / "gradient.mrc"], tmp_path / "zarr", ConvertParams(chunks=(4, 8, 64), levels=2), client=client)
     _, arrays, _, _ = open_image(tmp_path / "zarr" / "gradient.zarr")
     np.testing.assert_array_equal(arrays[0][:], gradient)
     row = arrays[1][0, 0].astype(int)

@@ -16,7 +16,7 @@ import zarr
 
 napari = pytest.importorskip("napari", reason="the napari extra is not installed")
 
-from cryodask.convert import convert  # noqa: E402
+from cryodask.convert import ConvertParams, convert  # noqa: E402
 from cryodask.io.copick import copick_name, write_copick  # noqa: E402
 from cryodask.io.omezarr import create_image, open_image, write_labels  # noqa: E402
 from cryodask.io.picks import write_picks  # noqa: E402
@@ -78,7 +78,8 @@ def tomogram(tmp_path_factory, client):
         mrc.set_data(synth.volume.astype(np.float32))
         mrc.voxel_size = VOXEL
         mrc.header.origin = ORIGIN
-    report = convert([folder / "tomo.mrc"], folder / "zarr", chunks=(16, 48, 48), levels=3, client=client)
+    report = convert([folder / "tomo.mrc"], folder / "zarr", ConvertParams(chunks=(16, 48, 48), levels=3),
+                     client=client)
     assert not report.failed, [r.message for r in report.failed]
     store = folder / "zarr" / "tomo.zarr"
     write_labels(store, "membranes", synth.membranes.astype(np.uint8), colors={1: MEMBRANE_RGBA})

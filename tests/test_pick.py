@@ -70,7 +70,8 @@ def cryosam_weights(tmp_path_factory):
 
 
 def test_cryosam_end_to_end_from_one_prompt(cryosam_weights, tmp_path, client):
-    from cryodask.picking.pipeline import pick
+    from cryodask.io.volumes import open_volume
+    from cryodask.picking.pipeline import pick, pick_params
 
     tomo = synth_tomogram((16, 48, 40), voxel_size=10.0, seed=1, snr=1.0)
     write_raw_mrc(tmp_path / "t.mrc", tomo.volume, voxel_size=10.0)
@@ -78,9 +79,10 @@ def test_cryosam_end_to_end_from_one_prompt(cryosam_weights, tmp_path, client):
     from cryodask.report import run_report
 
     with run_report(tmp_path / "report", client, command="pick", echo=None) as report:
-        result = pick(tmp_path / "t.mrc", tmp_path / "out", method="cryosam", prompts_file=tmp_path / "prompt.star",
-                      weights=cryosam_weights, config="sam2.1_hiera_t", image_size=128, feature_image_size=56,
-                      diameter=250, top_k=4, chunks=(8, 24, 24), client=client)
+        params = pick_params(method="cryosam", weights=cryosam_weights, config="sam2.1_hiera_t", image_size=128,
+                             feature_image_size=56, diameter=250, top_k=4)
+        result = pick(open_volume(tmp_path / "t.mrc", chunks=(8, 24, 24)), tmp_path / "out", params,
+                      prompts_file=tmp_path / "prompt.star", client=client)
     assert result.prompts == 1 and 1 <= len(result.picks) <= 4
     # features, self-prompting and matching are all reported, each read apart from the compute
     steps = {(r["step"], r["stage"]) for r in report.summary["records"]}

@@ -16,7 +16,7 @@ import zarr
 
 from conftest import validate_ome_zarr as validate, write_raw_mrc
 from cryodask.cli import main
-from cryodask.convert import convert
+from cryodask.convert import ConvertParams, convert
 from cryodask.io.omezarr import open_image, write_labels
 
 PORTAL_COMPRESSOR = {"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": 1, "blocksize": 0}
@@ -65,7 +65,8 @@ def test_convert_writes_an_omero_window_of_the_data(tmp_path, client, ngff):
 
     data = tomogram()
     write_raw_mrc(tmp_path / "t.mrc", data, voxel_size=7.0)
-    report = convert([tmp_path / "t.mrc"], tmp_path / "out", chunks=(8, 32, 32), levels=3, ngff=ngff, client=client)
+    report = convert([tmp_path / "t.mrc"], tmp_path / "out", ConvertParams(chunks=(8, 32, 32), levels=3, ngff=ngff),
+                     client=client)
     assert [r.status for r in report.results] == ["converted"] and report.results[0].blocks_written > 4
     store = tmp_path / "out" / "t.zarr"
     image = validate(store)
@@ -87,7 +88,7 @@ def test_window_of_an_integer_tomogram_and_of_one_block(tmp_path, client):
     data = (tomogram(shape=(32, 96, 80), seed=4) * 20).astype(np.int16)
     write_raw_mrc(tmp_path / "t.mrc", data)
     for chunks, folder in (((64, 128, 128), "one"), ((8, 16, 16), "many")):
-        convert([tmp_path / "t.mrc"], tmp_path / folder, chunks=chunks, levels=2, client=client)
+        convert([tmp_path / "t.mrc"], tmp_path / folder, ConvertParams(chunks=chunks, levels=2), client=client)
         window = zarr.open_group(str(tmp_path / folder / "t.zarr"), mode="r").attrs["omero"]["channels"][0]["window"]
         assert_window(window, data)
     one = zarr.open_group(str(tmp_path / "one" / "t.zarr"), mode="r").attrs["omero"]["channels"][0]["window"]
@@ -127,7 +128,7 @@ def test_convert_layout_portal_is_the_portals_layout(tmp_path, client, capsys):
     np.testing.assert_array_equal(arrays[0][...], data.astype(np.float32))
     assert_window(zarr.open_group(str(store), mode="r").attrs["omero"]["channels"][0]["window"], data)
     # the default layout is as before: the chunks asked for, clipped to each level
-    convert([tmp_path / "t.mrc"], tmp_path / "default", chunks=(8, 32, 32), client=client)
+    convert([tmp_path / "t.mrc"], tmp_path / "default", ConvertParams(chunks=(8, 32, 32)), client=client)
     assert zarr_v2_metadata(tmp_path / "default" / "t.zarr", 2)["chunks"] == [8, 32, 23]
     assert zarr_v2_metadata(tmp_path / "default" / "t.zarr", 0)["dtype"] == "<i2"
 
@@ -148,7 +149,7 @@ def test_layout_errors_are_one_line(tmp_path, client, capsys):
 def test_default_label_images_validate(tmp_path, client):
     data = tomogram(shape=(24, 40, 40))
     write_raw_mrc(tmp_path / "t.mrc", data)
-    convert([tmp_path / "t.mrc"], tmp_path / "out", chunks=(8, 16, 16), client=client)
+    convert([tmp_path / "t.mrc"], tmp_path / "out", ConvertParams(chunks=(8, 16, 16)), client=client)
     store = tmp_path / "out" / "t.zarr"
     write_labels(store, "bright", (data > 20).astype(np.uint8))
     write_labels(store, "dark", (data < -20).astype(np.uint8), colors={1: [0, 0, 255, 255]})
@@ -196,20 +197,22 @@ def test_membranes_layout_portal_writes_masks_as_their_own_stores(tmp_path, clie
 
 
 def test_postprocess_layout_portal_and_its_component_labels(tmp_path, client):
-    from cryodask.postprocess.pipeline import postprocess
+    from cryodask.postprocess.pipeline import PostprocessParams, postprocess
     from cryodask.synth import synth_tomogram
 
     mask = synth_tomogram((40, 72, 64), seed=3).membranes.astype(np.uint8)
     write_raw_mrc(tmp_path / "m.mrc", mask, voxel_size=8.0)
-    options = dict(min_slices=10, labels=True, chunks=(16, 32, 32), client=client)
-    default = postprocess(tmp_path / "m.mrc", tmp_path / "default.zarr", **options)
-    portal = postprocess(tmp_path / "m.mrc", tmp_path / "portal.zarr", layout="portal", **options)
+    options = dict(chunks=(16, 32, 32), client=client)
+    params = PostprocessParams(min_slices=10, labels=True)
+    portal_params = PostprocessParams(min_slices=10, labels=True, layout="portal")
+    default = postprocess(tmp_path / "m.mrc", tmp_path / "default.zarr", params, **options)
+    portal = postprocess(tmp_path / "m.mrc", tmp_path / "portal.zarr", portal_params, **options)
     assert portal.n_kept == default.n_kept >= 1
     assert portal.files == [tmp_path / "portal.zarr", tmp_path / "portal_components.zarr"]
     _, kept, _, _ = open_image(tmp_path / "default.zarr")
     expected = kept[0][...]
     write_raw_mrc(tmp_path / "like.mrc", mask.astype(np.float32), voxel_size=8.0)  # the levels the Portal writes
-    convert([tmp_path / "like.mrc"], tmp_path / "like", client=client, layout="portal")
+    convert([tmp_path / "like.mrc"], tmp_path / "like", ConvertParams(layout="portal"), client=client)
     assert_mask_store(tmp_path / "portal.zarr", tmp_path / "like" / "like.zarr", expected.astype(np.int8))
     components = tmp_path / "portal_components.zarr"
     validate(components)
@@ -218,7 +221,7 @@ def test_postprocess_layout_portal_and_its_component_labels(tmp_path, client):
     _, default_labels, _, _ = open_image(tmp_path / "default.zarr" / "labels" / "components")
     np.testing.assert_array_equal(labels[0][...], default_labels[0][...])
     np.testing.assert_array_equal(labels[1][...], labels[0][::2, ::2, ::2])  # ids are never blended
-    assert postprocess(tmp_path / "m.mrc", tmp_path / "portal.zarr", layout="portal", **options).status == "skipped"
+    assert postprocess(tmp_path / "m.mrc", tmp_path / "portal.zarr", portal_params, **options).status == "skipped"
 
 
 def test_cryosam_labels_in_the_portal_layout(tmp_path, client):
@@ -226,16 +229,18 @@ def test_cryosam_labels_in_the_portal_layout(tmp_path, client):
     pytest.importorskip("sam2")
 
     from cryodask.io.picks import write_picks
-    from cryodask.picking.pipeline import pick
+    from cryodask.io.volumes import open_volume
+    from cryodask.picking.pipeline import pick, pick_params
     from cryodask.synth import synth_tomogram
 
     weights = _make_weights(tmp_path / "weights")
     tomo = synth_tomogram((16, 48, 40), voxel_size=10.0, seed=1, snr=1.0)
     write_raw_mrc(tmp_path / "t.mrc", tomo.volume, voxel_size=10.0)
     write_picks(tmp_path / "prompt.star", tomo.particles[:1])
-    result = pick(tmp_path / "t.mrc", tmp_path / "out", method="cryosam", prompts_file=tmp_path / "prompt.star",
-                  weights=weights, config="sam2.1_hiera_t", image_size=128, feature_image_size=56, diameter=250,
-                  top_k=4, chunks=(8, 24, 24), client=client, layout="portal")
+    params = pick_params(method="cryosam", weights=weights, config="sam2.1_hiera_t", image_size=128,
+                         feature_image_size=56, diameter=250, top_k=4)
+    result = pick(open_volume(tmp_path / "t.mrc", chunks=(8, 24, 24)), tmp_path / "out", params,
+                  prompts_file=tmp_path / "prompt.star", client=client, layout="portal")
     store = tmp_path / "out" / "t.zarr"
     instances, semantic = tmp_path / "out" / "t_cryosam_instances.zarr", tmp_path / "out" / "t_cryosam_semantic.zarr"
     assert {instances, semantic} <= set(result.files) and not (store / "labels").exists()

@@ -48,9 +48,10 @@ def tomogram(tmp_path_factory):
 
 
 def test_membranes_writes_a_preview_with_the_mask_drawn(tomogram, tmp_path, client):
-    from cryodask.membranes.pipeline import segment
+    from cryodask.membranes.classical import ClassicalParams
+    from cryodask.membranes.pipeline import MembraneParams, segment
 
-    report = segment([tomogram["tomogram"]], tmp_path, method="classical", client=client)
+    report = segment([tomogram["tomogram"]], tmp_path, MembraneParams(ClassicalParams()), client=client)
     png = tmp_path / "tomo_classical_preview.png"
     assert [r.status for r in report.results] == ["done"] and png in report.results[0].files
     rgb = picture(png)
@@ -66,9 +67,10 @@ def test_membranes_writes_a_preview_with_the_mask_drawn(tomogram, tmp_path, clie
 
 
 def test_pick_writes_a_preview_with_the_picks_drawn(tomogram, tmp_path, client):
+    from cryodask.picking.log import LogParams
     from cryodask.picking.pipeline import pick
 
-    result = pick(tomogram["tomogram"], tmp_path, method="log", diameter=250.0, client=client)
+    result = pick(tomogram["tomogram"], tmp_path, LogParams(250.0), client=client)
     png = tmp_path / "tomo_log_picks.png"
     assert png in result.files and len(result.picks) > 5
     rgb = picture(png)
@@ -110,9 +112,10 @@ def test_tomogram_preview_reads_a_coarse_level_only(tomogram, tmp_path):
     """Levels 0 and 1 are made unreadable: the preview still draws, from level 2."""
     import zarr
 
-    from cryodask.convert import convert
+    from cryodask.convert import ConvertParams, convert
 
-    store = Path(convert([tomogram["tomogram"]], tmp_path, chunks=(16, 64, 64), levels=3).results[0].store)
+    report = convert([tomogram["tomogram"]], tmp_path, ConvertParams(chunks=(16, 64, 64), levels=3))
+    store = Path(report.results[0].store)
     arrays = [zarr.open_array(str(store / str(level)), mode="r") for level in range(3)]
     assert preview_level(arrays, max_pixels=50) == 2 and preview_level(arrays) == 0
     reference = np.asarray(arrays[2][:])

@@ -232,19 +232,20 @@ def test_a_new_mask_under_the_same_name_is_processed_again_not_skipped(tmp_path,
     used to be skipped as finished, stale."""
     import mrcfile
 
-    from cryodask.postprocess.pipeline import postprocess
+    from cryodask.postprocess.pipeline import PostprocessParams, postprocess
     from cryodask.synth import synth_tomogram
 
     first = synth_tomogram((32, 64, 64), seed=3).membranes.astype(np.uint8)
     second = first.copy()
     second[:, :, 32:] = 0
+    params = PostprocessParams(min_slices=5)
     for mask in (first, second):
         write_raw_mrc(tmp_path / "m.mrc", mask)
-        result = postprocess(tmp_path / "m.mrc", tmp_path / "o.mrc", min_slices=5, client=client)
+        result = postprocess(tmp_path / "m.mrc", tmp_path / "o.mrc", params, client=client)
         assert result.status == "done"
         with mrcfile.open(tmp_path / "o.mrc") as mrc:
             assert (mrc.data <= mask).all() and mrc.data.any()
-    assert postprocess(tmp_path / "m.mrc", tmp_path / "o.mrc", min_slices=5, client=client).status == "skipped"
+    assert postprocess(tmp_path / "m.mrc", tmp_path / "o.mrc", params, client=client).status == "skipped"
 
 
 # ------------------------------------------------------------------ membranes
@@ -440,15 +441,15 @@ def _in_background(fn):
 
 
 def test_worker_killed_mid_convert_task_the_task_is_retried_and_the_output_identical(tmp_path, slow_cluster, client):
-    from cryodask.convert import convert
+    from cryodask.convert import ConvertParams, convert
 
     slow, log = slow_cluster
     data = np.random.default_rng(6).normal(size=(64, 128, 96)).astype(np.float32)
     source = write_raw_mrc(tmp_path / "t.mrc", data)
-    options = dict(chunks=(8, 32, 32), levels=3)
-    convert([source], tmp_path / "ref", client=client, **options)  # the session's cluster: no delay
+    params = ConvertParams(chunks=(8, 32, 32), levels=3)
+    convert([source], tmp_path / "ref", params, client=client)  # the session's cluster: no delay
 
-    join = _in_background(lambda: convert([source], tmp_path / "run", client=slow, **options))
+    join = _in_background(lambda: convert([source], tmp_path / "run", params, client=slow))
     killed = _kill_a_busy_worker(slow, "convert-")
     report = join()
     assert [r.status for r in report.results] == ["converted"], report
@@ -463,18 +464,18 @@ def test_worker_killed_mid_label_task_the_task_is_retried_and_the_output_identic
     """The dead worker also held the finished label results of other blocks: the scheduler
     recomputes them, and their done-marks make that a read of the saved faces, not a relabel."""
     from cryodask.postprocess.components import plan
-    from cryodask.postprocess.pipeline import postprocess
+    from cryodask.postprocess.pipeline import PostprocessParams, postprocess
     from cryodask.synth import synth_tomogram
 
     slow, log = slow_cluster
     mask = synth_tomogram((48, 96, 96), seed=3).membranes.astype(np.uint8)
     source = write_raw_mrc(tmp_path / "m.mrc", mask)
-    options = dict(min_slices=10, labels=True, chunks=(16, 32, 32))
+    params, options = PostprocessParams(min_slices=10, labels=True), dict(chunks=(16, 32, 32))
     for folder in ("ref", "run"):
         (tmp_path / folder).mkdir()
-    postprocess(source, tmp_path / "ref" / "o.zarr", client=client, **options)
+    postprocess(source, tmp_path / "ref" / "o.zarr", params, client=client, **options)
 
-    join = _in_background(lambda: postprocess(source, tmp_path / "run" / "o.zarr", client=slow, **options))
+    join = _in_background(lambda: postprocess(source, tmp_path / "run" / "o.zarr", params, client=slow, **options))
     # after a few blocks are labelled, so that the dead worker's memory held some of their results
     killed = _kill_a_busy_worker(slow, "cc-label-", ready=lambda: len(marks(tmp_path / "run", "postprocess")) >= 3)
     block = killed.rsplit("-", 1)[1]

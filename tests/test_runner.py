@@ -167,14 +167,15 @@ def test_postprocess_resumed_after_a_kill_counts_the_whole_output_and_reads_none
 
     import cryodask.io.mrc
     from cryodask.postprocess.components import plan
-    from cryodask.postprocess.pipeline import postprocess
+    from cryodask.postprocess.pipeline import PostprocessParams, postprocess
     from cryodask.synth import synth_tomogram
 
     mask = synth_tomogram((48, 96, 96), seed=3).membranes.astype(np.uint8)
     source = write_raw_mrc(tmp_path / "m.mrc", mask)
-    options = {"min_slices": 10, "labels": True, "chunks": (16, 32, 32)}
+    params = PostprocessParams(min_slices=10, labels=True)
+    options = {"chunks": (16, 32, 32)}
     (tmp_path / "ref").mkdir()
-    reference = postprocess(source, tmp_path / "ref" / "o.mrc", client=client, **options)
+    reference = postprocess(source, tmp_path / "ref" / "o.mrc", params, client=client, **options)
     out = tmp_path / "run"
     out.mkdir()
     n = len(plan(mask.shape, (16, 32, 96))[0])  # MRC to MRC: blocks of whole rows
@@ -188,7 +189,7 @@ def test_postprocess_resumed_after_a_kill_counts_the_whole_output_and_reads_none
         raise AssertionError("the client computed statistics from an output")
 
     monkeypatch.setattr(cryodask.io.mrc, "region_stats", no_reading_back)
-    resumed = postprocess(source, out / "o.mrc", client=client, **options)
+    resumed = postprocess(source, out / "o.mrc", params, client=client, **options)
     assert resumed.blocks_written == n - len(written)
     def summary(r):
         return r.n_components, r.n_kept, r.voxels_kept

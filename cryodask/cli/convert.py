@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
+from ..io.layouts import ConvertParams as P
 from .collection import IN_FLIGHT, over_collection
 from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, REPORT, THREADS, WORKERS, cluster_session, parse_triple
 
@@ -15,13 +16,13 @@ from .options import CLUSTER, CLUSTER_CONFIG, MEMORY, REPORT, THREADS, WORKERS, 
 def convert(
     inputs: list[str] = typer.Argument(..., help="MRC/REC/MAP/TIFF files, folders or glob patterns."),
     out: Path = typer.Option(..., "--out", help="Output folder: one <stem>.zarr per tomogram."),
-    levels: int = typer.Option(3, "--levels", help="Pyramid levels (2x mean along z, y and x)."),
-    chunks: str = typer.Option("64,256,256", "--chunks", help="Chunk shape z,y,x."),
-    ngff: str = typer.Option("0.4", "--ngff", help="0.4 (zarr v2: CryoET Data Portal, napari) or 0.5 (zarr v3)."),
-    dtype: str = typer.Option(None, "--dtype", help="float32 to convert; default keeps the input's type."),
+    levels: int = typer.Option(P.levels, "--levels", help="Pyramid levels (2x mean along z, y and x)."),
+    chunks: str = typer.Option(",".join(map(str, P.chunks)), "--chunks", help="Chunk shape z,y,x."),
+    ngff: str = typer.Option(P.ngff, "--ngff", help="0.4 (zarr v2: CryoET Data Portal, napari) or 0.5 (zarr v3)."),
+    dtype: str = typer.Option(P.dtype, "--dtype", help="float32 to convert; default keeps the input's type."),
     voxel_size: str = typer.Option(None, "--voxel-size",
                                    help="Voxel size in Å (one value or z,y,x; default: the input's header)."),
-    layout: str = typer.Option("default", "--layout", help="default, or portal: the CryoET Data Portal's (NGFF 0.4, "
+    layout: str = typer.Option(P.layout, "--layout", help="default, or portal: the CryoET Data Portal's (NGFF 0.4, "
                                                            "float32, 256³ chunks, Blosc lz4; --chunks and --dtype "
                                                            "ignored)."),
     copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): write each tomogram "
@@ -40,6 +41,7 @@ def convert(
     from ..report import run_report
 
     check_spec(cluster)
+    params = P(parse_triple(chunks, "--chunks"), levels, ngff, dtype, layout)
     store_path = None
     if copick is not None:
         from ..errors import InputError
@@ -49,9 +51,8 @@ def convert(
             raise InputError(f"--copick needs --ngff 0.4: copick reads zarr v2 only, got --ngff {ngff}")
         store_path = store_into(check_writable(open_project(copick, create=True)), copick_type)
     with output_lock(check_output_dir(out), "convert"):
-        plan = plan_conversion(inputs, out, chunks=parse_triple(chunks, "--chunks"), levels=levels, ngff=ngff,
-                               dtype=dtype, voxel_size=parse_triple(voxel_size, "--voxel-size", float),
-                               store_path=store_path, layout=layout)
+        plan = plan_conversion(inputs, out, params, voxel_size=parse_triple(voxel_size, "--voxel-size", float),
+                               store_path=store_path)
         if plan.todo:
             with cluster_session(cluster, workers, threads_per_worker, memory_limit, cluster_config) as client, \
                     run_report(report_dir, client, command="convert", echo=typer.echo):

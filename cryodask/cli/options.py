@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import typer
 
 from ..errors import InputError
+from ..io.layouts import CHUNKS as _CHUNKS
 
 CLUSTER = typer.Option("local", "--cluster", help="local | cuda | slurm | pbs | sge | lsf | tcp://host:port")
 WORKERS = typer.Option(None, "--workers",
@@ -21,6 +22,8 @@ CLUSTER_CONFIG = typer.Option(None, "--cluster-config", help="YAML with options 
 REPORT = typer.Option(None, "--report", help="Write a run report (JSON, PNG, Dask's HTML) to this folder.")
 POLARITY = typer.Option("auto", "--polarity", help="auto | dark | bright: is dense matter dark (most tomograms) or "
                                                    "bright? auto decides per tomogram from the data and prints why.")
+CHUNKS = typer.Option(",".join(map(str, _CHUNKS)), "--chunks",
+                      help="Blocks z,y,x: of an MRC/TIFF input, and the chunks of its OME-Zarr conversion.")
 DEVICE = typer.Option("auto", "--device",
                       help="auto | cpu | cuda: where the workers run the models (auto: a GPU where a worker has one).")
 

@@ -10,8 +10,10 @@ import typer
 
 from . import app
 from ..engine.collection import Outcome, find_items
+from ..picking.params import CryosamParams as S, LogParams as L
+from ..prompting.params import FeatureParams as F
 from .collection import IN_FLIGHT, finish, over_collection
-from .options import (CLUSTER, CLUSTER_CONFIG, DEVICE, MEMORY, POLARITY, REPORT, THREADS, WORKERS, check_device,
+from .options import (CHUNKS, CLUSTER, CLUSTER_CONFIG, DEVICE, MEMORY, POLARITY, REPORT, THREADS, WORKERS, check_device,
                       parse_triple)
 
 
@@ -41,8 +43,8 @@ def features(
     checkpoint: Path = typer.Option(None, "--checkpoint",
                                     help="Local DINOv2 folder (transformers format; ViT-L/14 default)."),
     weights: Path = typer.Option(None, "--weights", help="Weights folder holding dinov2-large (or CRYODASK_WEIGHTS)."),
-    image_size: int = typer.Option(518, "--image-size", help="Slices are resized to this (CryoSAM: 518)."),
-    batch: int = typer.Option(8, "--batch", help="Slices per model call."),
+    image_size: int = typer.Option(F.image_size, "--image-size", help="Slices are resized to this (CryoSAM: 518)."),
+    batch: int = typer.Option(F.batch, "--batch", help="Slices per model call."),
     device: str = DEVICE,
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (default: the input's header)."),
     polarity: str = POLARITY,
@@ -56,22 +58,22 @@ def features(
     from ..io.volumes import open_volume
     from ..models.dinov2 import describe_dinov2, resolve_dinov2
     from ..polarity import check_polarity, resolve_polarity
-    from ..prompting.features import FeatureParams, extract_features
+    from ..prompting.features import extract_features
 
     check_spec(cluster)
     check_polarity(polarity)
     check_device(device)
     vs = parse_triple(voxel_size, "--voxel-size", float)
-    params = FeatureParams(image_size=image_size, batch=batch)
-    describe_dinov2(resolve_dinov2(checkpoint, weights))
+    model = resolve_dinov2(checkpoint, weights)
+    describe_dinov2(model)
+    params = F(image_size=image_size, batch=batch, checkpoint=str(model))
     out = check_output_dir(out)
 
     def work(item, client):
         volume = open_volume(item.path, vs)
         contrast = resolve_polarity(polarity, volume, volume.shape, volume.voxel_size)
         store = out / f"{item.name}_features.zarr"
-        path = extract_features(item.path, store, checkpoint=checkpoint, weights=weights, params=params, client=client,
-                                device=device, voxel_size=vs, polarity=contrast)
+        path = extract_features(volume, store, params, client=client, device=device, polarity=contrast)
         return Outcome(item, "done", value=path, lines=[f"{item.path}: {contrast.describe()}", f"wrote {path}"])
 
     over_collection("features", inputs, work, check=lambda item: open_volume(item.path, vs), cluster=cluster,
@@ -88,16 +90,17 @@ def pick(
     method: str = typer.Option("log", "--method", help="log (no weights) | cryosam (SAM2 + DINOv2 weights)."),
     diameter: float = typer.Option(None, "--diameter",
                                    help="Particle diameter in Å (log: required; cryosam: sizes the masks)."),
-    threshold: float = typer.Option(None, "--threshold", help="log: response threshold in robust standard deviations "
-                                    "above the median response (default 4)."),
+    threshold: float = typer.Option(L.threshold, "--threshold", help="log: response threshold in robust standard "
+                                                                     "deviations above the median response."),
     min_distance: float = typer.Option(None, "--min-distance", help="log: closest two picks, Å (default: the particle "
                                                                     "radius, --diameter / 2)."),
-    max_picks: int = typer.Option(None, "--max-picks", help="log: keep the best N (default: all)."),
-    min_roundness: str = typer.Option(None, "--min-roundness", help="log: Hessian roundness at a pick, at least "
-                                      "(default 0.2; balls 0.33-0.38 under any wedge, sheets 0); none: off."),
-    max_scale_ratio: str = typer.Option(None, "--max-scale-ratio",
-                                        help="log: response at 1.5σ over at σ, at most (default "
-                                        "0.85: a ball of the diameter 0.7, 1.25x it 1.1); none: off."),
+    max_picks: int = typer.Option(L.max_picks, "--max-picks", help="log: keep the best N (default: all)."),
+    min_roundness: str = typer.Option(f"{L.min_roundness:g}", "--min-roundness",
+                                      help="log: Hessian roundness at a pick, at least (balls 0.33-0.38 under any "
+                                           "wedge, sheets 0); none: off."),
+    max_scale_ratio: str = typer.Option(f"{L.max_scale_ratio:g}", "--max-scale-ratio",
+                                        help="log: response at 1.5σ over at σ, at most (a ball of the diameter 0.7, "
+                                             "1.25x it 1.1); none: off."),
     prompt: list[str] = typer.Option(None, "--prompt", help="cryosam: a clicked particle z,y,x in voxels, or "
                                                             "TOMOGRAM:z,y,x in a collection (repeatable)."),
     prompts: Path = typer.Option(None, "--prompts", help="cryosam: prompts as STAR, CSV or copick JSON."),
@@ -105,14 +108,17 @@ def pick(
                                         help="cryosam: SAM2.1 checkpoint ({'model': state_dict})."),
     dinov2_checkpoint: Path = typer.Option(None, "--dinov2-checkpoint", help="cryosam: local DINOv2 folder."),
     weights: Path = typer.Option(None, "--weights", help="Weights folder (sam2.1_hiera_*.pt, dinov2-large/)."),
-    model_config: str = typer.Option("sam2.1_hiera_l", "--model-config", help="cryosam: SAM2 config name or YAML."),
-    image_size: int = typer.Option(None, "--image-size",
+    model_config: str = typer.Option(S.config, "--model-config", help="cryosam: SAM2 config name or YAML."),
+    image_size: int = typer.Option(S.image_size, "--image-size",
                                    help="cryosam: SAM2 input size (default: the SAM2 config's, 1024)."),
-    feature_image_size: int = typer.Option(518, "--feature-image-size", help="cryosam: DINOv2 slice size."),
-    iou_threshold: float = typer.Option(0.5, "--iou-threshold", help="cryosam: stop propagating below this IoU."),
-    sim_threshold: float = typer.Option(0.5, "--sim-threshold", help="cryosam: cosine similarity kept per level."),
-    top_k: int = typer.Option(512, "--top-k", help="cryosam: most detections."),
-    matching: str = typer.Option("hierarchical", "--matching", help="cryosam: hierarchical | naive."),
+    feature_image_size: int = typer.Option(S.feature_image_size, "--feature-image-size",
+                                           help="cryosam: DINOv2 slice size."),
+    iou_threshold: float = typer.Option(S.iou_threshold, "--iou-threshold",
+                                        help="cryosam: stop propagating below this IoU."),
+    sim_threshold: float = typer.Option(S.sim_threshold, "--sim-threshold",
+                                        help="cryosam: cosine similarity kept per level."),
+    top_k: int = typer.Option(S.top_k, "--top-k", help="cryosam: most detections."),
+    matching: str = typer.Option(S.matching, "--matching", help="cryosam: hierarchical | naive."),
     object_name: str = typer.Option("particle", "--object", help="Object name in the copick file."),
     star: str = typer.Option("relion5", "--star", help="STAR picks: relion5 (centred Å, tomograms.star beside) | "
                                                          "relion4 (rlnCoordinateX/Y/Z pixels)."),
@@ -126,7 +132,7 @@ def pick(
                                                              "(default: found beside them or above)."),
     device: str = DEVICE,
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (default: the input's header)."),
-    chunks: str = typer.Option("64,256,256", "--chunks", help="Block shape z,y,x."),
+    chunks: str = CHUNKS,
     layout: str = typer.Option("default", "--layout", help="cryosam labels: default (labels/ of the tomogram's "
                                                            "OME-Zarr) or portal (the CryoET Data Portal's: each its "
                                                            "own <out>/<stem>_cryosam_<name>.zarr)."),
@@ -146,7 +152,8 @@ def pick(
     from ..io.folders import check_output_dir
     from ..io.picks import StarStyle
     from ..io.volumes import is_zarr, open_volume
-    from ..picking.pipeline import load_prompts, pick as run, sam2_checkpoint
+    from ..io.layouts import check_layout
+    from ..picking.pipeline import load_prompts, pick as run, pick_params
     from ..polarity import check_polarity
 
     check_spec(cluster)
@@ -154,11 +161,15 @@ def pick(
     check_device(device)
     vs = parse_triple(voxel_size, "--voxel-size", float)
     block = parse_triple(chunks, "--chunks")
-    if method not in ("log", "cryosam"):
-        raise InputError(f"--method must be log or cryosam, got {method!r}")
-    from ..io.omezarr import check_layout
-
     check_layout(layout)
+    if method == "log":
+        options = dict(diameter=diameter, threshold=threshold, min_distance=min_distance, max_picks=max_picks,
+                       min_roundness=min_roundness, max_scale_ratio=max_scale_ratio)
+    else:
+        options = dict(diameter=diameter, config=model_config, image_size=image_size,
+                       feature_image_size=feature_image_size, iou_threshold=iou_threshold, sim_threshold=sim_threshold,
+                       top_k=top_k, matching=matching, sam_checkpoint=sam_checkpoint,
+                       dinov2_checkpoint=dinov2_checkpoint)
     if layout == "portal" and copick is not None:
         raise InputError("--layout portal and --copick write the labels differently: give one of them")
     style = StarStyle(star, tilt_series_pixel_size, voltage, cs, amplitude_contrast)
@@ -190,22 +201,7 @@ def pick(
 
     if method == "cryosam" and not prompted:
         raise InputError("cryosam needs at least one prompt (--prompt [TOMOGRAM:]z,y,x or --prompts FILE)")
-    if method == "log":
-        from ..picking.log import LogParams
-
-        if diameter is None:
-            raise InputError("--method log needs --diameter (Å)")
-        from ..picking.pipeline import log_options
-
-        LogParams(diameter, **log_options(threshold=threshold, min_distance=min_distance, max_picks=max_picks,
-                                          min_roundness=min_roundness, max_scale_ratio=max_scale_ratio))
-    else:
-        from ..models.dinov2 import describe_dinov2, resolve_dinov2
-        from ..models.sam2 import config_path
-
-        config_path(model_config)
-        sam2_checkpoint(sam_checkpoint, weights, model_config)
-        describe_dinov2(resolve_dinov2(dinov2_checkpoint, weights))
+    params = pick_params(method, weights, **options)  # the one time the options become parameters (models found)
     check_output_dir(out)
     project = None
     if copick is not None:
@@ -214,13 +210,10 @@ def pick(
         project = check_writable(open_project(copick, create=True))
 
     def query_of(item, client):
-        contrast = _polarity(polarity, open_volume(item.path, vs, chunks=block, dtype="float32"))
-        result = run(item.path, out, method=method, diameter=diameter, prompts=points_of(item), prompts_file=prompts,
-                     sam_checkpoint=sam_checkpoint, dinov2_checkpoint=dinov2_checkpoint, weights=weights,
-                     config=model_config, image_size=image_size, feature_image_size=feature_image_size,
-                     iou_threshold=iou_threshold, voxel_size=vs, chunks=block, device=device, star=style,
-                     tomograms=tomograms, client=client, layout=layout, polarity=contrast, name=item.name,
-                     query_only=True)
+        volume = open_volume(item.path, vs, chunks=block, dtype="float32")
+        result = run(volume, out, params, prompts=points_of(item), prompts_file=prompts, device=device, star=style,
+                     tomograms=tomograms, client=client, layout=layout, polarity=_polarity(polarity, volume),
+                     name=item.name, query_only=True)
         return Outcome(item, "done", value=result.query, lines=[f"{item.path}: query from {result.prompts} prompts"])
 
     def prepare(client, good):
@@ -246,18 +239,14 @@ def pick(
 
             tomogram = tomograms_into(project, [tomogram], tomo_type=copick_type, chunks=block, voxel_size=vs,
                                       work=out, client=client)[tomogram]
-        result = run(tomogram, out, method=method, diameter=diameter, threshold=threshold, min_distance=min_distance,
-                     max_picks=max_picks, min_roundness=min_roundness, max_scale_ratio=max_scale_ratio,
-                     prompts=points_of(item), prompts_file=prompts, sam_checkpoint=sam_checkpoint,
-                     dinov2_checkpoint=dinov2_checkpoint, weights=weights, config=model_config, image_size=image_size,
-                     feature_image_size=feature_image_size, iou_threshold=iou_threshold, sim_threshold=sim_threshold,
-                     top_k=top_k, matching=matching, object_name=object_name, voxel_size=vs, chunks=block,
+        volume = open_volume(tomogram, vs, chunks=block)
+        result = run(volume, out, params, prompts=points_of(item), prompts_file=prompts, object_name=object_name,
                      device=device, star=style, tomograms=tomograms, client=client, layout=layout, polarity=contrast,
                      name=item.name, query=shared.get("query"))
         if project is not None:
             from ..io.copick import segmentation_from_labels, write_picks_into
 
-            tomo_vs = open_volume(tomogram, vs, chunks=block).voxel_size
+            tomo_vs = volume.voxel_size
             run_name = item.run or item.name
             result.files.append(write_picks_into(project, run_name, result.picks, tomo_vs, tool=method,
                                                  object_name=object_name, radius=diameter / 2 if diameter else None))

@@ -8,8 +8,9 @@ import typer
 
 from . import app
 from ..engine.collection import Outcome, find_items
+from ..postprocess.params import PostprocessParams as P
 from .collection import IN_FLIGHT, over_collection
-from .options import (CLUSTER, CLUSTER_CONFIG, MEMORY, REPORT, THREADS, WORKERS, check_device,
+from .options import (CHUNKS, CLUSTER, CLUSTER_CONFIG, MEMORY, REPORT, THREADS, WORKERS, check_device,
                       parse_triple)
 
 
@@ -19,19 +20,19 @@ def postprocess(
                                                  "globs."),
     out: Path = typer.Option(..., "--out", help="Output .mrc or .zarr for one mask; for several, a folder of "
                                                 "<name>_post_processed.mrc."),
-    min_slices: int = typer.Option(10, "--min-slices",
+    min_slices: int = typer.Option(P.min_slices, "--min-slices",
                                    help="Keep components whose z extent is at least N (ETSAM's 10; 0: off)."),
-    min_voxels: int = typer.Option(0, "--min-voxels", help="Keep components of at least N voxels."),
-    connectivity: int = typer.Option(26, "--connectivity", help="6, 18 or 26."),
-    remove_bridges: bool = typer.Option(False, "--remove-bridges",
+    min_voxels: int = typer.Option(P.min_voxels, "--min-voxels", help="Keep components of at least N voxels."),
+    connectivity: int = typer.Option(P.connectivity, "--connectivity", help="6, 18 or 26."),
+    remove_bridges: bool = typer.Option(P.remove_bridges, "--remove-bridges",
                                         help="ETSAM's per-slice removal of short bridges between parallel membranes."),
-    max_bridge_len: int = typer.Option(5, "--max-bridge-len", help="Longest bridge removed, in pixels."),
-    labels: bool = typer.Option(False, "--labels", help="Also write the component labels."),
-    chunks: str = typer.Option("64,256,256", "--chunks", help="Block shape z,y,x for MRC input."),
+    max_bridge_len: int = typer.Option(P.max_bridge_len, "--max-bridge-len", help="Longest bridge removed, in pixels."),
+    labels: bool = typer.Option(P.labels, "--labels", help="Also write the component labels."),
+    chunks: str = CHUNKS,
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (default: the input's header)."),
     device: str = typer.Option("cpu", "--device",
                                help="cpu (cc3d) | cuda (CuPy on the workers) | auto (cuda where a worker has a GPU)."),
-    layout: str = typer.Option("default", "--layout", help="default, or portal for a .zarr output: the CryoET Data "
+    layout: str = typer.Option(P.layout, "--layout", help="default, or portal for a .zarr output: the CryoET Data "
                                                            "Portal's (int8 mask, 3 levels, 256³ chunks, Blosc lz4; "
                                                            "--labels as its own <out>_components.zarr)."),
     copick: Path = typer.Option(None, "--copick", help="copick config JSON (created if missing): also write the mask "
@@ -47,10 +48,10 @@ def postprocess(
     from ..engine.cluster import check_spec
     from ..errors import where
     from ..io.volumes import open_volume
-    from ..postprocess.pipeline import PostprocessParams, postprocess as run
+    from ..postprocess.pipeline import postprocess as run
 
     check_spec(cluster)
-    PostprocessParams(connectivity, min_slices, min_voxels, remove_bridges, max_bridge_len, labels, layout)
+    params = P(connectivity, min_slices, min_voxels, remove_bridges, max_bridge_len, labels, layout)
     check_device(device)
     block = parse_triple(chunks, "--chunks")
     vs = parse_triple(voxel_size, "--voxel-size", float)
@@ -74,9 +75,8 @@ def postprocess(
 
     def work(item, client):
         dest = target(item)
-        result = run(item.path, dest, connectivity=connectivity, min_slices=min_slices, min_voxels=min_voxels,
-                     remove_bridges=remove_bridges, max_bridge_len=max_bridge_len, labels=labels, chunks=block,
-                     voxel_size=vs, client=client, device=_device(device, client), layout=layout)
+        result = run(item.path, dest, params, chunks=block, voxel_size=vs, client=client,
+                     device=_device(device, client))
         if project is not None:
             from ..io.copick import mask_run, segmentation_from_file
 

@@ -368,6 +368,15 @@ def worker_resources(args) -> dict[str, float]:
     return out
 
 
+def on_worker(client, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on a worker: for work of a tomogram that would otherwise pass its
+    whole output through the client (an MRC export) or cost the client of a collection CPU time
+    it cannot spare (a preview); in this process when there is no client."""
+    if client is None:
+        return fn(*args, **kwargs)
+    return client.submit(fn, *args, **kwargs, pure=False).result()
+
+
 def gpu_resources(client) -> dict | None:
     """``{"GPU": 1}`` for GPU tasks when workers advertise GPUs (dask-cuda, jobqueue with
     ``--resources GPU=1``), so they never land on a CPU-only worker of a mixed cluster."""

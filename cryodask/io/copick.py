@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError, where
+from .layouts import CHUNKS
 from .folders import atomic_write
 from .volumes import stem as stem_of
 
@@ -319,13 +320,13 @@ def write_picks_into(project: Project, run: str, picks: pd.DataFrame, voxel_size
                            scores=picks["score"].to_numpy(dtype=np.float64) if "score" in picks else None)
 
 
-def convert_into(project: Project, inputs, *, tomo_type: str = DEFAULT_TYPE, chunks=(64, 256, 256),
+def convert_into(project: Project, inputs, *, tomo_type: str = DEFAULT_TYPE, chunks=CHUNKS,
                  levels: int = 3, voxel_size=None, work=None, client=None) -> dict[str, Path]:
     """Convert MRC/TIFF tomograms straight into their runs (``VoxelSpacing<vs>/<type>.zarr``);
     resume marks stay in ``work``. Returns the store of each input by its path."""
-    from ..convert import plan_conversion, run_conversion
+    from ..convert import ConvertParams, plan_conversion, run_conversion
 
-    plan = plan_conversion(inputs, work or project.overlay / ".cryodask", chunks=chunks, levels=levels, ngff="0.4",
+    plan = plan_conversion(inputs, work or project.overlay / ".cryodask", ConvertParams(chunks, levels, "0.4"),
                            voxel_size=voxel_size, store_path=store_into(project, tomo_type))
     report = run_conversion(plan, client)
     if report.failed:
@@ -333,7 +334,7 @@ def convert_into(project: Project, inputs, *, tomo_type: str = DEFAULT_TYPE, chu
     return {r.source: Path(r.store) for r in report.results}
 
 
-def tomograms_into(project: Project, paths, *, tomo_type: str = DEFAULT_TYPE, chunks=(64, 256, 256), levels: int = 3,
+def tomograms_into(project: Project, paths, *, tomo_type: str = DEFAULT_TYPE, chunks=CHUNKS, levels: int = 3,
                    voxel_size=None, work, client=None) -> dict[Path, Path]:
     """MRC/TIFF inputs converted into the project, each given back as ``<work>/.cryodask/copick/<run>.zarr``
     (``run_link``), so the command reads, names and labels the project's store."""
@@ -358,7 +359,7 @@ def segmentation_from_labels(project: Project, store, run: str, labels: str, *, 
 
 
 def segmentation_from_file(project: Project, run: str, path, *, tool: str, name: str, voxel_size=None,
-                           chunks=(64, 256, 256)) -> Path:
+                           chunks=CHUNKS) -> Path:
     """A mask file (MRC/TIFF, OME-Zarr image or ``x.zarr/labels/<name>``) as the run's binary segmentation,
     read block by block."""
     from .mrc import translation

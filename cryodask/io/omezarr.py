@@ -16,26 +16,12 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .. import validate
-from ..errors import InputError, where
+from ..errors import where
+from .layouts import NGFF, PORTAL_CHUNKS, check_layout
 
-NGFF = ("0.4", "0.5")
 AXES = [{"name": n, "type": "space", "unit": "angstrom"} for n in "zyx"]
-LAYOUTS = ("default", "portal")
-# The CryoET Data Portal's ingestion (cryoet-data-portal-backend, ingestion_tools/scripts/common/
-# image.py): ome-zarr-py's write_multiscale on a zarr v2 group, 256^3 chunks, zarr 2's default
-# Blosc lz4 (clevel 5, byte shuffle), "/" chunk keys, a 2x pyramid of 3 levels, float32 images.
-PORTAL_CHUNKS = (256, 256, 256)
-PORTAL_LEVELS = 3
 WINDOW_PERCENTILES = (0.5, 99.5)
 SKETCH_POINTS = 1001  # quantiles kept per block: a merged percentile is within 0.1 % of rank
-
-
-def check_layout(layout: str, ngff: str = "0.4") -> str:
-    validate.choice("layout", layout, LAYOUTS)
-    if layout == "portal" and ngff != "0.4":
-        raise InputError(f"--layout portal is NGFF 0.4 (zarr v2), not --ngff {ngff}")
-    return layout
 
 
 def portal_compressor():

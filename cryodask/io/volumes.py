@@ -15,11 +15,12 @@ import numpy as np
 
 from ..errors import where
 from ..validate import voxel_size as parse_voxel_size
+from .layouts import CHUNKS
 
 MRC_SUFFIXES = {".mrc", ".rec", ".map", ".st", ".ali", ".mrcs"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
 SUFFIXES = MRC_SUFFIXES | TIFF_SUFFIXES
-FILE_CHUNKS = (64, 256, 256)  # the blocks of an MRC/TIFF file, which has no chunks of its own
+FILE_CHUNKS = CHUNKS  # the blocks of an MRC/TIFF file, which has no chunks of its own
 
 
 def stem(path) -> str:
@@ -150,6 +151,13 @@ def open_volume(path, voxel_size: float | tuple[float, float, float] | None = No
     Raises ``InputError`` naming the input for anything that would stop a step: unreadable,
     truncated, not 3D, unsupported type, or a missing voxel size.
     """
+    if isinstance(path, Volume):  # already open: the keywords given change it, the rest stays
+        volume = path
+        voxel_size = parse_voxel_size(voxel_size)
+        volume = replace(volume, voxel_size=tuple(voxel_size)) if voxel_size else volume
+        volume = replace(volume, chunks=tuple(int(c) for c in chunks)) if chunks and volume.format != "zarr" \
+            else volume
+        return volume.astype(dtype) if dtype else volume
     voxel_size = parse_voxel_size(voxel_size)
     path = Path(path)
     if path.is_dir():

@@ -23,6 +23,7 @@ from ..engine.blocks import DoneMarks, plan_blocks
 from ..engine.runner import Region, grow, lazy, run_blocks, volume_input, within
 from ..errors import InputError
 from .hessian import GaussianHessian, ridge, sheet_eigen
+from .params import ClassicalParams
 
 TRUNCATE = 4.0  # Gaussian kernels reach 4 sigma (scipy's default); the halo follows from it
 # The score histogram lives on u = asinh(score / HIST_EPS): ~0.5 % relative bins for any score
@@ -34,77 +35,6 @@ HIST_BINS = 8192
 IQR_TO_SIGMA = 1.349  # interquartile range of a unit normal distribution
 TOP_QUANTILE = 0.999  # "the strongest membranes": 0.995 and 0.9995 gave the same Dice
 MIN_SIGMA_VOXELS = 1.0  # the smallest Hessian scale the grid resolves (sigma_A says why)
-
-
-@dataclass(frozen=True)
-class ClassicalParams:
-    """Everything that changes the classical filter's output (its hash keys the done-marks).
-
-    Parameters
-    ----------
-    thickness : membrane (bilayer) thickness in Å. Sets the filter scale and the thickness of
-        the output mask.
-    low, high : hysteresis thresholds on the score, in robust standard deviations above its
-        median over the whole volume. Voxels above ``high`` seed a membrane. Voxels above
-        ``low`` that are connected to a seed are added to it.
-    high_fraction : a seed must also score at least this fraction of the volume's 99.9th
-        percentile score (0 turns this off). This makes ``high`` follow the contrast of the
-        strongest membranes. Then the CTF fringes around particles, which are sheet-like but
-        weaker, cannot seed at high SNR, and one default works at low SNR too.
-    low_fraction : the same for ``low``: a voxel joins a membrane only if it scores at least this
-        fraction of the 99.9th percentile. At high SNR (where that percentile is far above the
-        noise) the fringes of particles and the missing wedge's streaks next to a membrane are
-        not grown into it; at low SNR ``low`` decides. Dice on the README's example (SNR 0.5)
-        0.53 -> 0.74; 0.2 and 0.4 did worse over both simulators at SNR 0.1-0.5.
-    scale : the Gaussian sigma of the Hessian, as a fraction of ``thickness``.
-    reach : how far (Å) a seed's hysteresis region can extend into a neighbouring block. It is
-        also the halo of the mask pass.
-    dark : True when dense matter is dark (low values), as in reconstructed tomograms (the same
-        polarity switch as ``LogParams.dark``).
-
-    Examples
-    --------
-    >>> ClassicalParams(thickness=40.0).high
-    6.0
-    >>> ClassicalParams(low=9.0)
-    Traceback (most recent call last):
-    ...
-    cryodask.validate.FieldError: low (9.0) must not exceed high (6.0)
-    """
-
-    thickness: float = 45.0
-    # Measured on synthetic tomograms (SNR 0.1-0.5, 10-14 Å voxels, 60° missing wedge, 32x40x40
-    # to 96x160x160). Without high_fraction no pair worked everywhere. High SNR wanted high >= 9:
-    # the fringes around particles score above the noise. Small or membrane-dense volumes wanted
-    # high <= 6: their membranes widen the score's spread, so they score fewer spreads above it.
-    low: float = 2.5
-    high: float = 6.0
-    high_fraction: float = 0.8
-    low_fraction: float = 0.3
-    # sigma = 0.7 x thickness (31.5 Å for a 45 Å bilayer). A Gaussian matched to the bilayer
-    # (a box of width t has std t / (2 sqrt 3) = 0.29 t) is too small for tomograms: at the
-    # SNR of real data the Hessian is mostly noise. A larger sigma averages more of the sheet.
-    # It also merges the two leaflets and the CTF fringes into one dark band. On synthetic data
-    # Dice rises from 0.29 t up to about 0.7 t and falls after that. The ridge step then puts
-    # back the true thickness, so the wider response does not fatten the mask.
-    scale: float = 0.7
-    reach: float = 200.0
-    dark: bool = True
-
-    def __post_init__(self):
-        for name in ("thickness", "scale"):
-            object.__setattr__(self, name, validate.positive(name, getattr(self, name)))
-        for name in ("reach", "high_fraction", "low_fraction"):
-            object.__setattr__(self, name, validate.number(name, getattr(self, name), low=0))
-        for name in ("low", "high"):  # 3 and 3.0 are the same parameters (and hash)
-            object.__setattr__(self, name, validate.number(name, getattr(self, name)))
-        if self.low > self.high:
-            raise validate.FieldError("low", f"({self.low}) must not exceed high ({self.high})")
-        object.__setattr__(self, "dark", validate.boolean("dark", self.dark))
-
-    def sigma(self) -> float:
-        """The Gaussian sigma of the Hessian, in Å."""
-        return self.scale * self.thickness
 
 
 # ------------------------------------------------------------------ geometry in voxels

@@ -18,47 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import validate
 from ..io import normalize as norm_mod
 from . import prompts as prompt_mod
+from .params import EtsamParams
 from .propagate import propagate
 
 STAGE1_THRESHOLD = -0.25  # ETSAM hard-codes it
 Z_CHUNK = 16
 
-
-@dataclass(frozen=True)
-class EtsamParams:
-    """Everything that changes ETSAM's logits (its hash keys the done-marks)."""
-
-    config: str = "sam2.1_hiera_b+"
-    stage1_checkpoint: str | None = None
-    stage2_checkpoint: str | None = None
-    weights_id: tuple = ("random", "random")  # name:size:mtime of each checkpoint
-    image_size: int | None = None
-    normalize: str = "min_max_positive_values"
-    stage1_prompt: str = "grid_zero"
-    stage2_prompt: str = "zero"
-    grid_interval: int = 50
-    tile: tuple[int, int] | None = None
-    split: bool = False  # ETSAM's --split-processing: four quadrants
-
-    def __post_init__(self):
-        norm_mod.check_method(self.normalize)
-        prompt_mod.check(self.stage1_prompt, 1)
-        prompt_mod.check(self.stage2_prompt, 2)
-        object.__setattr__(self, "grid_interval", validate.count("grid_interval", self.grid_interval, 1))
-        if self.image_size is not None and (validate.count("image_size", self.image_size, 64) % 16):
-            raise validate.FieldError("image_size", f"must be a multiple of 16 and >= 64, got {self.image_size}")
-        object.__setattr__(self, "tile", validate.shape("tile", self.tile, 2, 16, none=True))  # (y, x)
-        object.__setattr__(self, "split", validate.boolean("split", self.split))
-
-    def key_fields(self) -> dict:
-        """The hashed fields: checkpoint identity, not their paths."""
-        fields = dict(self.__dict__)
-        fields.pop("stage1_checkpoint")
-        fields.pop("stage2_checkpoint")
-        return fields
 
 
 def tiles(height: int, width: int, tile: tuple[int, int] | None, split: bool = False) -> list[tuple[slice, slice]]:

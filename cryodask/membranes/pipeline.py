@@ -18,20 +18,21 @@ import errno
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .. import validate
 from ..engine.blocks import DoneMarks
 from ..errors import CryodaskError, InputError, where
+from ..io.layouts import CHUNKS
 from ..io.volumes import ZarrReader, stem
 from ..params import params_hash
-from .etsam import EtsamParams, TiledLogits, tiles, two_stage_column
+from .etsam import TiledLogits, tiles, two_stage_column
+from .params import ClassicalParams, EtsamParams, MembraneParams, membrane_params
 
+__all__ = ["MembraneParams", "membrane_params", "segment", "check_models", "find_inputs"]
 STEP = "membranes"
-ETSAM_FILES = ("etsam_stage1_v1.pt", "etsam_stage2_v1.pt")
 
 
 @dataclass
@@ -58,56 +59,17 @@ class MembraneReport:
         return [r for r in self.results if r.status == "failed"]
 
 
-@dataclass(frozen=True)
-class OutputParams:
-    """Thresholding, exports and post-processing (part of the done-mark key)."""
+def check_models(params: MembraneParams) -> None:
+    """ETSAM's SAM2 config and checkpoints, checked on the client before any cluster starts (the
+    checkpoints memory-mapped: cheap), so a wrong file is one line, not a failure on every worker."""
+    if not isinstance(params.method, EtsamParams):
+        return
+    from ..models.sam2 import check_checkpoint, config_path
 
-    logit_threshold: float = -0.25
-    store_logits: bool = False
-    post_process: bool = False
-    min_slices: int = 10
-    remove_bridges: bool = False
-    max_bridge_len: int = 5
-    layout: str = "default"  # "portal": masks as their own OME-Zarr, <out>/<stem>_<name>.zarr
-
-    def __post_init__(self):
-        from ..io.omezarr import check_layout
-
-        check_layout(self.layout)
-        object.__setattr__(self, "logit_threshold", validate.number("logit_threshold", self.logit_threshold))
-        for name in ("store_logits", "post_process", "remove_bridges"):
-            object.__setattr__(self, name, validate.boolean(name, getattr(self, name)))
-        if self.min_slices < 0 or self.max_bridge_len < 0:
-            raise InputError("--post-process-min-slices and --max-bridge-len must be >= 0")
-
-
-def resolve_method(method: str | None, stage1_checkpoint, stage2_checkpoint, weights) -> str:
-    """``etsam`` when weights are given or found in the weights folder, else ``classical``."""
-    if method not in (None, "auto", "etsam", "classical"):
-        raise InputError(f"--method must be etsam or classical, got {method!r}")
-    if method in ("etsam", "classical"):
-        return method
-    if stage1_checkpoint or stage2_checkpoint:
-        return "etsam"
-    from ..models.weights import weights_folder
-
-    folder = weights_folder(weights)
-    return "etsam" if folder and all((folder / f).exists() for f in ETSAM_FILES) else "classical"
-
-
-def resolve_checkpoints(stage1, stage2, weights, config: str | None = None) -> tuple[Path, Path]:
-    """ETSAM's two checkpoint files; with ``config``, also checked to be SAM2 weights of that
-    architecture (cheaply, on the client, before any cluster starts)."""
-    from ..models.weights import resolve
-
-    paths = (resolve(stage1, default_name=ETSAM_FILES[0], folder=weights, option="--stage1-checkpoint"),
-             resolve(stage2, default_name=ETSAM_FILES[1], folder=weights, option="--stage2-checkpoint"))
-    if config is not None:
-        from ..models.sam2 import check_checkpoint
-
-        for path in paths:
-            check_checkpoint(config, path)
-    return paths
+    config_path(params.method.config)
+    for path in (params.method.stage1_checkpoint, params.method.stage2_checkpoint):
+        if path is not None:
+            check_checkpoint(params.method.config, path)
 
 
 def find_inputs(inputs, voxel_size=None) -> tuple[list, list[MembraneResult]]:
@@ -174,38 +136,19 @@ def _mean_std(level0_path: str, client) -> tuple[float, float]:
 
 # ------------------------------------------------------------------ the public function
 
-def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, stage2_checkpoint=None,
-            weights=None, config: str = "sam2.1_hiera_b+", image_size: int | None = None,
-            normalize: str = "min_max_positive_values", stage1_prompt: str = "grid_zero",
-            stage2_prompt: str = "zero", grid_interval: int = 50, logit_threshold: float = -0.25,
-            tile: tuple[int, int] | None = None, split_processing: bool = False, store_logits: bool = False,
-            post_process: bool = False,
-            min_slices: int = 10, remove_bridges: bool = False, max_bridge_len: int = 5, classical=None,
-            voxel_size=None, chunks=(64, 256, 256), levels: int = 3, batch: int | None = None, device: str = "auto",
-            random_weights: bool = False, client=None, progress: bool = False, layout: str = "default",
-            polarity: str = "auto", working_voxel_size: float | None = None, echo=None) -> MembraneReport:
+def segment(inputs, out, params: MembraneParams = MembraneParams(), *, voxel_size=None, chunks=CHUNKS,
+            levels: int = 3, client=None, batch: int | None = None, device: str = "auto", progress: bool = False,
+            echo=None) -> MembraneReport:
     """Segment membranes in tomograms (MRC files, folders, globs, or OME-Zarr images).
 
     Parameters
     ----------
-    method : "etsam" (needs both checkpoints), "classical" (no weights), or None: ETSAM when
-        checkpoints are given or found in the weights folder, else classical.
-    stage1_checkpoint, stage2_checkpoint, weights : ETSAM's ``etsam_stage{1,2}_v1.pt`` or a
-        folder holding them (also ``CRYODASK_WEIGHTS``).
-    config, image_size : SAM2 config (``sam2.1_hiera_b+`` as ETSAM) and input-size override.
-    normalize, stage1_prompt, stage2_prompt, grid_interval, logit_threshold : ETSAM's options.
-    tile : (Y, X) largest column; ``None`` runs whole slices as ETSAM does.
-    split_processing : ETSAM's four quadrants (use ``grid_interval=10`` as ETSAM does then).
-    store_logits, post_process, min_slices, remove_bridges, max_bridge_len : outputs, as ETSAM.
-    classical : ``ClassicalParams`` for the classical method.
+    params : :class:`MembraneParams`: the method (``ClassicalParams`` or ``EtsamParams``) and the
+        outputs; :func:`membrane_params` builds them from flat options (``method="auto"``: ETSAM
+        when its weights are found).
+    voxel_size : Å, overrides the inputs' headers.
+    chunks, levels : the OME-Zarr that MRC inputs are converted into.
     batch : slices per encoder call (default 8 on CUDA, 1 on CPU); device : "auto", "cpu" or "cuda".
-    random_weights : run ETSAM with seeded random SAM2 weights (tests, benchmarks only).
-    layout : "default" (masks in ``labels/`` of the tomogram's OME-Zarr) or "portal" (the CryoET
-        Data Portal's: MRC inputs converted in its layout, each mask its own ``<out>/<stem>_<name>.zarr``).
-    polarity : "auto" (decided per tomogram, :mod:`cryodask.polarity`), "dark" or "bright" (dense
-        matter bright: the tomogram is negated before either method sees it).
-    working_voxel_size : Å; the method runs on the tomogram resampled to this voxel size (block by
-        block, :mod:`cryodask.io.resample`) and its outputs are mapped back onto the input grid.
     echo : called with each line of a tomogram's summary as soon as it is finished.
 
     Returns
@@ -214,41 +157,21 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
 
     Examples
     --------
-    >>> report = segment(["tomo.mrc"], "out/", method="classical", post_process=True)  # doctest: +SKIP
-    >>> report.results[0].files                                                      # doctest: +SKIP
+    >>> report = segment(["tomo.mrc"], "out/", MembraneParams(ClassicalParams(), post_process=True))  # doctest: +SKIP
+    >>> report.results[0].files                                                                     # doctest: +SKIP
     """
     from ..io.folders import check_output_dir
-    from ..polarity import check_polarity
 
-    check_polarity(polarity)
-    if working_voxel_size is not None:
-        from ..io.resample import working_grid
-
-        working_grid((1, 1, 1), (1.0, 1.0, 1.0), working_voxel_size)  # a bad value fails here, before any work
-    method = resolve_method(method, stage1_checkpoint, stage2_checkpoint, weights)
-    outputs = OutputParams(float(logit_threshold), bool(store_logits), bool(post_process or remove_bridges),
-                           int(min_slices), bool(remove_bridges), int(max_bridge_len), str(layout))
-    if method == "etsam":
-        if random_weights:
-            ckpts, ids = (None, None), ("random", "random")
-        else:
-            from ..models.sam2 import checkpoint_identity, config_path
-
-            ckpts = resolve_checkpoints(stage1_checkpoint, stage2_checkpoint, weights, config)
-            ids = tuple(checkpoint_identity(c) for c in ckpts)
-            config_path(config)
-        method_params = EtsamParams(config, *(str(c) if c else None for c in ckpts), ids, image_size, normalize,
-                                    stage1_prompt, stage2_prompt, int(grid_interval),
-                                    tuple(int(t) for t in tile) if tile else None, bool(split_processing))
-        if batch is not None and batch < 1:
-            raise InputError(f"--batch must be >= 1, got {batch}")
-    else:
-        from .classical import ClassicalParams
-
-        method_params = classical or ClassicalParams()
+    if not isinstance(params, MembraneParams):
+        raise TypeError(f"params must be MembraneParams, got {type(params).__name__}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise validate_device(device)
+    if batch is not None and batch < 1:
+        raise InputError(f"--batch must be >= 1, got {batch}")
+    check_models(params)
     out = check_output_dir(out).resolve()
     found, failed = find_inputs(inputs, voxel_size)
-    report = MembraneReport(method, list(failed))
+    report = MembraneReport(params.method_name, list(failed))
     if not found:
         return report
     if client is None:
@@ -259,10 +182,12 @@ def segment(inputs, out, *, method: str | None = None, stage1_checkpoint=None, s
         from ..engine.cluster import connect
 
         with connect("local") as local:
-            return _run(found, out, method, method_params, outputs, voxel_size, chunks, levels, batch, device,
-                        local, progress, report, polarity, working_voxel_size, echo)
-    return _run(found, out, method, method_params, outputs, voxel_size, chunks, levels, batch, device, client,
-                progress, report, polarity, working_voxel_size, echo)
+            return _run(found, out, params, voxel_size, chunks, levels, batch, device, local, progress, report, echo)
+    return _run(found, out, params, voxel_size, chunks, levels, batch, device, client, progress, report, echo)
+
+
+def validate_device(device) -> InputError:
+    return InputError(f"--device must be auto, cpu or cuda, got {device!r}")
 
 
 @dataclass
@@ -288,31 +213,29 @@ def _store(kind: str, source: Path, out: Path, voxel_size, chunks, levels, clien
     """The tomogram's OME-Zarr: itself, or its conversion under ``out`` (resumed if begun)."""
     if kind == "zarr":
         return source
-    from ..convert import convert
+    from ..convert import ConvertParams, convert
 
-    result = convert([source], out, chunks=chunks, levels=levels, voxel_size=voxel_size, client=client,
-                     layout=layout).results[0]
+    result = convert([source], out, ConvertParams(chunks, levels, layout=layout), voxel_size=voxel_size,
+                     client=client).results[0]
     if result.status == "failed":
         raise InputError(result.message)
     return Path(result.store)
 
 
-def _run(found, out: Path, method, method_params, outputs: OutputParams, voxel_size, chunks, levels, batch,
-         device, client, progress, report: MembraneReport, polarity: str = "auto",
-         working_voxel_size=None, echo=None) -> MembraneReport:
+def _run(found, out: Path, params: MembraneParams, voxel_size, chunks, levels, batch, device, client, progress,
+         report: MembraneReport, echo=None) -> MembraneReport:
     """Every tomogram through the collection runner: each converts (if MRC), computes its own
     statistics, runs its tasks and writes its outputs as soon as they are done, a few at a time."""
     from ..engine.collection import Item, Outcome, run_collection
 
-    params_key = params_hash({"method": method, "params": method_params.key_fields() if method == "etsam"
-                              else asdict(method_params), "outputs": asdict(outputs)})
+    params_key = params_hash(params.key())
     kinds = {Path(path): kind for kind, path in found}
 
     def one(item: Item) -> Outcome:
-        result = _one(kinds[item.path], item.path, out, method, method_params, outputs, params_key, voxel_size,
-                      chunks, levels, batch, device, client, polarity, working_voxel_size)
+        result = _one(kinds[item.path], item.path, out, params, params_key, voxel_size, chunks, levels, batch,
+                      device, client)
         status = "failed" if result.status == "failed" else result.status
-        return Outcome(item, status, result.message, value=result, lines=result_lines(result, method))
+        return Outcome(item, status, result.message, value=result, lines=result_lines(result, params.method_name))
 
     items = [Item(Path(path), stem(path)) for _, path in found]
     collection = run_collection(items, one, command="membranes", client=client, echo=echo,
@@ -334,22 +257,23 @@ def result_lines(result: MembraneResult, method: str) -> list[str]:
     return lines + [f"  wrote {path}" for path in result.files]
 
 
-def _one(kind, source: Path, out: Path, method, method_params, outputs: OutputParams, params_key, voxel_size,
-         chunks, levels, batch, device, client, polarity, working_voxel_size) -> MembraneResult:
-    """One tomogram: its store, polarity and key; skipped if complete, else its tasks, then its outputs."""
+def _one(kind, source: Path, out: Path, params: MembraneParams, params_key, voxel_size, chunks, levels, batch,
+         device, client) -> MembraneResult:
+    """One tomogram: its store, polarity and key; skipped if complete, else its tasks, then its params."""
     from ..io.omezarr import open_image
     from ..io.volumes import source_identity
 
-    store = _store(kind, source, out, voxel_size, chunks, levels, client, outputs.layout)
+    method = params.method_name
+    store = _store(kind, source, out, voxel_size, chunks, levels, client, params.layout)
     name = stem(source)
     _, arrays, vs, _ = open_image(store)
     try:
-        contrast = _polarity(polarity, store, arrays, vs)
+        contrast = _polarity(params.polarity, store, arrays, vs)
     except CryodaskError as exc:
         return MembraneResult(str(source), "failed", str(store), message=f"{source}: {exc}")
     # the tomogram's identity too: a reconverted or replaced image is new work, not done work
     key = params_hash({"params": params_key, "image": source_identity(ZarrReader(str(store / "0"))),
-                       "polarity": contrast.polarity, "working_voxel_size": working_voxel_size})
+                       "polarity": contrast.polarity})
     job = _Tomogram(source, store, name, key, DoneMarks(out / ".cryodask" / name, f"{STEP}-{method}", key))
     job.shape, job.voxel_size, job.polarity = tuple(arrays[0].shape), vs, contrast
     job.level0 = str(store / arrays[0].path.split("/")[-1])
@@ -358,13 +282,13 @@ def _one(kind, source: Path, out: Path, method, method_params, outputs: OutputPa
                               polarity=contrast.describe())
     job.started = time.perf_counter()
     try:
-        if working_voxel_size is not None:
-            _working(job, working_voxel_size, tuple(arrays[0].chunks), client)
-        _segment(job, method, method_params, batch, device, client)
+        if params.working_voxel_size is not None:
+            _working(job, params.working_voxel_size, tuple(arrays[0].chunks), client)
+        _segment(job, params.method, batch, device, client)
     except CryodaskError as exc:
         return MembraneResult(str(source), "failed", str(store), message=f"{source}: {exc}")
     try:
-        return _finish(job, out, method, method_params, outputs, client)
+        return _finish(job, out, params, client)
     except (CryodaskError, OSError) as exc:  # e.g. the disk filled while exporting: not marked complete,
         for kind in ("mask", "logits", "post_processed_mask"):  # and no output of it left to look done
             (out / f"{name}_{method}_predicted_{kind}.mrc").unlink(missing_ok=True)
@@ -403,7 +327,7 @@ def _working(job: _Tomogram, working, chunks, client) -> None:
     job.shape, job.voxel_size, job.level0 = shape, tuple(v * f for v, f in zip(job.voxel_size, factor)), path
 
 
-def _segment(job: _Tomogram, method, params, batch, device, client) -> None:
+def _segment(job: _Tomogram, params: ClassicalParams | EtsamParams, batch, device, client) -> None:
     """The method over the tomogram, through the one block runner: ETSAM one task per column
     (all z, one y/x tile; each stage done-marked inside it), the classical filter block by block."""
     from ..engine.blocks import Block
@@ -413,7 +337,7 @@ def _segment(job: _Tomogram, method, params, batch, device, client) -> None:
     level0 = job.level0
     reader = dark_reader(ZarrReader(level0, "float32"), job.polarity)  # dense matter dark from here on
     sign = 1.0 if job.polarity.dark else -1.0
-    if method == "etsam":
+    if isinstance(params, EtsamParams):
         from ..engine.cluster import gpu_resources
         from ..io.normalize import from_extremes
 
@@ -443,26 +367,28 @@ def _column(region, reader, norm, params, folder, marks, device, batch) -> str:
     return two_stage_column(reader, norm, zs.stop, ys, xs, params, folder, marks, device=device, batch=batch)
 
 
-def _finish(job: _Tomogram, out: Path, method, method_params, outputs: OutputParams, client) -> MembraneResult:
+def _finish(job: _Tomogram, out: Path, params: MembraneParams, client) -> MembraneResult:
     """Threshold into labels, export with ETSAM's names, post-process; then mark complete."""
     import dask.array as da
     import zarr
 
+    from ..engine.cluster import on_worker
     from ..export import export
     from ..io.mrc import write_mrc
     from ..io.omezarr import open_image, write_segmentation
     from ..io.volumes import open_volume, source_position
-    from ..postprocess.pipeline import postprocess
+    from ..postprocess.pipeline import PostprocessParams, postprocess
     from ..viz import membranes_preview
 
     clock = time.perf_counter()
+    method = params.method_name
     result = MembraneResult(str(job.source), "done", str(job.store), polarity=job.polarity.describe())
     result.seconds[method] = clock - job.started
     prefix = f"{job.stem}_{method}_predicted"
     chunks = open_image(job.store)[1][0].chunks
-    if method == "etsam":
-        logits = TiledLogits(str(job.marks.folder / "logits"), job.shape, method_params.tile, method_params.split)
-        mask = da.from_array(logits, chunks=chunks, asarray=True) > np.float32(outputs.logit_threshold)
+    if isinstance(params.method, EtsamParams):
+        logits = TiledLogits(str(job.marks.folder / "logits"), job.shape, params.method.tile, params.method.split)
+        mask = da.from_array(logits, chunks=chunks, asarray=True) > np.float32(params.logit_threshold)
     else:
         logits = zarr.open_array(str(job.marks.folder / "classical" / "score.zarr"), mode="r")
         mask = da.from_zarr(str(job.marks.folder / "classical" / "mask.zarr")) > 0
@@ -475,40 +401,39 @@ def _finish(job: _Tomogram, out: Path, method, method_params, outputs: OutputPar
                               order=1)
         mask = from_working(mask.astype(np.uint8), shape, vs, working, chunks, order=0) > 0
     colors = {1: [64, 160, 255, 255]}
-    where_to = dict(layout=outputs.layout, out=out, stem=job.stem, colors=colors)
+    where_to = dict(layout=params.layout, out=out, stem=job.stem, colors=colors)
     name = f"{method}_predicted_mask"
-    mask_path = out / f"{job.stem}_{name}.zarr" if outputs.layout == "portal" else job.store / "labels" / name
+    mask_path = out / f"{job.stem}_{name}.zarr" if params.layout == "portal" else job.store / "labels" / name
     if not job.marks.done("outputs/labels"):  # written once: a rewrite would restart the post-processing
         write_segmentation(job.store, name, mask.astype(np.uint8), **where_to,
                            properties=[{"label-value": 1, "class": f"membrane ({method})",
                                         "cryodask-polarity": job.polarity.metadata()}])
         job.marks.mark("outputs/labels")
     result.mask_fraction = float(da.from_zarr(str(mask_path / "0")).mean().compute())
-    result.files.append(export(mask_path, out / f"{prefix}_mask.mrc"))
-    if outputs.layout == "portal":
+    result.files.append(on_worker(client, export, mask_path, out / f"{prefix}_mask.mrc"))  # not through the client
+    if params.layout == "portal":
         result.files.append(mask_path)
-    if outputs.store_logits:
+    if params.store_logits:
         result.files.append(write_mrc(out / f"{prefix}_logits.mrc", logits,
                                       job.input_grid[1] if job.input_grid else job.voxel_size, slab=16,
                                       position=source_position(job.store)))  # the tomogram's origin/nstart
-    if outputs.post_process:
+    if params.post_process:
         post = postprocess(mask_path, out / f"{prefix}_post_processed_mask.mrc",
-                           min_slices=outputs.min_slices, remove_bridges=outputs.remove_bridges,
-                           max_bridge_len=outputs.max_bridge_len, client=client)
+                           PostprocessParams(min_slices=params.min_slices, remove_bridges=params.remove_bridges,
+                                             max_bridge_len=params.max_bridge_len), client=client)
         post_path = write_segmentation(job.store, f"{method}_predicted_post_processed_mask",
                                        open_volume(post.out).to_dask(chunks).astype(np.uint8),
                                        **{**where_to, "colors": {1: [80, 220, 120, 255]}},  # apart from the raw mask
                                        properties=[{"label-value": 1, "class": f"membrane ({method}, post-processed)"}])
         result.files.append(post.out)
-        if outputs.layout == "portal":
+        if params.layout == "portal":
             result.files.append(post_path)
     # last, so a run whose outputs could not be written leaves no preview of them; an absolute path
     # in place of the label name: the preview opens the Portal's separate mask store
-    preview = (job.store, name if outputs.layout != "portal" else str(mask_path),
+    preview = (job.store, name if params.layout != "portal" else str(mask_path),
                out / f"{job.stem}_{method}_preview.png")
-    options = dict(name=job.stem, method=method, fraction=result.mask_fraction)
-    result.files.append(client.submit(membranes_preview, *preview, **options, pure=False).result()  # on a worker:
-                        if client is not None else membranes_preview(*preview, **options))  # about a CPU-second
+    result.files.append(on_worker(client, membranes_preview, *preview, name=job.stem, method=method,
+                                  fraction=result.mask_fraction))  # about a CPU-second
 
     result.seconds["outputs"] = time.perf_counter() - clock
     mark = _complete_mark(out, job.stem, job.key)

@@ -22,70 +22,12 @@ from ..engine.blocks import Block, DoneMarks, plan_blocks
 from ..engine.runner import Region, lazy, run_blocks, volume_input
 from ..errors import InputError
 from ..report.stages import RecordedRead
+from ..io.layouts import CHUNKS
+from .params import LogParams
 
-SIGMA_PER_RADIUS = 1 / math.sqrt(3)  # where the normalised LoG of a solid ball peaks
 LARGER_SCALE = 1.5  # the scale of the size test, as a multiple of σ
 TRUNCATE = 4.0  # Gaussian kernels reach 4σ, scipy's default
 COLUMNS = ["z", "y", "x", "score"]
-
-
-@dataclass(frozen=True)
-class LogParams:
-    """Everything that changes the picks (lengths in Å; its hash can key a done-mark).
-
-    Parameters
-    ----------
-    diameter : particle diameter, Å.
-    threshold : minimum score, in robust standard deviations (1.4826 × MAD) of the LoG response
-        over the volume, above its median.
-    min_distance : Å between two picks at least (``None``: the particle radius).
-    dark : particles are darker than their surroundings (cryo-ET convention); ``False`` for bright ones.
-    max_picks : keep at most this many picks, the highest scores first (``None``: all).
-    min_roundness : the smaller of the middle Hessian eigenvalue / trace and of the smallest
-        eigenvalue / trace of its y, x block, at a pick (``None``: no test).
-    max_scale_ratio : response at 1.5σ over response at σ, at most (``None``: no test).
-    """
-
-    diameter: float
-    threshold: float = 4.0
-    min_distance: float | None = None
-    dark: bool = True
-    max_picks: int | None = None
-    min_roundness: float | None = 0.2
-    max_scale_ratio: float | None = 0.85
-
-    def __post_init__(self):
-        object.__setattr__(self, "diameter", validate.positive("diameter", self.diameter, unit="Å"))
-        object.__setattr__(self, "threshold", validate.number(
-            "threshold", self.threshold, low=0, rule="a number >= 0 (robust standard deviations of the response)"))
-        object.__setattr__(self, "min_distance", validate.positive("min_distance", self.min_distance, unit="Å",
-                                                                   none=True))
-        object.__setattr__(self, "dark", validate.boolean("dark", self.dark))
-        object.__setattr__(self, "max_picks", validate.count("max_picks", self.max_picks, 1, none=True))
-        object.__setattr__(self, "min_roundness", validate.number("min_roundness", self.min_roundness, low=0, high=0.5,
-                                                                  strict_high=True, none=True))
-        object.__setattr__(self, "max_scale_ratio", validate.positive("max_scale_ratio", self.max_scale_ratio,
-                                                                      none=True))
-
-    @property
-    def distance(self) -> float:
-        """The suppression distance in Å."""
-        return float(self.min_distance) if self.min_distance is not None else self.diameter / 2
-
-    @property
-    def sigma(self) -> float:
-        """The pick scale in Å."""
-        return self.diameter / 2 * SIGMA_PER_RADIUS
-
-
-def number_or_none(value, option: str):
-    """A shape test's CLI value: ``"none"`` switches the test off (``None``), else a number."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{option} must be a number or none, got {value!r}") from None
 
 
 def voxel_sizes(voxel_size) -> tuple[float, float, float]:
@@ -437,7 +379,7 @@ def empty_picks() -> pd.DataFrame:
     return pd.DataFrame({c: np.empty(0) for c in COLUMNS})
 
 
-def log_pick(read, shape, voxel_size, params: LogParams, *, chunks=(64, 256, 256), client=None,
+def log_pick(read, shape, voxel_size, params: LogParams, *, chunks=CHUNKS, client=None,
              mean=None, std=None, marks: DoneMarks | None = None) -> pd.DataFrame:
     """Pick every particle of ``params.diameter`` in a tomogram with the LoG blob detector.
 

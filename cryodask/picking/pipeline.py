@@ -20,6 +20,9 @@ import pandas as pd
 
 from ..io.volumes import stem as stem_of
 from ..errors import InputError, where
+from .params import CryosamParams, LogParams, pick_params
+
+__all__ = ["CryosamParams", "LogParams", "pick", "pick_params", "load_prompts", "combine_queries"]
 
 SAM2_FILES = {"sam2.1_hiera_t": "sam2.1_hiera_tiny.pt", "sam2.1_hiera_s": "sam2.1_hiera_small.pt",
               "sam2.1_hiera_b+": "sam2.1_hiera_base_plus.pt", "sam2.1_hiera_l": "sam2.1_hiera_large.pt"}
@@ -94,27 +97,36 @@ def write_outputs(out: Path, stem: str, method: str, picks: pd.DataFrame, voxel_
     return files
 
 
-def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, threshold: float | None = None,
-         min_distance: float | None = None, max_picks: int | None = None, min_roundness=None, max_scale_ratio=None,
-         prompts=None, prompts_file=None,
-         sam_checkpoint=None, dinov2_checkpoint=None, weights=None, config: str = "sam2.1_hiera_l",
-         image_size: int | None = None, feature_image_size: int = 518, iou_threshold: float = 0.5,
-         sim_threshold: float = 0.5, top_k: int = 512, matching: str = "hierarchical", object_name: str = "particle",
-         voxel_size=None, chunks=(64, 256, 256), device: str = "auto", batch: int = 8, seed: int = 0,
-         star=None, tomograms=None, client=None, layout: str = "default", polarity="auto",
-         name: str | None = None, query=None, query_only: bool = False) -> PickResult:
-    """Pick particles in one tomogram (MRC/TIFF or OME-Zarr).
+def resolve_models(params: CryosamParams, weights=None) -> CryosamParams:
+    """``params`` with both checkpoints found (given, or in ``weights`` / ``CRYODASK_WEIGHTS``) and
+    checked (the SAM2 file matches its config), on the client before any cluster starts."""
+    import dataclasses
+
+    from ..models.dinov2 import describe_dinov2, resolve_dinov2
+    from ..models.sam2 import config_path
+
+    config_path(params.config)
+    sam = sam2_checkpoint(params.sam_checkpoint, weights, params.config)
+    dino = resolve_dinov2(params.dinov2_checkpoint, weights)
+    describe_dinov2(dino)
+    return dataclasses.replace(params, sam_checkpoint=str(sam), dinov2_checkpoint=str(dino))
+
+
+def pick(tomogram, out, params: LogParams | CryosamParams, *, client=None, device: str = "auto", polarity="auto",
+         prompts=None, prompts_file=None, tomograms=None, star=None, layout: str = "default",
+         object_name: str = "particle", name: str | None = None, query=None, query_only: bool = False) -> PickResult:
+    """Pick particles in one tomogram.
 
     Parameters
     ----------
-    method : "log" (needs ``diameter`` in Å) or "cryosam" (needs prompts, SAM2 and DINOv2 weights)
-    diameter, threshold, min_distance, max_picks : the LoG picker's options (Å)
-    min_roundness, max_scale_ratio : the LoG shape tests: ``None`` keeps the default, ``"none"`` switches one off
-    prompts, prompts_file : z, y, x voxel triples and/or a STAR, CSV or copick JSON file
-    sam_checkpoint, dinov2_checkpoint, weights, config, image_size : CryoSAM's models
-    iou_threshold, sim_threshold, top_k, matching : CryoSAM's options (matching "naive" for comparison)
-    star : ``io.picks.StarStyle`` or "relion5" / "relion4" (default RELION 5 with tomograms.star)
+    tomogram : an MRC/TIFF file or OME-Zarr image, or a ``Volume`` (``io.volumes.open_volume``:
+        it carries a voxel size that overrides the header, and the block shape)
+    params : ``LogParams`` (the LoG picker, no weights) or ``CryosamParams`` (CryoSAM: prompts,
+        SAM2 and DINOv2 weights): the method is the parameters' type; :func:`pick_params` builds
+        them from flat options
+    prompts, prompts_file : cryosam: z, y, x voxel triples and/or a STAR, CSV or copick JSON file
     tomograms : the tomograms.star of RELION 5 prompts, when it is not found beside them
+    star : ``io.picks.StarStyle`` or "relion5" / "relion4" (default RELION 5 with tomograms.star)
     layout : cryosam's labels in ``labels/`` of the tomogram's OME-Zarr ("default") or, "portal",
         each its own ``<out>/<stem>_cryosam_{instances,semantic}.zarr`` (the CryoET Data Portal's)
     polarity : "auto", "dark", "bright" or a decided ``cryodask.polarity.Polarity``: a bright
@@ -126,82 +138,49 @@ def pick(tomogram, out, *, method: str = "log", diameter: float | None = None, t
 
     Examples
     --------
-    >>> result = pick("tomo.mrc", "picks/", method="log", diameter=250)  # doctest: +SKIP
-    >>> result.files                                                     # doctest: +SKIP
+    >>> result = pick("tomo.mrc", "picks/", LogParams(diameter=250))  # doctest: +SKIP
+    >>> result.files                                                  # doctest: +SKIP
     """
     from ..io.folders import check_output_dir
-
+    from ..io.volumes import open_volume
     from ..polarity import dark_reader, resolve_polarity
 
-    if method not in ("log", "cryosam"):
-        raise InputError(f"--method must be log or cryosam, got {method!r}")
-    from ..io.volumes import open_volume
-
-    raw = open_volume(tomogram, voxel_size, chunks=chunks, dtype="float32")
+    if not isinstance(params, (LogParams, CryosamParams)):
+        raise TypeError(f"params must be LogParams or CryosamParams, got {type(params).__name__}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
+    raw = open_volume(tomogram, dtype="float32")
+    source = raw.path
     shape, vs = raw.shape, raw.voxel_size
     out = check_output_dir(out).resolve()
     contrast = resolve_polarity(polarity, raw, shape, vs)
     read = dark_reader(raw, contrast)  # dense matter dark from here on
-    stem = name or stem_of(tomogram)
-    star = _star_style(star, tomogram, shape, vs)
-    if method == "log":
-        from .log import LogParams
-
-        if diameter is None:
-            raise InputError("--method log needs --diameter (Å)")
-        params = LogParams(float(diameter), **log_options(threshold=threshold, min_distance=min_distance,
-                                                          max_picks=max_picks, min_roundness=min_roundness,
-                                                          max_scale_ratio=max_scale_ratio))
-        result = _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client, star=star, raw=raw,
+    stem = name or stem_of(source)
+    star = _star_style(star, source, shape, vs)
+    if isinstance(params, LogParams):
+        result = _pick_log(read, shape, vs, params, out, stem, object_name, raw.chunks, client, star=star, raw=raw,
                            contrast=contrast)
         result.notes.insert(0, contrast.describe())
         return result
     points = ([] if query is not None else
               load_prompts(prompts, prompts_file, shape=shape, voxel_size=vs[2], tomograms=tomograms, tomo_name=stem))
-    from ..models.dinov2 import describe_dinov2, resolve_dinov2
-    from ..models.sam2 import config_path
-
-    config_path(config)
-    sam = sam2_checkpoint(sam_checkpoint, weights, config)
-    dino = resolve_dinov2(dinov2_checkpoint, weights)
-    describe_dinov2(dino)
-    from ..prompting.matching import MatchParams
-    from ..prompting.selfprompt import SelfPromptParams
-
-    diameter_px = float(diameter) / vs[2] if diameter else None
-    sp_params = SelfPromptParams(iou_threshold=float(iou_threshold), diameter_voxels=diameter_px)
-    match_params = MatchParams(sim_threshold=float(sim_threshold), top_k=int(top_k), matching=matching)
+    if params.sam_checkpoint is None or params.dinov2_checkpoint is None:
+        params = resolve_models(params)
     if client is None:
         from ..engine.cluster import current_client
 
         client = current_client()
+    options = dict(star=star, layout=layout, raw=raw, contrast=contrast, query=query, query_only=query_only,
+                   device=device)
     if client is None:
         from ..engine.cluster import connect
 
         with connect("local") as local:
-            result = _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name,
-                                   config, sam, dino, image_size, feature_image_size, device, batch, seed, chunks,
-                                   local, star=star, layout=layout, raw=raw, contrast=contrast, query=query,
-                                   query_only=query_only)
+            result = _pick_cryosam(raw, read, points, params, out, stem, object_name, local, **options)
     else:
-        result = _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name,
-                               config, sam, dino, image_size, feature_image_size, device, batch, seed, chunks, client,
-                               star=star, layout=layout, raw=raw, contrast=contrast, query=query,
-                               query_only=query_only)
+        result = _pick_cryosam(raw, read, points, params, out, stem, object_name, client, **options)
     result.notes.insert(0, contrast.describe())
     return result
-
-
-def log_options(**given) -> dict:
-    """``LogParams`` keywords from the options given (``None``: the default); the shape tests
-    take ``"none"`` to switch them off."""
-    from .log import number_or_none
-
-    options = {k: v for k, v in given.items() if v is not None}
-    for name in ("min_roundness", "max_scale_ratio"):
-        if name in options:
-            options[name] = number_or_none(options[name], "--" + name.replace("_", "-"))
-    return options
 
 
 def _star_style(star, tomogram, shape, vs):
@@ -252,21 +231,21 @@ def _preview(read, shape, out_png: Path, picks: pd.DataFrame, stem: str, method:
     on a worker: matplotlib costs about a CPU-second, which the client of a collection cannot spare."""
     from ..viz import picks_preview
 
-    args = (read, shape, out_png, picks[["z", "y", "x"]].to_numpy(dtype=np.float64))
-    options = dict(name=stem, method=method, voxel_size=vs[2], radius=radius_a / vs[2] if radius_a else None)
-    if client is None:
-        return picks_preview(*args, **options)
-    return client.submit(picks_preview, *args, **options, pure=False).result()
+    from ..engine.cluster import on_worker
+
+    return on_worker(client, picks_preview, read, shape, out_png, picks[["z", "y", "x"]].to_numpy(dtype=np.float64),
+                     name=stem, method=method, voxel_size=vs[2], radius=radius_a / vs[2] if radius_a else None)
 
 
-def _store_of(tomogram, out: Path, vs, chunks, client, layout="default") -> Path:
-    """The tomogram's OME-Zarr: itself, or converted under ``out``."""
-    from ..convert import convert
+def _store_of(volume, out: Path, client, layout="default") -> Path:
+    """The tomogram's OME-Zarr: itself, or converted under ``out`` (with the volume's voxel size and blocks)."""
+    from ..convert import ConvertParams, convert
     from ..io.volumes import is_zarr
 
-    if is_zarr(tomogram):
-        return Path(tomogram)
-    report = convert([tomogram], out, chunks=chunks, levels=3, voxel_size=vs, client=client, layout=layout)
+    if is_zarr(volume.path):
+        return Path(volume.path)
+    report = convert([volume.path], out, ConvertParams(chunks=volume.chunks, layout=layout),
+                     voxel_size=volume.voxel_size, client=client)
     if report.failed:
         raise InputError(report.failed[0].message)
     return Path(report.results[0].store)
@@ -278,29 +257,33 @@ def _groups(points: np.ndarray, size: int) -> list[np.ndarray]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, out, stem, object_name, config, sam,
-                  dino, image_size, feature_image_size, device, batch, seed, chunks, client, star=None,
-                  layout="default", raw=None, contrast="auto", query=None, query_only=False) -> PickResult:
+def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object_name, client, *, device="auto",
+                  star=None, layout="default", raw=None, contrast="auto", query=None, query_only=False) -> PickResult:
     from ..prompting.features import FeatureParams, extract_features, open_features
     from ..io.normalize import robust_range
-    from ..prompting.matching import match, query_from_instances
+    from ..prompting.matching import MatchParams, match, query_from_instances
+    from ..prompting.selfprompt import SelfPromptParams
     from ..prompting.selfprompt import segment_instances
     from ..report import RecordedRead, recorded
 
     segment = recorded(segment_instances, "infer", step="cryosam-segment")  # reads nested: timed apart
     result = PickResult(pd.DataFrame(columns=["z", "y", "x", "score"]), prompts=len(points))
     clock = time.perf_counter()
-    store = _store_of(tomogram, out, vs, chunks, client, layout)
+    shape, vs = volume.shape, volume.voxel_size
+    store = _store_of(volume, out, client, layout)
     result.store = str(store)
     features_store = out / f"{stem}_features.zarr"
-    extract_features(store, features_store, checkpoint=dino, params=FeatureParams(image_size=feature_image_size),
+    extract_features(store, features_store, FeatureParams(checkpoint=params.dinov2_checkpoint,
+                                                          image_size=params.feature_image_size),
                      client=client, device=device, polarity=contrast)
     result.seconds["features"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     value_range = robust_range(read, shape)
-    options = dict(config=config, checkpoint=str(sam) if sam else None, image_size=image_size, device=device,
-                   batch=batch, seed=seed, value_range=value_range)
+    options = dict(config=params.config, checkpoint=params.sam_checkpoint, image_size=params.image_size,
+                   device=device, batch=params.batch, seed=params.seed, value_range=value_range)
+    sp_params = SelfPromptParams(iou_threshold=params.iou_threshold,
+                                 diameter_voxels=params.diameter / vs[2] if params.diameter else None)
     features = open_features(features_store)
     if query is None:
         prompted = client.submit(segment, RecordedRead(read), shape, points, sp_params, pure=False, **options).result()
@@ -308,7 +291,8 @@ def _pick_cryosam(tomogram, read, shape, vs, points, sp_params, match_params, ou
     result.query = np.asarray(query)
     if query_only:
         return result
-    detections = match(features, query, match_params, client=client)
+    detections = match(features, query, MatchParams(sim_threshold=params.sim_threshold, top_k=params.top_k,
+                                                    matching=params.matching), client=client)
     result.seconds["prompts + matching"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import validate
 from ..engine.blocks import Block, DoneMarks, plan_blocks
 from ..engine.cluster import gpu_resources
 from ..engine.runner import run_blocks
@@ -28,11 +27,12 @@ from ..errors import InputError, where
 from ..io.volumes import open_volume, source_identity, source_position
 from ..params import params_hash
 from ..report.stages import RecordedRead, stage
+from ..io.layouts import CHUNKS
+from .params import PostprocessParams
 from .components import (
     BlockLabels,
     block_table,
     boundaries,
-    check_connectivity,
     equivalence_pass,
     label_pass,
     merge,
@@ -41,29 +41,6 @@ from .components import (
 
 STEP = "postprocess"
 MRC_DATA_OFFSET = 1024  # create_mrc writes no extended header
-
-
-@dataclass(frozen=True)
-class PostprocessParams:
-    """Everything that changes the output (its hash keys the done-marks)."""
-
-    connectivity: int = 26
-    min_slices: int = 0
-    min_voxels: int = 0
-    remove_bridges: bool = False
-    max_bridge_len: int = 5
-    labels: bool = False
-    layout: str = "default"  # "portal": the CryoET Data Portal's OME-Zarr (see ``io.omezarr``)
-
-    def __post_init__(self):
-        from ..io.omezarr import check_layout
-
-        check_layout(self.layout)
-        check_connectivity(self.connectivity)
-        for name in ("min_slices", "min_voxels", "max_bridge_len"):
-            object.__setattr__(self, name, validate.count(name, getattr(self, name), 0))
-        for name in ("remove_bridges", "labels"):
-            object.__setattr__(self, name, validate.boolean(name, getattr(self, name)))
 
 
 @dataclass
@@ -233,33 +210,29 @@ def _bridges_kernel(region, data, target, max_bridge_len: int) -> dict:
 
 # ------------------------------------------------------------------ the step
 
-def postprocess(mask, out, *, connectivity: int = 26, min_slices: int = 0, min_voxels: int = 0,
-                remove_bridges: bool = False, max_bridge_len: int = 5, labels: bool = False,
-                chunks=(64, 256, 256), voxel_size=None, client=None, device: str = "cpu",
-                layout: str = "default") -> PostprocessResult:
+def postprocess(mask, out, params: PostprocessParams = PostprocessParams(), *, voxel_size=None,
+                chunks=CHUNKS, client=None, device: str = "cpu") -> PostprocessResult:
     """Filter the connected components of a mask (and remove bridges), block by block.
 
     Equal to ``scipy.ndimage.label`` + ``find_objects`` filtering on the whole array.
 
     Parameters
     ----------
-    mask : MRC file, OME-Zarr image, or ``x.zarr/labels/<name>`` (level 0 is used); nonzero = foreground
+    mask : MRC file, OME-Zarr image, ``x.zarr/labels/<name>`` (level 0 is used) or a ``Volume``;
+        nonzero = foreground
     out : ``.mrc`` or ``.zarr`` path
-    connectivity : 6, 18 or 26
-    min_slices : keep a component only if its bounding box spans at least this many z-slices
-    min_voxels : keep a component only if it has at least this many voxels
-    remove_bridges, max_bridge_len : ETSAM's per-slice removal of short skeleton bridges
-    labels : also write the kept components' labels (1..n in raster order of their first voxel)
+    params : :class:`PostprocessParams` (connectivity, the filters, bridges, labels, layout)
+    voxel_size : Å, overrides the mask's
     chunks : block shape for MRC input (OME-Zarr input uses its own chunks)
     device : "cpu" (cc3d) or "cuda" (CuPy on the workers)
-    layout : "portal" writes a ``.zarr`` out the CryoET Data Portal's way: int8 mask, 3 levels,
-        256^3 chunks (also the blocks), Blosc lz4, the labels as their own ``<out>_components.zarr``
 
     Examples
     --------
-    >>> postprocess("tomo_mask.mrc", "tomo_post.mrc", min_slices=10)  # doctest: +SKIP
+    >>> postprocess("tomo_mask.mrc", "tomo_post.mrc", PostprocessParams(min_slices=10))  # doctest: +SKIP
     """
-    params = PostprocessParams(connectivity, min_slices, min_voxels, remove_bridges, max_bridge_len, labels, layout)
+    if not isinstance(params, PostprocessParams):
+        raise TypeError(f"params must be PostprocessParams, got {type(params).__name__}")
+    layout = params.layout
     if device not in ("cpu", "cuda"):
         raise InputError(f"--device must be cpu or cuda, got {device}")
     out = Path(out)
@@ -270,14 +243,14 @@ def postprocess(mask, out, *, connectivity: int = 26, min_slices: int = 0, min_v
     read = open_volume(mask, voxel_size, chunks=chunks)
     shape, vs, block_chunks = read.shape, read.voxel_size, read.chunks
     if layout == "portal":  # blocks of whole 256^3 chunks: no two tasks write one chunk
-        from ..io.omezarr import PORTAL_CHUNKS
+        from ..io.layouts import PORTAL_CHUNKS
 
         block_chunks = PORTAL_CHUNKS
     from ..engine.cluster import current_client
     from ..io.folders import check_output_dir
 
     check_output_dir(out.parent)
-    key = params_hash({**asdict(params), "mask": str(Path(mask).resolve()), "source": source_identity(read),
+    key = params_hash({**asdict(params), "mask": str(Path(read.path).resolve()), "source": source_identity(read),
                        "chunks": block_chunks, "voxel_size": vs})
     marks = DoneMarks(out.parent / ".cryodask" / out.name, STEP, key)
     result = PostprocessResult(out)
@@ -349,7 +322,8 @@ def _prepare(out: Path, shape, chunks, vs, params: PostprocessParams, key: str, 
                 create_mrc(_partial(path), shape, dtype, vs, position)
         targets = [MrcTarget(str(_partial(p)), tuple(shape), d.str, MRC_DATA_OFFSET) for p, d in zip(outputs, dtypes)]
     elif params.layout == "portal":  # the mask and its labels, each its own OME-Zarr of the Portal's levels
-        from ..io.omezarr import PORTAL_LEVELS, create_mask_store
+        from ..io.layouts import PORTAL_LEVELS
+        from ..io.omezarr import create_mask_store
 
         stores = [out] + ([_components_out(out)] if params.labels else [])
         if not resume:

@@ -21,53 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import validate
 from ..engine.blocks import DoneMarks, plan_blocks
 from ..engine.runner import run_blocks
 from ..errors import InputError, where
 from ..params import params_hash
+from .params import FeatureParams
 
 STEP = "features"
 SLAB = "slab"  # the done-mark of a slab task: <marks>/slab/<view>/<index>
 VIEWS = ("z", "y", "x")
 STATS_BLOCK_VOXELS = 8 * 2**20  # 32 MB of float32 per block of the mean/std pass
-
-
-@dataclass(frozen=True)
-class FeatureParams:
-    """Everything that changes the feature store (its hash keys the done-marks).
-
-    image_size : side of the square each slice is resized to (518: 37x37 patches, CryoSAM)
-    ratios : grid spacings in voxels (CryoSAM's ``down_sample_ratios``)
-    batch : slices per DINOv2 forward pass
-    slab : voxels along a view's slice axis per task; a multiple of every ratio
-    tile : in-plane chunk size of the stored arrays, in grid points; small, because hierarchical
-        matching reads only the chunks that hold candidates (benchmarks/matching.py: with
-        32-point chunks nearly every chunk holds one and the pruning saves little)
-    dtype : stored precision, float16 or float32
-    """
-
-    image_size: int = 518
-    ratios: tuple[int, ...] = (4, 8, 16)
-    batch: int = 8
-    slab: int = 64
-    tile: int = 8
-    dtype: str = "float16"
-
-    def __post_init__(self):
-        try:
-            ratios = tuple(int(r) for r in self.ratios)
-        except (TypeError, ValueError):
-            ratios = ()
-        if not ratios or min(ratios) < 1 or len(set(ratios)) != len(ratios):
-            raise validate.FieldError("ratios", f"must be distinct positive integers, got {self.ratios}")
-        object.__setattr__(self, "ratios", ratios)
-        for name in ("image_size", "batch", "slab", "tile"):
-            object.__setattr__(self, name, validate.count(name, getattr(self, name), 1))
-        if any(self.slab % r for r in ratios):
-            raise validate.FieldError("slab", f"{self.slab} must be a multiple of every ratio {ratios} "
-                                      f"(e.g. {math.lcm(*ratios) * max(1, self.slab // math.lcm(*ratios))})")
-        validate.choice("dtype", self.dtype, ("float16", "float32"))
 
 
 # ------------------------------------------------------------------ the tomogram on workers
@@ -114,7 +77,7 @@ def open_tomogram(path, voxel_size=None) -> Tomogram:
     plane = source.shape[1] * source.shape[2]
     chunks = source.chunks if source.format == "zarr" else \
         (max(1, min(source.shape[0], STATS_BLOCK_VOXELS // plane)), source.shape[1], source.shape[2])
-    return Tomogram(str(path), source.shape, source.voxel_size, chunks, source=source)
+    return Tomogram(source.path, source.shape, source.voxel_size, chunks, source=source)
 
 
 # ------------------------------------------------------------------ the plan
@@ -262,20 +225,18 @@ def _slab_kernel(region, tomo: Tomogram, model_path: str, mean: float, std: floa
 
 # ------------------------------------------------------------------ the step
 
-def extract_features(tomogram, out, *, checkpoint=None, weights=None, params: FeatureParams = FeatureParams(),
-                     client=None, device: str = "auto", voxel_size=None, polarity: str = "auto") -> Path:
+def extract_features(tomogram, out, params: FeatureParams = FeatureParams(), *, client=None, device: str = "auto",
+                     polarity: str = "auto") -> Path:
     """DINOv2 tri-view features of a tomogram at CryoSAM's grid ratios, as a zarr store.
 
     Parameters
     ----------
-    tomogram : MRC/TIFF file or OME-Zarr image (level 0 is used)
+    tomogram : MRC/TIFF file or OME-Zarr image (level 0 is used), or a ``Volume``
+        (``io.volumes.open_volume``: its voxel size overrides the file's)
     out : the ``.zarr`` store to write (see the module docstring for its layout)
-    checkpoint : a transformers DINOv2 folder (``Dinov2Model`` or ``Dinov2WithRegistersModel``)
-    weights : weights folder holding ``dinov2-large`` when ``checkpoint`` is not given
-    params : :class:`FeatureParams` (image size, ratios, batch, slab, tile, dtype)
+    params : :class:`FeatureParams` (the DINOv2 folder, image size, ratios, batch, slab, tile, dtype)
     client : a ``distributed.Client``; default: the current one, else a local cluster
     device : "auto" (GPU where a worker has one), "cpu" or "cuda"
-    voxel_size : Å, overrides the file's
     polarity : "auto", "dark", "bright" or a decided ``cryodask.polarity.Polarity``: a bright
         tomogram is read negated, so features of tomograms of either polarity compare
 
@@ -286,7 +247,7 @@ def extract_features(tomogram, out, *, checkpoint=None, weights=None, params: Fe
 
     Examples
     --------
-    >>> extract_features("tomo.mrc", "tomo_features.zarr", checkpoint="weights/dinov2-large")  # doctest: +SKIP
+    >>> extract_features("tomo.mrc", "tomo_features.zarr", FeatureParams(checkpoint="dinov2-large"))  # doctest: +SKIP
     >>> open_features("tomo_features.zarr")[16][0:2, 0:2, 0:2].shape  # doctest: +SKIP
     (2, 2, 2, 3072)
     """
@@ -302,15 +263,16 @@ def extract_features(tomogram, out, *, checkpoint=None, weights=None, params: Fe
         raise where(out, "output must end in .zarr")
     from ..polarity import resolve_polarity
 
-    tomo = open_tomogram(tomogram, voxel_size)
-    model = describe_dinov2(resolve_dinov2(checkpoint, weights).resolve())
+    tomo = open_tomogram(tomogram)
+    model = describe_dinov2(resolve_dinov2(params.checkpoint).resolve())
     if params.image_size % model.patch_size:
         raise InputError(f"--image-size {params.image_size} is not a multiple of the model's patch size "
                          f"{model.patch_size}")
     check_output_dir(out.parent)
     contrast = resolve_polarity(polarity, tomo.read, tomo.shape, tomo.voxel_size)
     tomo = replace(tomo, sign=1.0 if contrast.dark else -1.0, polarity=contrast.metadata())
-    key = params_hash({**asdict(params), "tomogram": str(Path(tomogram).resolve()), "shape": tomo.shape,
+    key = params_hash({**asdict(params), "checkpoint": None,  # the model's identity is "model"
+                       "tomogram": str(Path(tomo.path).resolve()), "shape": tomo.shape,
                        "voxel_size": tomo.voxel_size, "model": model.as_dict(), "polarity": contrast.polarity})
     marks = DoneMarks(out.parent / ".cryodask" / out.name, STEP, key)
     state = _existing(out)

@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .. import validate
 from ..engine.blocks import overlap, plan_blocks
 from ..engine.runner import run_blocks
 from ..errors import InputError
 from .instances import check_instance
+from .params import MatchParams, _is_int
 from .selfprompt import check_point
 
 try:  # zarr 3 runs its asyncio API on its own event loop; ``sync`` waits for a coroutine there
@@ -36,72 +36,6 @@ FILL = 0.5  # a cluster of chunks with candidates is read as one box when they f
 BATCH, BATCH_BYTES = 10, 64 * 2**20  # zarr reads issued together
 
 
-# ------------------------------------------------------------------ parameters
-
-@dataclass(frozen=True)
-class MatchParams:
-    """Parameters of Hierarchical Feature Matching (CryoSAM's defaults).
-
-    Parameters
-    ----------
-    sim_threshold : float
-        Candidates with a cosine similarity below it are dropped on every level but the
-        last (``similarity_threshold``). -1 keeps everything.
-    ratios : tuple of int
-        Downsampling ratios of the pyramid, coarse to fine (``down_sample_ratios``).
-    top_k : int
-        Detections kept after NMS; 0 keeps all of them.
-    nms_window : int
-        Odd side of the cubic NMS window, in grid points of the last level.
-    matching : {"hierarchical", "naive"}
-        "naive" scores every point of the finest level (``ratios[-1]``) instead.
-    centre : bool
-        Report grid point ``i`` at voxel ``i * r + r // 2`` instead of ``i * r`` (CryoSAM:
-        no centring). Only for features that describe a cell ``[i*r, (i+1)*r)``.
-    children : {"cryosam", "nearest"}
-        Which finer points a survivor passes on as candidates. "cryosam": CryoSAM's
-        ``F.interpolate(mode="nearest")`` index mapping, ``parent = (i * r_child) // r_parent``,
-        which on grids whose point ``i`` sits at voxel ``i * r`` reaches only forward (+z,
-        +y, +x) of each survivor, so a particle whose lower-corner coarse point was dropped
-        is found one grid point off its centre. "nearest": the finer points whose nearest
-        coarse point (in voxels) it is, both coarse points on a tie, so the candidates
-        surround every survivor and the detections are naive matching's — at the price of
-        about 2.5× more candidates (``benchmarks/matching.py``).
-    """
-
-    sim_threshold: float = 0.5
-    ratios: tuple[int, ...] = (16, 8, 4)
-    top_k: int = 512
-    nms_window: int = 5
-    matching: str = "hierarchical"
-    centre: bool = False
-    children: str = "cryosam"
-
-    def __post_init__(self):
-        object.__setattr__(self, "sim_threshold", validate.number("sim_threshold", self.sim_threshold, low=-1, high=1))
-        try:
-            ratios = tuple(self.ratios)
-        except TypeError:
-            ratios = ()
-        if (not ratios or any(not _is_int(r) or r < 1 for r in ratios)
-                or any(a <= b for a, b in zip(ratios, ratios[1:]))):
-            raise validate.FieldError("ratios", "must be positive integers, strictly decreasing (coarse to fine), "
-                                      f"got {self.ratios!r}")
-        object.__setattr__(self, "ratios", tuple(int(r) for r in ratios))
-        object.__setattr__(self, "top_k", validate.count("top_k", self.top_k, 0))  # 0 keeps every detection
-        object.__setattr__(self, "nms_window", validate.count("nms_window", self.nms_window, 1, odd=True))
-        validate.choice("matching", self.matching, ("hierarchical", "naive"))
-        object.__setattr__(self, "centre", validate.boolean("centre", self.centre))
-        validate.choice("children", self.children, ("nearest", "cryosam"))
-
-    @property
-    def levels(self) -> tuple[int, ...]:
-        """The ratios actually visited: all of them, or only the finest for naive matching."""
-        return self.ratios if self.matching == "hierarchical" else self.ratios[-1:]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 # ------------------------------------------------------------------ scoring

@@ -14,100 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import validate
 from ..errors import InputError
 from ..io.normalize import unit_reader
-from ..models.sam2_slices import VIEWS, EmbeddingCache, SAM2Slices, SliceDecoder, SliceGeometry, view_axis
+from ..models.sam2_slices import EmbeddingCache, SAM2Slices, SliceDecoder, SliceGeometry, view_axis
+from .params import SelfPromptParams
 
-RESIZES = ("stretch", "pad")
-MASK_PROMPTS = ("logits", "binary")
-AREA_FACTOR = 1.2  # max_area = (1.2 diameters)^2: CryoSAM's 32x32 px for ~27 px ribosomes
 
 
 # ------------------------------------------------------------------ parameters
-
-@dataclass(frozen=True)
-class SelfPromptParams:
-    """Everything that changes an instance mask (CryoSAM's defaults).
-
-    Parameters
-    ----------
-    iou_threshold : float
-        A step is kept while IoU(new slice mask, previous slice mask) >= this (``--iou-threshold``).
-    score_threshold : float
-        A candidate needs SAM's predicted IoU > this (CryoSAM: 0).
-    logit_threshold : float
-        Mask = logits > this (CryoSAM: 0).
-    max_area : int or None
-        A candidate needs fewer pixels than this in its slice (CryoSAM: 32*32 at their scale).
-        None: ``(1.2 * diameter_voxels)**2`` when ``diameter_voxels`` is given, else a quarter of the slice.
-    max_extent : int or None
-        Slices per direction beyond the prompted one; None: ``ceil(diameter_voxels)`` when
-        ``diameter_voxels`` is given, else up to the volume edge. 0 segments the prompted slices only.
-    views : tuple of "z", "y", "x"
-        The views to propagate through (CryoSAM's released code: ``("z",)``).
-    diameter_voxels : float or None
-        Particle diameter in voxels (``pick --diameter`` is Å; ``picking.pipeline`` divides by the
-        voxel size): every limit here counts pixels and slices. Sets the defaults of ``max_area``
-        and ``max_extent``.
-    resize : "stretch" or "pad"
-        How a slice becomes SAM2's square input (:class:`~cryodask.models.sam2_slices.SliceGeometry`).
-    mask_prompt : "logits" or "binary"
-        The previous low-res logits as they are (the issue, SAM's design) or binarised at
-        ``logit_threshold`` (CryoSAM's code).
-
-    Examples
-    --------
-    >>> SelfPromptParams(diameter_voxels=27).area_limit(928, 928), SelfPromptParams(diameter_voxels=27).extent_limit()
-    (1050, 27)
-    """
-
-    iou_threshold: float = 0.5
-    score_threshold: float = 0.0
-    logit_threshold: float = 0.0
-    max_area: int | None = None
-    max_extent: int | None = None
-    views: tuple = VIEWS
-    diameter_voxels: float | None = None
-    resize: str = "stretch"
-    mask_prompt: str = "logits"
-
-    def __post_init__(self):
-        set_ = object.__setattr__
-        set_(self, "iou_threshold", validate.number("iou_threshold", self.iou_threshold, low=0, high=1))
-        set_(self, "score_threshold", validate.number("score_threshold", self.score_threshold))
-        set_(self, "logit_threshold", validate.number("logit_threshold", self.logit_threshold))
-        set_(self, "max_area", validate.count("max_area", self.max_area, 1, none=True))
-        set_(self, "max_extent", validate.count("max_extent", self.max_extent, 0, none=True))
-        set_(self, "diameter_voxels", validate.positive("diameter_voxels", self.diameter_voxels, unit="voxels",
-                                                        none=True))
-        views = (self.views,) if isinstance(self.views, str) and self.views in VIEWS else self.views
-        try:
-            views = tuple(views)
-        except TypeError:
-            views = ()
-        if not views or any(v not in VIEWS for v in views) or len(set(views)) != len(views):
-            raise validate.FieldError("views", f"must be distinct names among z, y, x, got {self.views!r}")
-        set_(self, "views", tuple(v for v in VIEWS if v in views))
-        validate.choice("resize", self.resize, RESIZES)
-        validate.choice("mask_prompt", self.mask_prompt, MASK_PROMPTS)
-
-    def area_limit(self, height: int, width: int) -> int:
-        """Candidates need fewer pixels than this in a (height, width) slice."""
-        if self.max_area is not None:
-            return int(self.max_area)
-        if self.diameter_voxels is not None:
-            return int(math.ceil((AREA_FACTOR * self.diameter_voxels) ** 2))
-        return max(1, height * width // 4)
-
-    def extent_limit(self) -> int | None:
-        """Slices per direction beyond the prompted one (None: no cap)."""
-        if self.max_extent is not None:
-            return int(self.max_extent)
-        if self.diameter_voxels is not None:
-            return int(math.ceil(self.diameter_voxels))
-        return None
-
 
 # ------------------------------------------------------------------ one slice, one instance
 
