@@ -7,9 +7,12 @@ instances and the label writing are the real code paths (random weights: logic, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import starfile
 
@@ -101,6 +104,48 @@ def test_cryosam_end_to_end_from_one_prompt(cryosam_weights, tmp_path, client):
     assert (tmp_path / "out" / "t_features.zarr").exists()
 
 
+def test_cryosam_rerun_skips_the_query_matching_and_finished_instances(cryosam_weights, tmp_path, client,
+                                                                       monkeypatch):
+    """A run that dies after its instances (here: writing the labels fails) leaves its query,
+    matching and instances done-marked: the rerun recomputes none of them (0 instances) and
+    writes what an undisturbed run writes; a rerun of a finished run is skipped whole."""
+    import cryodask.picking.pipeline as P
+    from cryodask.io.volumes import open_volume
+
+    tomo = synth_tomogram((16, 48, 40), voxel_size=10.0, seed=1, snr=1.0)
+    write_raw_mrc(tmp_path / "t.mrc", tomo.volume, voxel_size=10.0)
+    params = P.pick_params(method="cryosam", weights=cryosam_weights, config="sam2.1_hiera_t", image_size=128,
+                           feature_image_size=56, diameter=250, top_k=4)
+    volume = open_volume(tmp_path / "t.mrc", chunks=(8, 24, 24))
+    prompt = [tuple(tomo.particles[0])]
+    whole = P.pick(volume, tmp_path / "whole", params, prompts=prompt, client=client)
+    assert whole.status == "done" and whole.instances_computed == len(whole.picks) >= 1
+
+    write_labels = P._write_labels
+    monkeypatch.setattr(P, "_write_labels", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "disk full")))
+    with pytest.raises(OSError):
+        P.pick(volume, tmp_path / "out", params, prompts=prompt, client=client)
+    monkeypatch.setattr(P, "_write_labels", write_labels)
+    calls = []
+    monkeypatch.setattr("cryodask.prompting.matching.match", lambda *a, **k: calls.append("match"))
+    resumed = P.pick(volume, tmp_path / "out", params, prompts=prompt, client=client)
+    assert resumed.instances_computed == 0 and calls == [], resumed.notes
+    assert f"resumed: query, matching, {len(whole.picks)} of {len(whole.picks)} instances already done, not redone" \
+        in resumed.notes
+    pd.testing.assert_frame_equal(resumed.picks, whole.picks)
+    for name in ("cryosam_instances", "cryosam_semantic"):
+        labels = [open_image(folder / "t.zarr" / "labels" / name)[1][0][...] for folder in (tmp_path / "whole",
+                                                                                             tmp_path / "out")]
+        assert np.array_equal(*labels) and labels[0].any()
+
+    again = P.pick(volume, tmp_path / "out", params, prompts=prompt, client=client)
+    assert again.status == "skipped" and again.instances_computed == 0
+    pd.testing.assert_frame_equal(again.picks, whole.picks)
+    monkeypatch.undo()  # matching runs again
+    moved = P.pick(volume, tmp_path / "out", dataclasses.replace(params, top_k=2), prompts=prompt, client=client)
+    assert moved.status == "done" and moved.instances_computed == len(moved.picks)  # new parameters: redone
+
+
 def test_cryosam_prompt_errors_stop_before_any_cluster(cryosam_weights, tmp_path, capsys, monkeypatch):
     import cryodask.engine.cluster
 
@@ -169,6 +214,17 @@ def test_cryosam_over_a_collection_matches_one_query_everywhere(cryosam_weights,
         assert 1 <= len(read_picks(out / f"t{i}_cryosam_picks.star").coords) <= 4
     every = starfile.read(out / "cryosam_picks.star", always_dict=True)["particles"]
     assert set(every["rlnTomoName"]) == {"t0", "t1"}
+    # the same command again: the query is the prompts' marked one, each tomogram skipped whole
+    code, again, err = run(capsys, "pick", folder, "--out", out, "--method", "cryosam", "--prompt",
+                           f"t0:{z},{y},{x}", "--weights", cryosam_weights, "--model-config", "sam2.1_hiera_t",
+                           "--image-size", "128", "--feature-image-size", "56", "--diameter", "250", "--top-k", "4",
+                           "--chunks", "8,24,24", "--sim-threshold", "-1", "--cluster", client.scheduler.address)
+    assert code == 0, err
+    assert "t0.mrc: query from 1 prompts (query already done)" in again, again
+    assert again.count("already done with these parameters: nothing recomputed") == 2, again
+    assert "pick: 2 tomograms: 0 done, 2 skipped (already done)" in again
+    assert np.array_equal(np.load(out / "cryosam_query.npy"), query)
+    assert starfile.read(out / "cryosam_picks.star", always_dict=True)["particles"].equals(every)
     code, _, err = run(capsys, "pick", folder, "--out", out, "--method", "cryosam", "--prompt", "t9:1,1,1",
                        "--weights", cryosam_weights, "--model-config", "sam2.1_hiera_t")
     assert code == 2 and "t9" in err and "not among the tomograms" in err

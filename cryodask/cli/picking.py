@@ -214,7 +214,9 @@ def pick(
         result = run(volume, out, params, prompts=points_of(item), prompts_file=prompts, device=device, star=style,
                      tomograms=tomograms, client=client, layout=layout, polarity=_polarity(polarity, volume),
                      name=item.name, query_only=True)
-        return Outcome(item, "done", value=result.query, lines=[f"{item.path}: query from {result.prompts} prompts"])
+        done = f" ({', '.join(result.resumed)} already done)" if result.resumed else ""
+        return Outcome(item, "done", value=result.query,
+                       lines=[f"{item.path}: query from {result.prompts} prompts{done}"])
 
     def prepare(client, good):
         """Phase one of cryosam over a collection: each prompted tomogram's query, then one for all."""
@@ -257,14 +259,14 @@ def pick(
                  f"  {len(result.picks)} picks ({method}); time: "
                  + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()),
                  *(f"  wrote {path}" for path in result.files)]
-        return Outcome(item, "done", value=result, lines=lines)
+        return Outcome(item, result.status, value=result, lines=lines)
 
     report = over_collection("pick", inputs, work, check=check, items=items, prepare=prepare if collective else None,
                              cluster=cluster, workers=workers,
                              threads_per_worker=threads_per_worker, memory_limit=memory_limit,
                              cluster_config=cluster_config, report_dir=report_dir, lock_folder=out,
                              in_flight=in_flight, finish_later=True)
-    done = [o for o in report.outcomes if o.status == "done"]
+    done = [o for o in report.outcomes if o.status in ("done", "skipped") and o.value is not None]
     if len(report.outcomes) > 1 and star == "relion5" and done:
         from ..io.picks import merge_particle_stars
 

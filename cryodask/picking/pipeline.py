@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..io.volumes import stem as stem_of
+from ..engine.blocks import DoneMarks
 from ..errors import InputError, where
+from ..io.volumes import stem as stem_of
 from .params import CryosamParams, LogParams, pick_params
 
 __all__ = ["CryosamParams", "LogParams", "pick", "pick_params", "load_prompts", "combine_queries"]
@@ -38,6 +39,9 @@ class PickResult:
     prompts: int = 0
     notes: list = field(default_factory=list)  # lines for the user: what each LoG rule removed
     query: np.ndarray | None = None  # cryosam: the query matched (D,)
+    status: str = "done"  # "skipped": every output was already written by a run of the same parameters
+    instances_computed: int = 0  # cryosam: instances segmented by this run (not taken from a resumed run's)
+    resumed: list = field(default_factory=list)  # cryosam: what was taken from an earlier run's marks
 
 
 def load_prompts(prompts=None, prompts_file=None, *, shape, voxel_size, tomograms=None, tomo_name=None) -> np.ndarray:
@@ -203,7 +207,6 @@ def _pick_log(read, shape, vs, params, out, stem, object_name, chunks, client, s
     import shutil
     from dataclasses import asdict
 
-    from ..engine.blocks import DoneMarks
     from ..io.volumes import source_identity
     from ..params import params_hash
     from .log import describe, log_pick
@@ -257,13 +260,73 @@ def _groups(points: np.ndarray, size: int) -> list[np.ndarray]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
+def _cryosam_marks(out: Path, stem: str, step: str, params: CryosamParams, features_store: Path, raw, contrast,
+                   **inputs) -> DoneMarks:
+    """CryoSAM's done-marks under ``<out>/.cryodask/<stem>/<step>-<key>/``, keyed by everything
+    the work depends on (the parameters, the SAM2 file, the feature store's own key, the
+    tomogram, its polarity, and ``inputs``: the prompts, or the query matched), so a rerun redoes
+    only what is not done and a changed input redoes everything. Two steps: ``cryosam-query``
+    (the prompts' instances and their query) and ``pick-cryosam`` (matching and instances), so
+    a collection's own query, or new matching parameters, keep the prompts' query."""
+    from dataclasses import asdict
+
+    from ..io.volumes import source_identity
+    from ..params import file_identity, params_hash
+    from ..prompting.features import feature_key
+
+    fields = asdict(params)
+    if step == "cryosam-query":  # matching's parameters do not change the query
+        for name in ("sim_threshold", "top_k", "matching"):
+            fields.pop(name)
+    key = params_hash({**fields, "sam": file_identity(params.sam_checkpoint) if params.sam_checkpoint else None,
+                       "features": feature_key(features_store), "source": source_identity(raw),
+                       "polarity": getattr(contrast, "polarity", contrast),
+                       **{k: np.asarray(v, np.float64).round(7).tolist() for k, v in inputs.items()}})
+    marks = DoneMarks(out / ".cryodask" / stem, step, key)
+    if not marks.folder.exists():
+        marks.clear_step()  # other parameters' or inputs' work of this step is of no use now
+    return marks
+
+
+def _pack(instances) -> dict:
+    """Instances as arrays (a done-mark's payload): boxes, masks end to end, points, scores."""
+    boxes = np.array([[(s.start, s.stop) for s in box] for box, _ in instances], np.int64).reshape(-1, 3, 2)
+    masks = [np.asarray(mask, bool).ravel() for _, mask in instances]
+    return {"boxes": boxes, "masks": np.concatenate(masks) if masks else np.zeros(0, bool),
+            "points": np.array([getattr(i, "point", None) or (np.nan,) * 3 for i in instances],
+                               np.float64).reshape(-1, 3),
+            "scores": np.array([getattr(i, "score", 0.0) for i in instances], np.float64)}
+
+
+def _unpack(payload: dict) -> list:
+    from ..prompting.selfprompt import Instance
+
+    instances, start = [], 0
+    for box, point, score in zip(payload["boxes"], payload["points"], payload["scores"]):
+        slices = tuple(slice(int(a), int(b)) for a, b in box)
+        shape = tuple(int(b - a) for a, b in box)
+        size = int(np.prod(shape))
+        mask = payload["masks"][start:start + size].reshape(shape)
+        start += size
+        instances.append(Instance(slices, mask, None if np.isnan(point).any() else tuple(point), score))
+    return instances
+
+
+def _segment_group(segment, read, shape, coords, sp_params, marks, name, **options) -> list:
+    """One task's instances, done-marked with their arrays, so a rerun takes them from the mark."""
+    instances = segment(read, shape, coords, sp_params, **options)
+    marks.mark(name, _pack(instances))
+    return instances
+
+
 def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object_name, client, *, device="auto",
                   star=None, layout="default", raw=None, contrast="auto", query=None, query_only=False) -> PickResult:
-    from ..prompting.features import FeatureParams, extract_features, open_features
+    import shutil
+
     from ..io.normalize import robust_range
+    from ..prompting.features import FeatureParams, extract_features, open_features
     from ..prompting.matching import MatchParams, match, query_from_instances
-    from ..prompting.selfprompt import SelfPromptParams
-    from ..prompting.selfprompt import segment_instances
+    from ..prompting.selfprompt import SelfPromptParams, segment_instances
     from ..report import RecordedRead, recorded
 
     segment = recorded(segment_instances, "infer", step="cryosam-segment")  # reads nested: timed apart
@@ -277,7 +340,7 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
                                                           image_size=params.feature_image_size),
                      client=client, device=device, polarity=contrast)
     result.seconds["features"] = time.perf_counter() - clock
-
+    source = raw if raw is not None else read
     clock = time.perf_counter()
     value_range = robust_range(read, shape)
     options = dict(config=params.config, checkpoint=params.sam_checkpoint, image_size=params.image_size,
@@ -285,26 +348,62 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
     sp_params = SelfPromptParams(iou_threshold=params.iou_threshold,
                                  diameter_voxels=params.diameter / vs[2] if params.diameter else None)
     features = open_features(features_store)
+    resumed = result.resumed
     if query is None:
-        prompted = client.submit(segment, RecordedRead(read), shape, points, sp_params, pure=False, **options).result()
-        query = query_from_instances(features, min(features), prompted, points=points)
+        asked = _cryosam_marks(out, stem, "cryosam-query", params, features_store, source, contrast, prompts=points)
+        if asked.done("query.npy"):
+            query = asked.payload("query.npy")
+            resumed.append("query")
+        else:
+            prompted = client.submit(segment, RecordedRead(read), shape, points, sp_params, pure=False,
+                                     **options).result()
+            query = query_from_instances(features, min(features), prompted, points=points)
+            asked.mark("query.npy", np.asarray(query, np.float32))
     result.query = np.asarray(query)
     if query_only:
         return result
-    detections = match(features, query, MatchParams(sim_threshold=params.sim_threshold, top_k=params.top_k,
-                                                    matching=params.matching), client=client)
+    marks = _cryosam_marks(out, stem, "pick-cryosam", params, features_store, source, contrast, query=query)
+    if marks.done("complete"):  # every output written by a run of these parameters
+        files = [Path(f) for f in marks.payload("complete")["files"]]
+        if all(f.exists() for f in files):
+            kept = marks.payload("matching.npz")
+            result.picks = pd.DataFrame({k: kept[k] for k in ("z", "y", "x", "score")})
+            result.files, result.status = files, "skipped"
+            result.notes.append("already done with these parameters: nothing recomputed")
+            return result
+    if marks.done("matching.npz"):
+        kept = marks.payload("matching.npz")
+        detections = pd.DataFrame({k: kept[k] for k in ("z", "y", "x", "score")})
+        resumed.append("matching")
+    else:
+        detections = match(features, query, MatchParams(sim_threshold=params.sim_threshold, top_k=params.top_k,
+                                                        matching=params.matching), client=client)
+        marks.mark("matching.npz", {k: detections[k].to_numpy() for k in ("z", "y", "x", "score")})
     result.seconds["prompts + matching"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     coords = detections[["z", "y", "x"]].to_numpy(dtype=np.float64)
     coords = np.minimum(coords, np.array(shape) - 1)
     instances = [None] * len(coords)
-    futures = [(group,
-                client.submit(segment, RecordedRead(read), shape, coords[group], sp_params, pure=False, **options))
-               for group in _groups(coords, 16)] if len(coords) else []
+    groups = _groups(coords, 16) if len(coords) else []
+    futures, loaded = [], 0
+    for g, group in enumerate(groups):
+        name = f"instances/{g}.npz"
+        if marks.done(name):
+            for i, instance in zip(group, _unpack(marks.payload(name))):
+                instances[i] = instance
+            loaded += len(group)
+        else:
+            futures.append((group, client.submit(_segment_group, segment, RecordedRead(read), shape, coords[group],
+                                                 sp_params, marks, name, pure=False, **options)))
     for group, future in futures:
         for i, instance in zip(group, future.result()):
             instances[i] = instance
+    result.instances_computed = len(coords) - loaded
+    if loaded:
+        resumed.append(f"{loaded} of {len(coords)} instances")
+    if resumed:
+        result.notes.append(f"resumed: {', '.join(resumed)} already done, not redone")
     result.seconds["instances"] = time.perf_counter() - clock
     result.picks = detections.reset_index(drop=True)
     result.files = write_outputs(out, stem, "cryosam", result.picks, vs[2], object_name, shape=shape, star=star)
@@ -313,6 +412,8 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
                                  sp_params.diameter_voxels * vs[2] / 2 if sp_params.diameter_voxels else None,
                                  client=client))
     result.files += _write_labels(store, instances, result.picks["score"].to_numpy(), layout=layout, out=out, stem=stem)
+    shutil.rmtree(marks.folder / "instances", ignore_errors=True)  # in the labels now; query and matching stay
+    marks.mark("complete", {"files": np.array([str(f) for f in result.files])})
     return result
 
 

@@ -295,6 +295,13 @@ def extract_features(tomogram, out, params: FeatureParams = FeatureParams(), *, 
     return _run(tomo, model, params, out, key, marks, state, tasks, client, device)
 
 
+def feature_key(store) -> str | None:
+    """The key a finished store was written with (its parameters, tomogram and model): what work
+    done with its features depends on."""
+    state = _existing(Path(store))
+    return state.get("key") if state else None
+
+
 def _existing(out: Path) -> dict | None:
     """The features attrs of an existing store; refuses to overwrite anything else."""
     if not out.exists():
