@@ -275,7 +275,7 @@ def _membranes(item, params, options, state, out, client) -> dict:
     result = report.results[0]
     if result.status == "failed":
         raise InputError(result.message)
-    mask = next(str(f) for f in result.files if str(f).endswith("_predicted_mask.mrc"))
+    mask = next(str(f) for f in result.files if str(f).endswith("_mask.mrc") and "post_processed" not in str(f))
     return {"image": result.store or state["image"], "mask": mask, "method": report.method,
             "files": [str(f) for f in result.files],
             "summary": f"{report.method}, membrane {100 * (result.mask_fraction or 0):.2f} %"}
@@ -285,7 +285,7 @@ def _postprocess(item, params, options, state, out, client) -> dict:
     from .postprocess.pipeline import postprocess
 
     mask = Path(state["mask"])
-    target = mask.with_name(mask.name.replace("_predicted_mask", "_predicted_post_processed_mask"))
+    target = mask.with_name(mask.name.replace("_mask.mrc", "_post_processed_mask.mrc"))
     if target == mask:
         target = out / f"{item.name}_post_processed.mrc"
     result = postprocess(mask, target, params, client=client, **options)

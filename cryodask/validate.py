@@ -24,7 +24,8 @@ class FieldError(InputError):
 
 
 #: Fields whose command-line flag is not ``--`` + the field with dashes.
-FLAGS: dict[str, str] = {"config": "--model-config", "split": "--split-processing", "object_name": "--object"}
+FLAGS: dict[str, str] = {"config": "--model-config", "split": "--split-processing", "object_name": "--object",
+                         "remove_thin_noise": "--postprocess-remove-thin-noise"}
 
 
 def flag(field: str) -> str:

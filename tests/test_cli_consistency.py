@@ -221,7 +221,7 @@ def test_every_option_of_a_parameter_defaults_to_its_field():
 
     import typer
 
-    from cryodask.cli import app
+    from cryodask.cli import _register, app
     from cryodask.io.layouts import ConvertParams
     from cryodask.membranes.params import ClassicalParams, EtsamParams, MembraneParams
     from cryodask.picking.params import CryosamParams, LogParams
@@ -229,6 +229,7 @@ def test_every_option_of_a_parameter_defaults_to_its_field():
     from cryodask.prompting.params import FeatureParams
     from cryodask.validate import flag
 
+    _register()  # every command's module imported, as main() does
     commands = typer.main.get_command(app).commands
     classes = {"convert": [ConvertParams], "membranes": [ClassicalParams, EtsamParams, MembraneParams],
                "postprocess": [PostprocessParams], "pick": [LogParams, CryosamParams], "features": [FeatureParams]}

@@ -42,8 +42,11 @@ def test_membrane_params_refuse_what_the_method_does_not_take():
         MembraneParams("classical")
 
 
-def test_remove_bridges_is_a_post_processing_step():
-    assert MembraneParams(remove_bridges=True).post_process
+def test_post_processing_steps_follow_etsams_flags():
+    assert MembraneParams().post_steps() == (False, False)
+    assert MembraneParams(post_process=True).post_steps() == (True, True)  # ETSAM's --post-process: both
+    assert MembraneParams(remove_bridges=True).post_steps() == (False, True)  # a step named: that one alone
+    assert MembraneParams(post_process=True, remove_thin_noise=True).post_steps() == (True, False)
 
 
 def test_pick_params_are_the_method():

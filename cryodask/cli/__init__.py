@@ -106,7 +106,7 @@ def usage_line(exc, argv=(), root=None) -> str:
     if isinstance(exc, _click.MissingParameter) and exc.param is not None:
         param = exc.param
         if param.param_type_name == "option":
-            name = max(param.opts, key=len)
+            name = next((o for o in param.opts if o.startswith("--")), param.opts[0])  # the first: aliases follow
             return (f"{where_}: missing option {name}" + (f" ({_first_line(param.help)})" if param.help else "")
                     + f"; {see}")
         return f"{where_}: missing argument {(param.name or '').upper()}" + \

@@ -31,7 +31,8 @@ def parse_pair(text: str | None, name: str) -> tuple[int, int] | None:
 @app.command()
 def membranes(
     inputs: list[str] = typer.Argument(..., help="Tomograms: MRC/REC/MAP files, folders, globs, or OME-Zarr images."),
-    out: Path = typer.Option(..., "--out", help="Output folder (MRC outputs; OME-Zarr for MRC inputs)."),
+    out: Path = typer.Option(..., "--out", "--output-dir",
+                             help="Output folder (MRC outputs; OME-Zarr for MRC inputs)."),
     method: str = typer.Option("auto", "--method",
                                help="auto | etsam | classical (auto: etsam when weights are found, else classical)."),
     stage1_checkpoint: Path = typer.Option(None, "--stage1-checkpoint",
@@ -44,23 +45,33 @@ def membranes(
                                      help="SAM2 config name (sam2.1_hiera_b+, sam2.1_hiera_t, ...) or YAML path."),
     image_size: int = typer.Option(E.image_size, "--image-size",
                                    help="Model input size (default: the SAM2 config's; published models 1024)."),
-    normalize: str = typer.Option(E.normalize, "--normalize", help="min_max_positive_values | softplus_minmax."),
+    normalize: str = typer.Option(E.normalize, "--normalize", "--normalize-method",
+                                  help="min_max_positive_values | softplus_minmax."),
     stage1_prompt: str = typer.Option(E.stage1_prompt, "--stage1-prompt", help="grid_zero | grid | zero."),
     stage2_prompt: str = typer.Option(E.stage2_prompt, "--stage2-prompt",
                                       help="zero | grid | grid_zero | etsam_stage1_partial."),
-    grid_interval: int = typer.Option(E.grid_interval, "--grid-interval",
-                                      help="Grid prompt spacing in pixels and slices (ETSAM: 50, 10 when split)."),
+    grid_interval: int = typer.Option(E.grid_interval, "--grid-interval", show_default=False,
+                                      help="Grid prompt spacing in pixels and slices (default: ETSAM's 50, 10 with "
+                                           "--split-processing)."),
     logit_threshold: float = typer.Option(M.logit_threshold, "--logit-threshold",
                                           help="Stage-2 logit threshold (ETSAM v1 used -0.5)."),
     store_logits: bool = typer.Option(M.store_logits, "--store-logits",
                                       help="Also write <stem>_<method>_predicted_logits.mrc."),
     post_process: bool = typer.Option(M.post_process, "--post-process",
-                                      help="Remove components spanning fewer than --post-process-min-slices."),
+                                      help="ETSAM's post-processing, both steps: thin-noise removal, then bridges."),
+    remove_thin_noise: bool = typer.Option(M.remove_thin_noise, "--postprocess-remove-thin-noise",
+                                           help="Only remove components spanning fewer than --post-process-min-slices "
+                                                "(with the next flag: both)."),
+    remove_bridges: bool = typer.Option(M.remove_bridges, "--postprocess-remove-parallel-membrane-misconnections",
+                                        "--remove-bridges",
+                                        help="Only remove short bridges between parallel membranes (with the flag "
+                                             "above: both)."),
     min_slices: int = typer.Option(M.min_slices, "--post-process-min-slices", "--min-slices",
-                                   help="Smallest z extent kept by --post-process."),
-    remove_bridges: bool = typer.Option(M.remove_bridges, "--remove-bridges",
-                                        help="Also remove short bridges between parallel membranes."),
-    max_bridge_len: int = typer.Option(M.max_bridge_len, "--max-bridge-len", help="Longest bridge removed, in pixels."),
+                                   help="Smallest z extent kept by thin-noise removal."),
+    max_bridge_len: int = typer.Option(M.max_bridge_len, "--post-process-max-bridge-len", "--max-bridge-len",
+                                       help="Longest bridge removed, in pixels."),
+    max_spur_len: int = typer.Option(M.max_spur_len, "--post-process-max-spur-len", "--max-spur-len",
+                                     help="If > 0, also prune dead-end spurs up to this length (pixels)."),
     tile: str = typer.Option(None, "--tile", help="Y,X: largest slice part per task (very large slices, more "
                                                   "parallelism; default: whole slices, as ETSAM)."),
     split_processing: bool = typer.Option(E.split, "--split-processing", help="ETSAM's four quadrants."),
@@ -107,7 +118,8 @@ def membranes(
     if batch is not None and batch < 1:
         raise InputError(f"--batch must be >= 1, got {batch}")
     given = dict(logit_threshold=logit_threshold, store_logits=store_logits, post_process=post_process,
-                 min_slices=min_slices, remove_bridges=remove_bridges, max_bridge_len=max_bridge_len, layout=layout,
+                 remove_thin_noise=remove_thin_noise, remove_bridges=remove_bridges, min_slices=min_slices,
+                 max_bridge_len=max_bridge_len, max_spur_len=max_spur_len, layout=layout,
                  polarity=polarity, working_voxel_size=working_voxel_size)
     method = resolve_method(method, stage1_checkpoint, stage2_checkpoint, weights)
     if method == "etsam":

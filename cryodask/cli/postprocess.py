@@ -27,6 +27,9 @@ def postprocess(
     remove_bridges: bool = typer.Option(P.remove_bridges, "--remove-bridges",
                                         help="ETSAM's per-slice removal of short bridges between parallel membranes."),
     max_bridge_len: int = typer.Option(P.max_bridge_len, "--max-bridge-len", help="Longest bridge removed, in pixels."),
+    max_spur_len: int = typer.Option(P.max_spur_len, "--max-spur-len",
+                                     help="With --remove-bridges: if > 0, also prune dead-end spurs up to this length "
+                                          "(pixels)."),
     labels: bool = typer.Option(P.labels, "--labels", help="Also write the component labels."),
     chunks: str = CHUNKS,
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (default: the input's header)."),
@@ -51,7 +54,7 @@ def postprocess(
     from ..postprocess.pipeline import postprocess as run
 
     check_spec(cluster)
-    params = P(connectivity, min_slices, min_voxels, remove_bridges, max_bridge_len, labels, layout)
+    params = P(connectivity, min_slices, min_voxels, remove_bridges, max_bridge_len, max_spur_len, labels, layout)
     check_device(device)
     block = parse_triple(chunks, "--chunks")
     vs = parse_triple(voxel_size, "--voxel-size", float)

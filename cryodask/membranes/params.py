@@ -115,7 +115,7 @@ class EtsamParams:
     normalize: str = "min_max_positive_values"
     stage1_prompt: str = "grid_zero"
     stage2_prompt: str = "zero"
-    grid_interval: int = 50
+    grid_interval: int | None = None  # ETSAM's: 50, or 10 with split
     tile: tuple[int, int] | None = None
     split: bool = False  # ETSAM's --split-processing: four quadrants
     weights_id: tuple = field(init=False, default=("random", "random"))  # name:size:mtime of each checkpoint
@@ -135,7 +135,9 @@ class EtsamParams:
         check_normalize(self.normalize)
         check_prompt(self.stage1_prompt, 1)
         check_prompt(self.stage2_prompt, 2)
-        object.__setattr__(self, "grid_interval", validate.count("grid_interval", self.grid_interval, 1))
+        object.__setattr__(self, "split", validate.boolean("split", self.split))
+        interval = self.grid_interval if self.grid_interval is not None else 10 if self.split else 50
+        object.__setattr__(self, "grid_interval", validate.count("grid_interval", interval, 1))
         if self.image_size is not None and (validate.count("image_size", self.image_size, 64) % 16):
             raise validate.FieldError("image_size", f"must be a multiple of 16 and >= 64, got {self.image_size}")
         object.__setattr__(self, "tile", validate.shape("tile", self.tile, 2, 16, none=True))  # (y, x)
@@ -157,9 +159,12 @@ class MembraneParams:
         its parameters' type.
     logit_threshold : ETSAM's stage-2 logit threshold (ETSAM v1 used -0.5).
     store_logits : also write ``<stem>_<method>_predicted_logits.mrc``.
-    post_process, min_slices, remove_bridges, max_bridge_len : ETSAM's post-processing: remove
-        components spanning fewer than ``min_slices`` z slices (and bridges up to
-        ``max_bridge_len`` pixels between parallel membranes); ``remove_bridges`` implies it.
+    post_process, remove_thin_noise, remove_bridges : ETSAM's post-processing: ``post_process``
+        runs both of its steps, thin-noise removal (components spanning fewer than ``min_slices``
+        z slices) and then the removal of bridges (up to ``max_bridge_len`` pixels, and dead-end
+        spurs up to ``max_spur_len`` when > 0) between parallel membranes; naming one step or both
+        runs those only (ETSAM's --postprocess-remove-thin-noise and
+        --postprocess-remove-parallel-membrane-misconnections).
     layout : "default" (masks in ``labels/`` of the tomogram's OME-Zarr) or "portal" (the CryoET
         Data Portal's: MRC inputs converted in its layout, each mask its own ``<out>/<stem>_<name>.zarr``).
     polarity : "auto" (decided per tomogram), "dark" or "bright" (dense matter bright: the tomogram
@@ -172,9 +177,11 @@ class MembraneParams:
     logit_threshold: float = -0.25
     store_logits: bool = False
     post_process: bool = False
-    min_slices: int = 10
+    remove_thin_noise: bool = False
     remove_bridges: bool = False
+    min_slices: int = 10
     max_bridge_len: int = 5
+    max_spur_len: int = 0
     layout: str = "default"
     polarity: str = "auto"
     working_voxel_size: float | None = None
@@ -185,14 +192,19 @@ class MembraneParams:
         check_layout(self.layout)
         check_polarity(self.polarity)
         object.__setattr__(self, "logit_threshold", validate.number("logit_threshold", self.logit_threshold))
-        for name in ("store_logits", "post_process", "remove_bridges"):
+        for name in ("store_logits", "post_process", "remove_thin_noise", "remove_bridges"):
             object.__setattr__(self, name, validate.boolean(name, getattr(self, name)))
-        for name in ("min_slices", "max_bridge_len"):
+        for name in ("min_slices", "max_bridge_len", "max_spur_len"):
             object.__setattr__(self, name, validate.count(name, getattr(self, name), 0))
-        if self.remove_bridges:
-            object.__setattr__(self, "post_process", True)
         object.__setattr__(self, "working_voxel_size",
                            validate.positive("working_voxel_size", self.working_voxel_size, none=True, unit="Å"))
+
+    def post_steps(self) -> tuple[bool, bool]:
+        """(thin-noise removal, bridge removal), as ETSAM's ``_resolve_postprocess_steps``: the
+        steps named, else both with ``post_process``, else none."""
+        if self.remove_thin_noise or self.remove_bridges:
+            return self.remove_thin_noise, self.remove_bridges
+        return self.post_process, self.post_process
 
     @property
     def method_name(self) -> str:

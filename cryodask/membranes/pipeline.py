@@ -384,7 +384,8 @@ def _finish(job: _Tomogram, out: Path, params: MembraneParams, client) -> Membra
     method = params.method_name
     result = MembraneResult(str(job.source), "done", str(job.store), polarity=job.polarity.describe())
     result.seconds[method] = clock - job.started
-    prefix = f"{job.stem}_{method}_predicted"
+    split = isinstance(params.method, EtsamParams) and params.method.split
+    prefix = f"{job.stem}_{method}_predicted" + ("_split_processing" if split else "")  # ETSAM's file names
     chunks = open_image(job.store)[1][0].chunks
     if isinstance(params.method, EtsamParams):
         logits = TiledLogits(str(job.marks.folder / "logits"), job.shape, params.method.tile, params.method.split)
@@ -417,10 +418,12 @@ def _finish(job: _Tomogram, out: Path, params: MembraneParams, client) -> Membra
         result.files.append(write_mrc(out / f"{prefix}_logits.mrc", logits,
                                       job.input_grid[1] if job.input_grid else job.voxel_size, slab=16,
                                       position=source_position(job.store)))  # the tomogram's origin/nstart
-    if params.post_process:
+    thin, bridges = params.post_steps()
+    if thin or bridges:  # ETSAM's order: thin noise first, then bridges
         post = postprocess(mask_path, out / f"{prefix}_post_processed_mask.mrc",
-                           PostprocessParams(min_slices=params.min_slices, remove_bridges=params.remove_bridges,
-                                             max_bridge_len=params.max_bridge_len), client=client)
+                           PostprocessParams(min_slices=params.min_slices if thin else 0, remove_bridges=bridges,
+                                             max_bridge_len=params.max_bridge_len, max_spur_len=params.max_spur_len),
+                           client=client)
         post_path = write_segmentation(job.store, f"{method}_predicted_post_processed_mask",
                                        open_volume(post.out).to_dask(chunks).astype(np.uint8),
                                        **{**where_to, "colors": {1: [80, 220, 120, 255]}},  # apart from the raw mask

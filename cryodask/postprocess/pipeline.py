@@ -199,10 +199,10 @@ def mask_stats(mask: np.ndarray) -> tuple[float, float, float, float, int]:
     return (0.0 if ones < mask.size else 1.0, 1.0 if ones else 0.0, float(ones), float(ones), mask.size)
 
 
-def _bridges_kernel(region, data, target, max_bridge_len: int) -> dict:
+def _bridges_kernel(region, data, target, max_bridge_len: int, max_spur_len: int = 0) -> dict:
     from .bridges import remove_bridges
 
-    cleaned = remove_bridges(data, max_bridge_len=max_bridge_len).astype(np.uint8)
+    cleaned = remove_bridges(data, max_bridge_len=max_bridge_len, max_spur_len=max_spur_len).astype(np.uint8)
     with stage("write", bytes_written=cleaned.nbytes):
         target.write(region.write, cleaned)
     return {"mask": mask_stats(cleaned)}
@@ -408,7 +408,8 @@ def _run(read, shape, vs, chunks, params, out: Path, marks: DoneMarks, key: str,
     if params.remove_bridges:
         slabs = plan_blocks(shape, (chunks[0], shape[1], shape[2]))
         cleaned = run_blocks(client, _bridges_kernel, slabs, step="bridges", name="cc-bridges", report="bridges",
-                             args=(final_mask, params.max_bridge_len), read=ZarrTarget(filtered), **common)
+                             args=(final_mask, params.max_bridge_len, params.max_spur_len), read=ZarrTarget(filtered),
+                             **common)
         mask_stats = [s["mask"] for s in cleaned]
     result.voxels_kept = int(sum(s[2] for s in mask_stats))  # the mask is 0/1: its sum counts voxels
     result.seconds["relabel + write"] = time.perf_counter() - clock
