@@ -228,3 +228,18 @@ def test_cryosam_over_a_collection_matches_one_query_everywhere(cryosam_weights,
     code, _, err = run(capsys, "pick", folder, "--out", out, "--method", "cryosam", "--prompt", "t9:1,1,1",
                        "--weights", cryosam_weights, "--model-config", "sam2.1_hiera_t")
     assert code == 2 and "t9" in err and "not among the tomograms" in err
+
+
+def test_log_blocks_are_whole_chunks_of_the_default_size(tmp_path):
+    """LoG's halo is several particle radii: small chunks of a store are merged into blocks of at
+    least the default shape (whole chunks), and a file's blocks are what was asked for."""
+    import zarr
+
+    from cryodask.io.volumes import open_volume
+    from cryodask.picking.pipeline import log_blocks
+
+    write_raw_mrc(tmp_path / "t.mrc", np.zeros((16, 16, 16), np.float32), voxel_size=10.0)
+    assert log_blocks(open_volume(tmp_path / "t.mrc", chunks=(8, 16, 16))) == (8, 16, 16)
+    zarr.create_array(str(tmp_path / "a.zarr"), shape=(100, 600, 600), chunks=(24, 100, 100), dtype="f4")
+    blocks = log_blocks(open_volume(tmp_path / "a.zarr", voxel_size=10.0))
+    assert blocks == (72, 300, 300) and all(b % c == 0 for b, c in zip(blocks, (24, 100, 100)))

@@ -162,7 +162,7 @@ def pick(tomogram, out, params: LogParams | CryosamParams, *, client=None, devic
     stem = name or stem_of(source)
     star = _star_style(star, source, shape, vs)
     if isinstance(params, LogParams):
-        result = _pick_log(read, shape, vs, params, out, stem, object_name, raw.chunks, client, star=star, raw=raw,
+        result = _pick_log(read, shape, vs, params, out, stem, object_name, log_blocks(raw), client, star=star, raw=raw,
                            contrast=contrast)
         result.notes.insert(0, contrast.describe())
         return result
@@ -185,6 +185,17 @@ def pick(tomogram, out, params: LogParams | CryosamParams, *, client=None, devic
         result = _pick_cryosam(raw, read, points, params, out, stem, object_name, client, **options)
     result.notes.insert(0, contrast.describe())
     return result
+
+
+def log_blocks(volume) -> tuple[int, int, int]:
+    """The LoG's blocks: an MRC/TIFF file's blocks as given; for a zarr array, the default block
+    shape rounded up to whole chunks, so small chunks (16x32x32) do not become tasks that each read
+    a halo of several particle radii around a little data."""
+    from ..io.layouts import CHUNKS
+
+    if volume.format != "zarr":
+        return tuple(volume.chunks)
+    return tuple(-(-max(b, c) // c) * c for b, c in zip(CHUNKS, volume.chunks))
 
 
 def _star_style(star, tomogram, shape, vs):
