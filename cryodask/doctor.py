@@ -111,10 +111,19 @@ def check_weights(folder=None) -> list[Check]:
     if not base.is_dir():
         return [Check("weights folder", "fail", f"{base} does not exist", "create it and copy the weight files in")]
     checks = [Check("weights folder", "ok", str(base))]
+    from .models.dinov2 import NAMES as DINOV2
+
     for name, where in PUBLISHED.items():
         found = (base / name).exists()
-        checks.append(Check(name, "ok" if found else "warn", "found" if found else "missing",
-                            "" if found else f"copy it from {where}"))
+        other = next((n for n in DINOV2 if n != name and (base / n).exists()), None) if name in DINOV2 else None
+        if not found and other and name == DINOV2[1]:  # the plain one is only a fallback
+            checks.append(Check(name, "ok", f"not needed: {other} is used (CryoSAM's)"))
+        elif not found and other:
+            checks.append(Check(name, "warn", f"missing: {other} is used instead",
+                                f"CryoSAM used this one; copy it from {where}"))
+        else:
+            checks.append(Check(name, "ok" if found else "warn", "found" if found else "missing",
+                                "" if found else f"copy it from {where}"))
     return checks
 
 

@@ -210,7 +210,7 @@ def test_errors(client, models, tomo, volume, tmp_path, monkeypatch):
         extract_features(tomo, out, with_checkpoint(tmp_path / "nowhere"), client=client)
     monkeypatch.delenv("CRYODASK_WEIGHTS", raising=False)
     monkeypatch.setattr("cryodask.models.weights.CONFIG", tmp_path / "no-config.yaml")
-    with pytest.raises(InputError, match="--checkpoint not given.*dinov2-large"):
+    with pytest.raises(InputError, match="--checkpoint not given.*dinov2-with-registers-large"):
         extract_features(tomo, out, PARAMS, client=client)
     not_a_model = tmp_path / "bert"
     not_a_model.mkdir()
@@ -247,3 +247,32 @@ def test_errors(client, models, tomo, volume, tmp_path, monkeypatch):
     assert not out.exists()  # nothing written, nothing marked done
     with pytest.raises(InputError, match="not a cryodask features store"):
         open_features(tmp_path / "empty")
+
+
+def test_the_weights_folder_gives_cryosams_dinov2_with_registers_first(models, tmp_path):
+    """CryoSAM's network is ViT-L/14 with registers: in a weights folder it is chosen over the
+    plain one, which is used where it is the only one; with neither, the error names CryoSAM's;
+    ``doctor`` says which is used."""
+    import shutil
+
+    from cryodask.doctor import check_weights
+    from cryodask.errors import InputError
+    from cryodask.models.dinov2 import describe_dinov2, resolve_dinov2
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    with pytest.raises(InputError, match="dinov2-with-registers-large.*checkpoint not found"):
+        resolve_dinov2(weights=folder)
+    shutil.copytree(models["plain"], folder / "dinov2-large")
+    assert resolve_dinov2(weights=folder) == folder / "dinov2-large"
+    status = {c.name: (c.status, c.detail) for c in check_weights(folder)}
+    assert status["dinov2-with-registers-large"] == ("warn", "missing: dinov2-large is used instead")
+    shutil.copytree(models["registers"], folder / "dinov2-with-registers-large")
+    chosen = resolve_dinov2(weights=folder)
+    assert chosen == folder / "dinov2-with-registers-large"
+    assert describe_dinov2(chosen).num_register_tokens == 4
+    shutil.rmtree(folder / "dinov2-large")
+    status = {c.name: (c.status, c.detail) for c in check_weights(folder)}
+    assert status["dinov2-large"] == ("ok", "not needed: dinov2-with-registers-large is used (CryoSAM's)")
+    assert status["dinov2-with-registers-large"] == ("ok", "found")
+    assert resolve_dinov2(models["plain"], folder) == models["plain"]  # a folder given is used as it is

@@ -83,3 +83,11 @@ def test_an_open_volume_passes_through_open_volume(tmp_path):
     assert open_volume(volume) is volume
     again = open_volume(volume, dtype="float64")
     assert (again.voxel_size, again.chunks, again.dtype) == ((10.0, 10.0, 10.0), (2, 8, 8), "<f8")
+
+
+def test_without_a_diameter_self_prompting_keeps_cryosams_size_prior():
+    """CryoSAM accepts a mask under 1024 px of SAM's 256x256 low-res mask of the slice: 1/64 of it."""
+    assert SelfPromptParams().area_limit(1024, 1024) == 1024 ** 2 // 64
+    assert SelfPromptParams().area_limit(256, 256) == 1024  # CryoSAM's own number at its scale
+    assert SelfPromptParams(diameter_voxels=27).area_limit(928, 928) == 1050  # a diameter sizes it instead
+    assert SelfPromptParams(max_area=50).area_limit(928, 928) == 50

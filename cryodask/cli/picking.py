@@ -42,7 +42,8 @@ def features(
     out: Path = typer.Option(..., "--out", help="Output folder; each store is <out>/<stem>_features.zarr."),
     checkpoint: Path = typer.Option(None, "--checkpoint",
                                     help="Local DINOv2 folder (transformers format; ViT-L/14 default)."),
-    weights: Path = typer.Option(None, "--weights", help="Weights folder holding dinov2-large (or CRYODASK_WEIGHTS)."),
+    weights: Path = typer.Option(None, "--weights", help="Weights folder holding dinov2-with-registers-large "
+                                                         "(CryoSAM's) or dinov2-large (or CRYODASK_WEIGHTS)."),
     image_size: int = typer.Option(F.image_size, "--image-size", help="Slices are resized to this (CryoSAM: 518)."),
     batch: int = typer.Option(F.batch, "--batch", help="Slices per model call."),
     device: str = DEVICE,
@@ -107,7 +108,8 @@ def pick(
     sam_checkpoint: Path = typer.Option(None, "--sam-checkpoint",
                                         help="cryosam: SAM2.1 checkpoint ({'model': state_dict})."),
     dinov2_checkpoint: Path = typer.Option(None, "--dinov2-checkpoint", help="cryosam: local DINOv2 folder."),
-    weights: Path = typer.Option(None, "--weights", help="Weights folder (sam2.1_hiera_*.pt, dinov2-large/)."),
+    weights: Path = typer.Option(None, "--weights", help="Weights folder (sam2.1_hiera_*.pt, "
+                                                         "dinov2-with-registers-large/ or dinov2-large/)."),
     model_config: str = typer.Option(S.config, "--model-config", help="cryosam: SAM2 config name or YAML."),
     image_size: int = typer.Option(S.image_size, "--image-size",
                                    help="cryosam: SAM2 input size (default: the SAM2 config's, 1024)."),

@@ -24,7 +24,9 @@ import numpy as np
 from ..errors import CryodaskError, InputError, where
 from .weights import resolve
 
-DEFAULT_NAME = "dinov2-large"
+# In a weights folder: CryoSAM's ViT-L/14 with registers (torch.hub dinov2_vitl14_reg) first; the
+# plain ViT-L/14 is used where it is the only one there.
+NAMES = ("dinov2-with-registers-large", "dinov2-large")
 IMAGE_SIZE = 518
 # model_type in config.json -> transformers class
 CLASSES = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}
@@ -52,8 +54,17 @@ class Dinov2Info:
 
 
 def resolve_dinov2(checkpoint=None, weights=None) -> Path:
-    """The local DINOv2 folder: ``checkpoint`` if given, else ``dinov2-large`` in the weights folder."""
-    return resolve(checkpoint, default_name=DEFAULT_NAME, folder=weights, option="--checkpoint")
+    """The local DINOv2 folder: ``checkpoint`` if given, else, in the weights folder,
+    ``dinov2-with-registers-large`` (CryoSAM's) or else ``dinov2-large``; a one-line error names
+    CryoSAM's when neither is there."""
+    if not checkpoint:
+        from .weights import weights_folder
+
+        base = weights_folder(weights)
+        found = next((base / name for name in NAMES if base is not None and (base / name).exists()), None)
+        if found is not None:
+            return found
+    return resolve(checkpoint, default_name=NAMES[0], folder=weights, option="--checkpoint")
 
 
 def describe_dinov2(path) -> Dinov2Info:

@@ -18,6 +18,7 @@ VIEWS = ("z", "y", "x")
 RESIZES = ("stretch", "pad")
 MASK_PROMPTS = ("logits", "binary")
 AREA_FACTOR = 1.2  # max_area = (1.2 diameters)^2: CryoSAM's 32x32 px for ~27 px ribosomes
+CRYOSAM_AREA_FRACTION = 64  # without a diameter: CryoSAM's 1024 of 256x256 low-res pixels
 
 
 def _is_int(value) -> bool:
@@ -36,8 +37,8 @@ class FeatureParams:
         matching reads only the chunks that hold candidates (benchmarks/matching.py: with
         32-point chunks nearly every chunk holds one and the pruning saves little)
     dtype : stored precision, float16 or float32
-    checkpoint : a local DINOv2 folder (transformers format); None: ``dinov2-large`` in the
-        weights folder (``CRYODASK_WEIGHTS``)
+    checkpoint : a local DINOv2 folder (transformers format); None: ``dinov2-with-registers-large``
+        (CryoSAM's), else ``dinov2-large``, in the weights folder (``CRYODASK_WEIGHTS``)
     """
 
     image_size: int = 518
@@ -79,7 +80,8 @@ class SelfPromptParams:
         Mask = logits > this (CryoSAM: 0).
     max_area : int or None
         A candidate needs fewer pixels than this in its slice (CryoSAM: 32*32 at their scale).
-        None: ``(1.2 * diameter_voxels)**2`` when ``diameter_voxels`` is given, else a quarter of the slice.
+        None: ``(1.2 * diameter_voxels)**2`` when ``diameter_voxels`` is given, else CryoSAM's size
+        prior: 1/64 of the slice (1024 px of SAM's 256x256 low-res mask).
     max_extent : int or None
         Slices per direction beyond the prompted one; None: ``ceil(diameter_voxels)`` when
         ``diameter_voxels`` is given, else up to the volume edge. 0 segments the prompted slices only.
@@ -137,7 +139,9 @@ class SelfPromptParams:
             return int(self.max_area)
         if self.diameter_voxels is not None:
             return int(math.ceil((AREA_FACTOR * self.diameter_voxels) ** 2))
-        return max(1, height * width // 4)
+        # CryoSAM's size prior: under 1024 px of SAM's 256x256 low-res mask of the whole slice,
+        # i.e. under 1/64 of the slice (a quarter of the slice let a membrane or the background pass)
+        return max(1, height * width // CRYOSAM_AREA_FRACTION)
 
     def extent_limit(self) -> int | None:
         """Slices per direction beyond the prompted one (None: no cap)."""
