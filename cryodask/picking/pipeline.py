@@ -11,6 +11,7 @@ tomogram's OME-Zarr, so napari shows them over the tomogram.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,9 +354,13 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
     result.seconds["features"] = time.perf_counter() - clock
     source = raw if raw is not None else read
     clock = time.perf_counter()
-    value_range = robust_range(read, shape)
-    options = dict(config=params.config, checkpoint=params.sam_checkpoint, image_size=params.image_size,
-                   device=device, batch=params.batch, seed=params.seed, value_range=value_range)
+
+    @functools.cache
+    def options() -> dict:
+        """SAM2's options; robust_range samples the volume, so only when SAM2 runs (not on a resumed run)."""
+        return dict(config=params.config, checkpoint=params.sam_checkpoint, image_size=params.image_size,
+                    device=device, batch=params.batch, seed=params.seed, value_range=robust_range(read, shape))
+
     sp_params = SelfPromptParams(iou_threshold=params.iou_threshold,
                                  diameter_voxels=params.diameter / vs[2] if params.diameter else None)
     features = open_features(features_store)
@@ -367,7 +372,7 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
             resumed.append("query")
         else:
             prompted = client.submit(segment, RecordedRead(read), shape, points, sp_params, pure=False,
-                                     **options).result()
+                                     **options()).result()
             query = query_from_instances(features, min(features), prompted, points=points)
             asked.mark("query.npy", np.asarray(query, np.float32))
     result.query = np.asarray(query)
@@ -406,7 +411,7 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
             loaded += len(group)
         else:
             futures.append((group, client.submit(_segment_group, segment, RecordedRead(read), shape, coords[group],
-                                                 sp_params, marks, name, pure=False, **options)))
+                                                 sp_params, marks, name, pure=False, **options())))
     for group, future in futures:
         for i, instance in zip(group, future.result()):
             instances[i] = instance
