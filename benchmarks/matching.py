@@ -1,40 +1,41 @@
-"""Hierarchical Feature Matching (CryoSAM) against naive matching, on a zarr feature pyramid.
+"""Hierarchical Feature Matching (CryoSAM) against naive matching, on a features store.
 
-The input is a synthetic DINOv2-like feature pyramid of a tomogram: ratios 16, 8 and 4 of a
-``--shape`` volume (default 200×512×512 voxels), ``--dim`` features per point (default
-3×384 = 1152, the tri-view layout of ViT-S/14), float16 zarr, written chunk by chunk so that
-making it never needs a whole level in RAM. The field is what the matcher sees in real
-features: a smooth background (64 random Fourier modes, ~24-voxel correlation length, norm
-~1), white noise (norm ~0.3, fixed per voxel so the levels agree where they coincide), and
-Gaussian blobs (sigma 8 voxels) of one unit vector per particle kind: ``--particles`` of the
-prompted kind and ``--decoys`` of three other kinds (cosine 0.3 with it), at least 28 voxels
-apart. The query is ``references.query_vector`` at one particle (a single prompt, as in CryoSAM).
+The input is a synthetic DINOv2-like features store of a tomogram in the layout ``cryodask
+features`` writes (``cryodask.prompting.features``: per view, the 37×37 patch map of every 4th
+slice, float16, with its Gram maps), made from an analytic field: ``--shape`` voxels (default
+200×512×512), ``--dim`` features per point (default 3×384 = 1152, the tri-view layout of
+ViT-S/14). The field is what the matcher sees in real features: a smooth background (64
+random Fourier modes, ~24-voxel correlation length, norm ~1), white noise (norm ~0.3, fixed
+per voxel), and Gaussian blobs (sigma 8 voxels) of one unit vector per particle kind:
+``--particles`` of the prompted kind and ``--decoys`` of three other kinds (cosine 0.3 with
+it), at least 28 voxels apart. A view's token is the field at the token's centre (its third
+of the channels); a grid point's feature is the bilinear sample of each view, as for real
+features. The query is ``references.query_vector`` at one particle (a single prompt, as in
+CryoSAM).
 
-Methods, each in its own process, each reading the same zarr pyramid:
-  hierarchical   ``match(features, query, MatchParams())`` (16 → 8 → 4, threshold 0.5, NMS 5, top 512)
+Methods, each in its own process, each reading the same store:
+  hierarchical   ``match(store, query, MatchParams())`` (16 → 8 → 4, threshold 0.5, NMS 5,
+                 top 512): every point scored from the query's projection on the stored
+                 tokens and their Gram maps (``FeatureStore.project``)
   hier-nearest   the same with ``children="nearest"`` (candidates all around each survivor)
-  naive          ``match(..., MatchParams(matching="naive"))``: every ratio-4 point, same NMS/top-K
-  naive-in-RAM   CryoSAM's layout: the whole ratio-4 level loaded, ``similarity`` + ``nms_top_k``
-                 (the memory reference; skip with ``--no-in-ram``)
-in this process (the default; ``--workers N`` adds both on a LocalCluster of N workers).
-Seconds are the matching alone (opening the arrays and the query excluded), median of
-``--repeat`` runs; peak RSS is sampled every 20 ms over the process tree. Against naive:
-"rec/naive" is the share of naive's detections with score >= 0.5 that a method also returns
-within ``--radius`` voxels, "same vox" at the very same voxel. Against the planted particles
-of the prompted kind (Hungarian matching within ``--radius`` voxels,
+  exhaustive     the projection's similarity at every ratio-4 point (``matching="naive"``
+                 over the store): exact naive matching at the projection's cost
+  naive          ``match(dict(store), ..., MatchParams(matching="naive"))``: every ratio-4
+                 point's D-vector sampled from the maps and scored, as CryoSAM does (and as
+                 cryodask did before patch maps): the baseline
+in this process (the default; ``--workers N`` adds hierarchical and naive on a LocalCluster
+of N workers). Seconds are the matching alone (opening the store and the query excluded),
+median of ``--repeat`` runs; peak RSS is sampled every 20 ms over the process tree. Against
+naive: "rec/naive" is the share of naive's detections with score >= 0.5 that a method also
+returns within ``--radius`` voxels, "same vox" at the very same voxel. Against the planted
+particles of the prompted kind (Hungarian matching within ``--radius`` voxels,
 ``cryodask.metrics.picking``): recall of all detections, precision of those >= 0.5, and
-recall of the best N (N = the number of particles). Targets: >= 20x faster than
-naive, recall within 1 % (docs/architecture.md, "Targets").
-
-The default layout is float16, uncompressed, chunks of 4×4×4 grid points × D (147 kB): DINOv2
-features hardly compress (zstd saves ~8 %) and decompressing costs more than reading, and a
-chunk of 16³ voxels lets the hierarchy skip most of the volume (``--chunks 16,32,32
---compress`` shows the other extreme; ``--shards`` stores small chunks in fewer files).
+recall of the best N (N = the number of particles). Targets: >= 20x faster than naive,
+recall >= 0.99 of naive's.
 
     python benchmarks/matching.py --shape 200,512,512 --repeat 3
 
-Scratch files (the pyramid, ~2.2 GB at the default shape) go to a temporary folder under
-``$CRYODASK_BENCH_DIR`` if set, deleted at the end.
+Scratch files go to a temporary folder under ``$CRYODASK_BENCH_DIR`` if set, deleted at the end.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -95,66 +95,78 @@ class Field:
     def truth(self) -> np.ndarray:
         return self.centres[self.kind == 0]
 
-    def region(self, ratio, region) -> np.ndarray:
-        """Features of grid points ``region`` (slices) of level ``ratio``: (z, y, x, D) float32."""
-        axes = [np.arange(s.start, s.stop) * ratio for s in region]
-        zyx = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-        out = np.cos(zyx.astype(np.float32) @ self.k.T + self.phase) @ self.mix
-        z, y, x = (zyx[:, i].astype(np.int64) for i in range(3))
+    def at(self, zyx: np.ndarray) -> np.ndarray:
+        """Features at voxel positions ``zyx`` (N, 3), fractional allowed: (N, D) float32."""
+        zyx = np.asarray(zyx, np.float32)
+        out = np.cos(zyx @ self.k.T + self.phase) @ self.mix
+        z, y, x = (np.rint(zyx[:, i]).astype(np.int64) for i in range(3))
         out += self.noise[((z * 73856093) ^ (y * 19349663) ^ (x * 83492791)) % len(self.noise)]
-        lo = np.array([a[0] for a in axes]) - 4 * SIGMA
-        hi = np.array([a[-1] for a in axes]) + 4 * SIGMA
+        lo, hi = zyx.min(0) - 4 * SIGMA, zyx.max(0) + 4 * SIGMA
         near = np.all((self.centres >= lo) & (self.centres <= hi), axis=1)
         if near.any():
             d2 = ((zyx[:, None, :] - self.centres[near][None]) ** 2).sum(-1)
             blobs = (AMPLITUDE * np.exp(-d2 / (2 * SIGMA**2))).astype(np.float32)  # (points, particles)
             out += blobs @ self.kinds[self.kind[near]]
-        return out.reshape(*[len(a) for a in axes], self.dim)
+        return out
 
 
-def write_pyramid(root: Path, field: Field, chunks, shards=None, compress=False, threads=2) -> dict:
-    """One float16 zarr array per ratio (``r16.zarr`` ...), written a few chunks (or a shard) at a time."""
-    import zarr
+def write_store(root: Path, field: Field, patches: int = 37, threads: int = 2) -> dict:
+    """A features store of the field (``cryodask.prompting.features.create_store``/``write_planes``,
+    the writers ``cryodask features`` uses), a slab of planes at a time."""
+    from cryodask.prompting.features import (VIEWS, Geometry, create_store, inplane, set_complete,
+                                             write_planes)
 
-    start, nbytes = time.perf_counter(), 0
-    for r in RATIOS:
-        grid = tuple(math.ceil(n / r) for n in field.shape)
-        step = shards or tuple(c * max(1, w // c) for c, w in zip(chunks, (16, 32, 32)))
-        array = zarr.create_array(str(root / f"r{r}.zarr"), shape=(*grid, field.dim), dtype="float16",
-                                  chunks=(*chunks, field.dim), shards=(*shards, field.dim) if shards else None,
-                                  compressors="auto" if compress else None, overwrite=True)
+    start, slab = time.perf_counter(), 16
+    base, channels = min(RATIOS), field.dim // 3
+    geometry = Geometry.plan(field.shape, base, patches)
+    store = root / "features.zarr"
+    create_store(store, geometry, channels, planes=slab, ratios=RATIOS)
 
-        def write(corner):
-            region = tuple(slice(c, min(c + s, n)) for c, s, n in zip(corner, step, grid))
-            array[region] = field.region(r, region).astype(np.float16)
+    def positions(axis, kind):  # voxel coordinates of the stored entries along an in-plane axis
+        n = field.shape[axis]
+        if kind == "grid":
+            return np.arange(0, n, base, dtype=np.float32)
+        return np.linspace(0, n - 1, patches, dtype=np.float32)
 
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(write, product(*[range(0, n, s) for n, s in zip(grid, step)])))
-        nbytes += math.prod(grid) * field.dim * 2
+    def write(task):
+        v, view, p0 = task
+        planes, a_pos, b_pos = geometry.stored(view)[0], *(positions(ax, k) for ax, k in
+                                                          zip(inplane(view), geometry.kinds[view]))
+        tokens = []
+        for p in range(p0, min(p0 + slab, planes)):
+            zyx = np.zeros((len(a_pos), len(b_pos), 3), np.float32)
+            zyx[..., VIEWS.index(view)] = p * base
+            a_axis, b_axis = inplane(view)
+            zyx[..., a_axis], zyx[..., b_axis] = a_pos[:, None], b_pos[None, :]
+            feats = field.at(zyx.reshape(-1, 3))[:, v * channels:(v + 1) * channels]
+            tokens.append(feats.reshape(len(a_pos), len(b_pos), channels))
+        return write_planes(store, geometry, view, p0, np.stack(tokens))
+
+    tasks = [(v, view, p0) for v, view in enumerate(VIEWS) for p0 in range(0, geometry.stored(view)[0], slab)]
+    with ThreadPoolExecutor(threads) as pool:
+        nbytes = sum(pool.map(write, tasks))
+    set_complete(store, True)
     return {"seconds": time.perf_counter() - start, "gigabytes": nbytes / 1e9}
 
 
 # ------------------------------------------------------------------ methods (run in child processes)
 
-def _open(root: Path) -> dict:
-    import zarr
+def _open(root: Path):
+    from cryodask.prompting.features import open_features
 
-    return {r: zarr.open_array(str(root / f"r{r}.zarr"), mode="r") for r in RATIOS}
+    return open_features(root / "features.zarr")
 
 
 def run_child(method: str, root: Path, out: Path, block, workers: int) -> dict:
-    from cryodask.prompting.matching import MatchParams, match, nms_top_k, similarity
+    from cryodask.prompting.matching import MatchParams, match
 
-    features = _open(root)
+    import torch  # noqa: F401  (loaded in any real run, with the model; its import is not matching)
+
+    store = _open(root)
     query = np.load(root / "query.npy")
-    if method == "naive-in-RAM":
-        start = time.perf_counter()
-        level = features[4][...]  # the whole finest level, as CryoSAM holds it
-        coords, scores = nms_top_k(similarity(level, query), 5, 512)
-        seconds = time.perf_counter() - start
-        np.savetxt(out, np.column_stack([coords * 4, scores]), delimiter=",", header="z,y,x,score", comments="")
-        return {"seconds": seconds, "detections": len(scores)}
-    params = MatchParams(children="nearest") if method == "hier-nearest" else MatchParams(matching=method)
+    features = dict(store) if method == "naive" else store  # a plain mapping: the sampled vectors are scored
+    params = {"hier-nearest": MatchParams(children="nearest"), "exhaustive": MatchParams(matching="naive"),
+              "naive": MatchParams(matching="naive")}.get(method, MatchParams())
     if workers:
         from distributed import Client, LocalCluster
 
@@ -201,14 +213,10 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1152)
     parser.add_argument("--particles", type=int, default=300, help="particles of the prompted kind")
     parser.add_argument("--decoys", type=int, default=150, help="particles of three other kinds")
-    parser.add_argument("--chunks", default="4,4,4", help="zarr chunk (grid points z,y,x; D whole)")
-    parser.add_argument("--shards", default="", help="zarr shard shape (grid points); chunks become inner chunks")
-    parser.add_argument("--compress", action="store_true", help="zstd (zarr's default codec) instead of raw chunks")
     parser.add_argument("--block", default="16,64,64", help="grid points per block task")
     parser.add_argument("--radius", type=float, default=8.0, help="voxels, for the truth matching")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0, help="also run both on a LocalCluster of N workers")
-    parser.add_argument("--no-in-ram", action="store_true", help="skip the whole-level in-RAM reference")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default=str(HERE / "results"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -223,22 +231,19 @@ def main() -> None:
     from references import query_vector
 
     shape = tuple(int(s) for s in args.shape.split(","))
-    chunks = tuple(int(c) for c in args.chunks.split(","))
-    shards = tuple(int(c) for c in args.shards.split(",")) if args.shards else None
     rows, picks = {}, {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("CRYODASK_BENCH_DIR")) as tmp:
         root = Path(tmp)
         field = Field(shape, args.dim, args.particles, args.decoys, seed=args.seed)
-        generated = write_pyramid(root, field, chunks, shards, compress=args.compress)
+        generated = write_store(root, field)
         disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 1e9
         query = query_vector(_open(root), 4, field.truth[:1])
         np.save(root / "query.npy", query)
-        print(f"generated {shape} x {args.dim} pyramid ({generated['gigabytes']:.2f} GB float16, {disk:.2f} GB on "
+        print(f"generated {shape} x {args.dim} store ({generated['gigabytes']:.2f} GB written, {disk:.2f} GB on "
               f"disk) in {generated['seconds']:.1f} s: {len(field.truth)} particles + {args.decoys} decoys",
               file=sys.stderr)
-        plan = [("hierarchical", "hierarchical", 0), ("hier-nearest", "hier-nearest", 0), ("naive", "naive", 0)]
-        if not args.no_in_ram:
-            plan.append(("naive-in-RAM", "naive-in-RAM", 0))
+        plan = [("hierarchical", "hierarchical", 0), ("hier-nearest", "hier-nearest", 0),
+                ("exhaustive", "exhaustive", 0), ("naive", "naive", 0)]
         if args.workers:
             plan += [(f"hierarchical x{args.workers}", "hierarchical", args.workers),
                      (f"naive x{args.workers}", "naive", args.workers)]
@@ -268,7 +273,7 @@ def main() -> None:
         row["recall_vs_naive_same_voxel"] = match_picks(picks[name][0], confident, 0).recall
     finest = rows["hierarchical"]["levels"][-1]
     summary = {"input": {"shape": shape, "dim": args.dim, "ratios": RATIOS, "particles": args.particles,
-                         "decoys": args.decoys, "chunks": chunks, "shards": shards, "compressed": args.compress,
+                         "decoys": args.decoys, "store": "patch maps 37x37, float16, a plane every 4 voxels",
                          "block": block, "cpus": os.cpu_count(), "repeat": args.repeat, "disk_gb": disk, **generated,
                          "radius": args.radius, "naive_detections_ge_0.5": len(confident),
                          "ratio4_points_scored_by_hierarchical": finest["candidates"] / finest["grid_points"]},
@@ -278,8 +283,8 @@ def main() -> None:
                              "naive_voxelwise_seconds": 64 * rows["naive"]["seconds_median"],
                              "hierarchical_speedup_vs_voxelwise": 64 * rows["naive"]["seconds_median"]
                              / rows["hierarchical"]["seconds_median"]}}
-    print(f"input {shape} voxels, D={args.dim}, float16 zarr chunks {chunks}{f' shards {shards}' if shards else ''}"
-          f"{' zstd' if args.compress else ' uncompressed'} ({disk:.2f} GB); {len(field.truth)} particles + "
+    print(f"input {shape} voxels, D={args.dim}, a features store of 37x37 patch maps ({disk:.2f} GB); "
+          f"{len(field.truth)} particles + "
           f"{args.decoys} decoys; {os.cpu_count()} cores; median of {args.repeat}")
     for name in ("hierarchical", "hier-nearest"):
         print(f"{name} scored " + ", ".join(

@@ -7,7 +7,7 @@ over the runs. Baselines, as each benchmark names them:
 
   convert      raw-copy (plain sequential I/O: the disk's limit) and ome-zarr-py's write_image
   components   scipy.ndimage.label + find_objects on the whole array (ETSAM's post-processing)
-  matching     naive matching (every ratio-4 feature point)
+  matching     naive matching (every ratio-4 point's vector sampled from the store)
   membranes    ETSAM's frame-by-frame reference loop (same SAM2 weights)
   scaling      T1 / (N · TN) on 1, 2, 4, ... workers (target >= 0.8)
 
@@ -98,7 +98,7 @@ SUITE = {
     "components": Benchmark("components", ["--shape", "512,1024,1024"],
                             ["--shape", "64,256,256", "--chunks", "32,128,128"], _components),
     "matching": Benchmark("matching", [], ["--shape", "64,128,128", "--dim", "96", "--particles", "10",
-                                           "--decoys", "6", "--no-in-ram"], _matching),
+                                           "--decoys", "6"], _matching),
     "membranes": Benchmark("membranes", ["--shape", "32,192,192", "--image-size", "256", "--batch", "8"],
                            ["--shape", "16,64,64", "--image-size", "128", "--batch", "4"], _membranes, options=[]),
     "scaling": Benchmark("scaling", ["--workers", _powers_of_two(os.cpu_count() or 1), "--tomograms", "32"],

@@ -18,7 +18,7 @@ from cryodask.prompting.features import FeatureParams, extract_features, open_fe
 from conftest import write_raw_mrc
 
 SHAPE = (20, 40, 36)  # non-cubic: every view has its own slice count and aspect ratio
-PARAMS = FeatureParams(image_size=56, slab=16, tile=4, batch=3)  # 4x4 patches; several tasks, chunks per view
+PARAMS = FeatureParams(image_size=56, slab=16, batch=3)  # 4x4 patches; several tasks per view
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14,
             image_size=56)
 
@@ -122,23 +122,61 @@ def test_features_equal_cryosam_reference(client, models, tomo, volume, tmp_path
     for r, level in features.items():
         grid = tuple(math.ceil(n / r) for n in SHAPE)
         assert level.shape == (*grid, 96) and level.dtype == np.float32
-        for axis, view in enumerate("zyx"):
-            stored = zarr.open_array(str(out / str(r) / view), mode="r")
-            assert stored.shape == (*grid, 32) and stored.dtype == np.float16
-            assert stored.chunks[axis] == min(PARAMS.slab // r, grid[axis])
-        assert level.chunks == (*(min(PARAMS.tile, n) for n in grid), 96)  # slab / r divides tile here
         whole = level[:]
         assert whole.dtype == np.float32 and whole.shape == level.shape
         np.testing.assert_allclose(whole, reference[r], rtol=2e-3, atol=5e-3)
         np.testing.assert_array_equal(level[1:3, 0, 2:], whole[1:3, 0, 2:])
         np.testing.assert_array_equal(level[..., 32:64], whole[..., 32:64])
+        np.testing.assert_array_equal(level[-1, 2, -3], whole[-1, 2, -3])
+    for axis, view in enumerate("zyx"):  # one 4x4 patch map per plane, a plane every 4 voxels
+        stored = zarr.open_array(str(out / "maps" / view), mode="r")
+        assert stored.shape == (math.ceil(SHAPE[axis] / 4), 4, 4, 32) and stored.dtype == np.float16
+        assert zarr.open_array(str(out / "gram" / view), mode="r").shape == (*stored.shape[:3], 5)
     attrs = zarr.open_group(str(out), mode="r").attrs["cryodask"]["features"]
-    assert attrs["complete"] and attrs["ratios"] == [4, 8, 16]
+    assert attrs["complete"] and attrs["ratios"] == [4, 8, 16] and attrs["layout"] == 2
     assert attrs["source"]["shape"] == list(SHAPE) and attrs["source"]["voxel_size"] == [12.5] * 3
     assert attrs["model"]["hidden_size"] == 32 and attrs["params"]["image_size"] == 56
     assert attrs["normalisation"]["mean"] == pytest.approx(volume.mean(dtype=np.float64), rel=1e-6)
     assert attrs["normalisation"]["std"] == pytest.approx(volume.std(dtype=np.float64), rel=1e-6)
     assert attrs["source"]["polarity"]["polarity"] == "dark"  # decided (or undecided: dark) by auto
+
+
+def test_a_thin_axis_is_stored_at_its_grid_points(client, models, tmp_path):
+    """Where the finest grid has fewer points than the model's patches along an in-plane axis (a
+    thin tomogram's z in the y and x views), the maps are stored sampled there: smaller, and
+    the features are still CryoSAM's."""
+    shape = (10, 40, 36)  # z: 3 grid points at ratio 4, under 4 patches
+    volume = (np.random.default_rng(3).normal(size=shape) + np.linspace(0, 2, 36)).astype(np.float32)
+    out = extract_features(write_raw_mrc(tmp_path / "thin.mrc", volume, voxel_size=10.0), tmp_path / "thin.zarr",
+                           with_checkpoint(models["plain"]), client=client, device="cpu")
+    assert zarr.open_array(str(out / "maps" / "z"), mode="r").shape == (3, 4, 4, 32)
+    assert zarr.open_array(str(out / "maps" / "y"), mode="r").shape == (10, 3, 4, 32)  # (y planes, z grid, x)
+    assert zarr.open_array(str(out / "maps" / "x"), mode="r").shape == (9, 3, 4, 32)
+    reference = cryosam_reference(models["plain"], volume, PARAMS.ratios, PARAMS.image_size)
+    for r, level in open_features(out).items():
+        np.testing.assert_allclose(level[:], reference[r], rtol=2e-3, atol=5e-3)
+
+
+def test_matching_a_store_scores_from_the_projection_as_from_the_vectors(client, models, tomo, tmp_path):
+    """``match`` over a store scores every point from the query's projection on the stored tokens
+    and their Gram maps; the similarities are those of the sampled vectors (``dict(store)``)."""
+    from cryodask.prompting.matching import MatchParams, match, similarity
+
+    store = open_features(extract_features(tomo, tmp_path / "f.zarr", with_checkpoint(models["plain"]),
+                                           client=client, device="cpu"))
+    query = store[4][2, 3, 4]
+    projection = store.project(query / np.linalg.norm(query))
+    for r, level in store.items():
+        exact = similarity(level, query, block=(2, 3, 5))
+        np.testing.assert_allclose(projection.similarity(r, tuple(slice(0, n) for n in level.shape[:3])), exact,
+                                   atol=2e-6)
+    for params in (MatchParams(sim_threshold=0.2, top_k=0), MatchParams(matching="naive", top_k=5)):
+        fast, vectors = match(store, query, params, block=(2, 4, 4)), match(dict(store), query, params,
+                                                                            block=(2, 4, 4))
+        np.testing.assert_array_equal(fast[["z", "y", "x"]].to_numpy(), vectors[["z", "y", "x"]].to_numpy())
+        np.testing.assert_allclose(fast["score"], vectors["score"], atol=2e-6)
+    best = match(store, query, MatchParams(matching="naive", top_k=1))
+    assert best[["z", "y", "x"]].values.tolist() == [[8, 12, 16]] and best["score"][0] == pytest.approx(1, abs=1e-6)
 
 
 def test_a_bright_tomogram_is_read_negated(client, models, tomo, volume, tmp_path):
@@ -181,7 +219,7 @@ def test_resume(client, models, tomo, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in marks} == times
 
     # lose one slab (y/1: y in 16..31) and scribble over another (z/0); only y/1 is redone
-    y_view, z_view = (zarr.open_array(str(out / "4" / v), mode="r+") for v in "yz")
+    y_view, z_view = (zarr.open_array(str(out / "maps" / v), mode="r+") for v in "yz")
     y_view[:, 4:8] = 0
     z_view[0:4] = 0
     lost = next(p for p in marks if p.parent.name == "y" and p.name == "1")
@@ -195,7 +233,7 @@ def test_resume(client, models, tomo, tmp_path):
     assert zarr.open_group(str(out), mode="r").attrs["cryodask"]["features"]["complete"]
 
     # another parameter: the store is rebuilt from scratch
-    wider = FeatureParams(image_size=56, slab=16, tile=8, batch=3)
+    wider = FeatureParams(image_size=56, slab=32, batch=3)
     extract_features(tomo, out, with_checkpoint(models["plain"], wider), **run)
     np.testing.assert_allclose(open_features(out)[4][:], expected, atol=5e-3)
 
@@ -230,8 +268,10 @@ def test_errors(client, models, tomo, volume, tmp_path, monkeypatch):
     shutil.copy(models["plain"] / "model.safetensors", mixed / "model.safetensors")
     with pytest.raises(InputError, match="mixed: weights do not match"):
         load_dinov2(mixed, "cpu")
-    with pytest.raises(InputError, match="^slab 10 must be a multiple"):
+    with pytest.raises(InputError, match="^slab 10 must be a multiple of the smallest ratio 4"):
         FeatureParams(slab=10)
+    with pytest.raises(InputError, match="^ratios must each be a multiple of the smallest"):
+        FeatureParams(ratios=(4, 6))
     with pytest.raises(InputError, match="--image-size 50 is not a multiple"):
         extract_features(tomo, out, with_checkpoint(models["plain"], FeatureParams(image_size=50, slab=16)),
                          client=client)

@@ -187,7 +187,8 @@ def test_features_command_builds_the_pyramid_and_refuses_a_missing_model(cryosam
     # each view reads its slices on the finest grid (every 4th) once: 4·20·24 = 5·16·24 = 6·16·20 voxels
     assert sum(r["bytes_read"] for r in records if r["stage"] == "read") == 3 * (4 * 20 * 24) * 4
     assert sum(r["bytes_written"] for r in records if r["stage"] == "write") == sum(
-        zarr.open_array(str(tmp_path / "t_features.zarr" / str(r) / v), mode="r").nbytes for r in levels for v in "zyx")
+        zarr.open_array(str(tmp_path / "t_features.zarr" / kind / v), mode="r").nbytes
+        for kind in ("maps", "gram") for v in "zyx")  # patch maps and their Gram maps, each written once
     assert {r["stage"] for r in records} == {"read", "infer", "write"} and "run report: features" in out
     code, _, err = run(capsys, "features", tmp_path / "t.mrc", "--out", tmp_path, "--checkpoint", tmp_path / "nothing")
     assert code == 2 and "nothing" in err and len(err.strip().splitlines()) == 1

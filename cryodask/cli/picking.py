@@ -53,7 +53,7 @@ def features(
     memory_limit: str = MEMORY, cluster_config: Path = CLUSTER_CONFIG, report_dir: Path = REPORT,
     in_flight: int = IN_FLIGHT,
 ):
-    """Per-slice DINOv2 features of the z, y and x views, stored as a float16 pyramid at ratios 4, 8, 16."""
+    """Per-slice DINOv2 patch maps of the z, y and x views (float16), read as a pyramid at ratios 16, 8, 4."""
     from ..engine.cluster import check_spec
     from ..io.folders import check_output_dir
     from ..io.volumes import open_volume

@@ -93,8 +93,10 @@ def _score_block(array, region, cand: np.ndarray, query: np.ndarray, tile) -> np
     """Similarities of a block's candidates: float32 of the block's shape, NaN elsewhere.
 
     Reads only the chunks (``tile``) of the feature array that hold candidates (``_reads``),
-    and converts and scores only the candidates.
+    and converts and scores only the candidates. A projected store level scores from scalars.
     """
+    if hasattr(array, "score"):
+        return array.score(region, cand)
     out = np.full(cand.shape, np.nan, np.float32)
     start = [s.start for s in region]
     boxes = _reads(cand, tile)
@@ -455,7 +457,10 @@ def match(features, query, params: MatchParams | None = None, *, client=None, bl
     ----------
     features : mapping ratio -> array (Zr, Yr, Xr, D)
         The feature pyramid: ``Zr = ceil(Z / r)``, grid point ``i`` at voxel ``i * r``, float16/32,
-        vectors not necessarily L2-normalised; zarr arrays are read block by block.
+        vectors not necessarily L2-normalised; zarr arrays are read block by block. A features
+        store (``open_features``) is scored exactly from the query's projection on its stored
+        tokens (``FeatureStore.project``), never reading a point's D values; pass
+        ``dict(store)`` to score its sampled vectors instead (the reference).
     query : (D,) array
         The query feature (``query_from_instances``); normalised here.
     params : MatchParams
@@ -488,8 +493,12 @@ def match(features, query, params: MatchParams | None = None, *, client=None, bl
     arrays = _check_pyramid(features, levels)
     q = _check_query(query, arrays[0].shape[3])
     block = _check_block(block)
+    started = time.perf_counter()
+    if hasattr(features, "project"):  # a features store: every level scored from the query's projection
+        projection = features.project(q, client=client)
+        arrays = [projection.level(r) for r in levels]
 
-    stats, parent, started = [], None, time.perf_counter()
+    stats, parent = [], None
     for level, (ratio, array) in enumerate(zip(levels, arrays)):
         last = level == len(levels) - 1
         t0 = time.perf_counter()

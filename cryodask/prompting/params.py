@@ -30,12 +30,10 @@ class FeatureParams:
     """Everything that changes the feature store (its hash keys the done-marks).
 
     image_size : side of the square each slice is resized to (518: 37x37 patches, CryoSAM)
-    ratios : grid spacings in voxels (CryoSAM's ``down_sample_ratios``)
+    ratios : grid spacings in voxels (CryoSAM's ``down_sample_ratios``), each a multiple of the
+        smallest: the slices at multiples of the smallest are the stored planes
     batch : slices per DINOv2 forward pass
-    slab : voxels along a view's slice axis per task; a multiple of every ratio
-    tile : in-plane chunk size of the stored arrays, in grid points; small, because hierarchical
-        matching reads only the chunks that hold candidates (benchmarks/matching.py: with
-        32-point chunks nearly every chunk holds one and the pruning saves little)
+    slab : voxels along a view's slice axis per task; a multiple of the smallest ratio
     dtype : stored precision, float16 or float32
     checkpoint : a local DINOv2 folder (transformers format); None: ``dinov2-with-registers-large``
         (CryoSAM's), else ``dinov2-large``, in the weights folder (``CRYODASK_WEIGHTS``)
@@ -45,7 +43,6 @@ class FeatureParams:
     ratios: tuple[int, ...] = (4, 8, 16)
     batch: int = 8
     slab: int = 64
-    tile: int = 8
     dtype: str = "float16"
     checkpoint: str | None = None
 
@@ -57,11 +54,14 @@ class FeatureParams:
         if not ratios or min(ratios) < 1 or len(set(ratios)) != len(ratios):
             raise validate.FieldError("ratios", f"must be distinct positive integers, got {self.ratios}")
         object.__setattr__(self, "ratios", ratios)
-        for name in ("image_size", "batch", "slab", "tile"):
+        if any(r % min(ratios) for r in ratios):
+            raise validate.FieldError("ratios", f"must each be a multiple of the smallest, got {self.ratios}")
+        for name in ("image_size", "batch", "slab"):
             object.__setattr__(self, name, validate.count(name, getattr(self, name), 1))
-        if any(self.slab % r for r in ratios):
-            raise validate.FieldError("slab", f"{self.slab} must be a multiple of every ratio {ratios} "
-                                      f"(e.g. {math.lcm(*ratios) * max(1, self.slab // math.lcm(*ratios))})")
+        if self.slab % min(ratios):
+            base = min(ratios)
+            raise validate.FieldError("slab", f"{self.slab} must be a multiple of the smallest ratio {base} "
+                                      f"(e.g. {base * max(1, self.slab // base)})")
         validate.choice("dtype", self.dtype, ("float16", "float32"))
         object.__setattr__(self, "checkpoint", None if self.checkpoint is None else str(self.checkpoint))
 
