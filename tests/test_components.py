@@ -217,10 +217,43 @@ def test_gpu_tasks_ask_for_a_gpu_only_where_workers_have_one(client):
 
     from cryodask.engine.cluster import gpu_resources
 
-    assert gpu_resources(client) is None
+    assert gpu_resources(client) is None and gpu_resources(client, "cpu") is None
     with LocalCluster(n_workers=1, threads_per_worker=1, resources={"GPU": 1}, dashboard_address=":0") as cluster, \
             Client(cluster) as gpu_client:
         assert gpu_resources(gpu_client) == {"GPU": 1}
+        assert gpu_resources(gpu_client, "cpu") is None
+
+
+def test_gpu_tasks_wait_for_a_gpu_worker_and_never_run_on_a_cpu_one(capfd):
+    """--device cuda on a cluster whose GPU workers have not joined yet: the tasks are submitted
+    with GPU=1, one line says they wait, and they run on the GPU worker once it joins (a real
+    ``dask worker --resources GPU=1`` process), never on the CPU worker already there."""
+    import subprocess
+    import sys
+    import time
+
+    from distributed import Client, LocalCluster, get_worker
+
+    from cryodask.engine.cluster import gpu_resources
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        resources = gpu_resources(client, "cuda")
+        assert resources == {"GPU": 1}
+        assert "waiting for a GPU worker: none of the 1 connected workers has the resource GPU=1" in capfd.readouterr().err
+        future = client.submit(lambda: get_worker().name, resources=resources, pure=False)
+        time.sleep(1.0)
+        assert future.status == "pending"  # the CPU worker does not take it
+        worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
+                                   "--resources", "GPU=1", "--nthreads", "1", "--name", "gpu-worker", "--no-nanny"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert future.result(timeout=60) == "gpu-worker"
+            gpu_resources(client, "cuda")
+            assert "waiting" not in capfd.readouterr().err  # said once per client
+        finally:
+            worker.terminate()
+            worker.wait(30)
 
 
 def test_killed_postprocess_resumes_to_the_same_result(tmp_path, membrane_mask):

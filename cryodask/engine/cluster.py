@@ -19,6 +19,7 @@ import inspect
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 from ..errors import InputError
@@ -377,11 +378,40 @@ def on_worker(client, fn, *args, **kwargs):
     return client.submit(fn, *args, **kwargs, pure=False).result()
 
 
-def gpu_resources(client) -> dict | None:
-    """``{"GPU": 1}`` for GPU tasks when workers advertise GPUs (dask-cuda, jobqueue with
-    ``--resources GPU=1``), so they never land on a CPU-only worker of a mixed cluster."""
-    workers = client.scheduler_info().get("workers", {}).values()
-    return {"GPU": 1} if any("GPU" in w.get("resources", {}) for w in workers) else None
+def gpu_resources(client, device: str = "auto") -> dict | None:
+    """``{"GPU": 1}`` for GPU tasks, required at submission so they never land on a CPU-only
+    worker of a mixed cluster; None for CPU tasks.
+
+    ``device="cuda"`` always asks for it; ``"auto"`` when a worker advertises GPUs (dask-cuda,
+    jobqueue with ``--resources GPU=1``) or the cluster is built for them (``LocalCUDACluster``,
+    a jobqueue GPU profile) even before its workers join. When no connected worker has a GPU,
+    one line says the tasks wait for one (the scheduler holds them until a GPU worker joins)."""
+    if device == "cpu":
+        return None
+    workers = list(client.scheduler_info().get("workers", {}).values())
+    has_gpu = any("GPU" in w.get("resources", {}) for w in workers)
+    if not (device == "cuda" or has_gpu or gpu_cluster(getattr(client, "cluster", None))):
+        return None
+    if not has_gpu and client.id not in _WAITING:
+        _WAITING.add(client.id)
+        print(f"cryodask: waiting for a GPU worker: none of the {len(workers)} connected workers has the resource "
+              "GPU=1; GPU tasks stay queued until one joins (dask-cuda workers, or a jobqueue GPU profile)",
+              file=sys.stderr, flush=True)
+    return {"GPU": 1}
+
+
+_WAITING: set = set()  # clients already told that their GPU tasks wait
+
+
+def gpu_cluster(cluster) -> bool:
+    """Whether a cluster object starts GPU workers: dask-cuda's, or jobqueue jobs whose workers
+    advertise ``GPU`` (what ``check_jobqueue`` requires of a GPU profile)."""
+    if cluster is None:
+        return False
+    if type(cluster).__name__ == "LocalCUDACluster":
+        return True
+    args = (getattr(cluster, "_job_kwargs", None) or {}).get("worker_extra_args") or []
+    return "GPU" in worker_resources(args)
 
 
 def _lifetime(args) -> tuple[float, float, bool]:

@@ -348,7 +348,7 @@ def _segment(job: _Tomogram, params: ClassicalParams | EtsamParams, batch, devic
         run_blocks(client, _column, columns, step="etsam", key=job.key, name=f"etsam-{job.stem}", report="etsam",
                    label=job.stem,
                    args=(reader, norm, params, str(job.marks.folder / "logits"), job.marks, device, batch),
-                   resources=gpu_resources(client) if device in ("auto", "cuda") else None, fault=False)
+                   resources=gpu_resources(client, device), fault=False)
         return
     from .classical import classical_segment
 

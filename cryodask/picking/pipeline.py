@@ -335,6 +335,7 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
                   star=None, layout="default", raw=None, contrast="auto", query=None, query_only=False) -> PickResult:
     import shutil
 
+    from ..engine.cluster import gpu_resources
     from ..io.normalize import robust_range
     from ..prompting.features import FeatureParams, extract_features, open_features
     from ..prompting.matching import MatchParams, match, query_from_instances
@@ -372,7 +373,7 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
             resumed.append("query")
         else:
             prompted = client.submit(segment, RecordedRead(read), shape, points, sp_params, pure=False,
-                                     **options()).result()
+                                     resources=gpu_resources(client, device), **options()).result()
             query = query_from_instances(features, min(features), prompted, points=points)
             asked.mark("query.npy", np.asarray(query, np.float32))
     result.query = np.asarray(query)
@@ -411,7 +412,8 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
             loaded += len(group)
         else:
             futures.append((group, client.submit(_segment_group, segment, RecordedRead(read), shape, coords[group],
-                                                 sp_params, marks, name, pure=False, **options())))
+                                                 sp_params, marks, name, pure=False,
+                                                 resources=gpu_resources(client, device), **options())))
     for group, future in futures:
         for i, instance in zip(group, future.result()):
             instances[i] = instance

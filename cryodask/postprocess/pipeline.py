@@ -370,7 +370,7 @@ def _block_shape(read, out: Path, shape, chunks) -> tuple[int, ...]:
 
 def _run(read, shape, vs, chunks, params, out: Path, marks: DoneMarks, key: str, client, device, result):
     clock = time.perf_counter()
-    resources = gpu_resources(client) if device == "cuda" else None
+    resources = gpu_resources(client, device) if device == "cuda" else None
     if not marks.folder.exists():
         marks.clear_step()  # other parameters' work is of no use now
     marks.folder.mkdir(parents=True, exist_ok=True)
