@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The GPU check on a lent machine: install the wheels carried in .whl/ (if any, as
+# ../.library/device/README.md describes), then run benchmarks/gpu.py into $OUT (or the
+# current folder). Usage: bash benchmarks/gpu.sh [--dry-run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+PYTHONUNBUFFERED=1 timeout 480 python3 benchmarks/gpu.py --out "${OUT:-.}/gpu.json" "$@"
