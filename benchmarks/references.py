@@ -7,9 +7,9 @@ the whole tomogram and its frames in RAM; cryodask's ETSAM path must give the sa
 (tests/test_membranes_etsam.py, benchmarks/membranes.py).
 
 ``query_vector``: the query of Hierarchical Feature Matching sampled at points, as CryoSAM's
-``grid_sample`` does; cryodask's own query pools the prompted masks
-(``cryodask.prompting.matching.query_from_instances``). Used by tests/test_matching.py and
-benchmarks/matching.py, which need a query from known particle centres without running SAM2.
+``grid_sample`` does (the package's ``query_at_points``, which ``--preset cryosam`` uses at the
+mask centroids); cryodask's own query pools the prompted masks. Used by tests/test_matching.py
+and benchmarks/matching.py, which need a query from known particle centres without running SAM2.
 
 Here and not in tests/ because tests already depend on benchmarks/ (tests/test_bench*.py run
 them) while benchmarks must not need the test suite to run.
@@ -17,11 +17,9 @@ them) while benchmarks must not need the test suite to run.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
 import numpy as np
 
-from cryodask.errors import InputError
 from cryodask.io.normalize import Normalization, from_extremes
 from cryodask.membranes.etsam import STAGE1_THRESHOLD
 from cryodask.membranes.preprocess import frames as to_frames
@@ -84,52 +82,8 @@ def reference_two_stage(stage1, stage2, tomogram: np.ndarray, *, normalize: str 
 
 
 def query_vector(features, ratio: int, points_zyx, *, interpolation: str = "linear") -> np.ndarray:
-    """The query of Hierarchical Feature Matching: the mean feature at the prompts, L2-normalised.
+    """CryoSAM's point-sampled query (``cryodask.prompting.matching.query_at_points``, which
+    ``pick --preset cryosam`` uses at the mask centroids)."""
+    from cryodask.prompting.matching import query_at_points
 
-    Samples level ``ratio`` of the pyramid (use the finest) at each prompt's voxel
-    coordinates (z, y, x; fractional allowed): trilinearly between the 8 surrounding grid
-    points (``interpolation="linear"``, like CryoSAM's ``grid_sample``) or at the nearest
-    one (``"nearest"``). As in CryoSAM, the raw samples are averaged and the mean is
-    normalised. Points must lie in the volume (0 <= coordinate < grid size * ratio).
-
-    Examples
-    --------
-    >>> f = {4: np.ones((2, 2, 2, 3), np.float32)}
-    >>> query_vector(f, 4, [[1.0, 2.0, 3.0]]).astype(float).round(3).tolist()
-    [0.577, 0.577, 0.577]
-    """
-    array = features.get(ratio) if isinstance(features, Mapping) else None
-    if array is None or len(array.shape) != 4:
-        raise InputError(f"features must be a mapping {{ratio: array (Z, Y, X, D)}} with level {ratio}")
-    if interpolation not in ("linear", "nearest"):
-        raise InputError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
-    points = np.asarray(points_zyx, np.float64)
-    if points.ndim == 1:
-        points = points.reshape(1, -1)
-    if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
-        raise InputError(f"points_zyx must be an (N, 3) array of z, y, x voxel coordinates, got shape {points.shape}")
-    grid = np.asarray(array.shape[:3])
-    if not np.isfinite(points).all() or (points < 0).any() or (points >= grid * ratio).any():
-        raise InputError(f"points_zyx must lie in the volume, 0 <= z, y, x < {tuple(int(g) for g in grid * ratio)} "
-                         "voxels")
-    position = np.minimum(points / ratio, grid - 1)
-    total = np.zeros(array.shape[3], np.float64)
-    for p in position:
-        if interpolation == "nearest":
-            i = np.minimum(np.floor(p + 0.5).astype(int), grid - 1)
-            total += np.asarray(array[i[0], i[1], i[2]]).astype(np.float64)
-            continue
-        i0 = np.floor(p).astype(int)
-        i1 = np.minimum(i0 + 1, grid - 1)
-        t = p - i0
-        cube = np.asarray(array[tuple(slice(a, b + 1) for a, b in zip(i0, i1))]).astype(np.float64)
-        for axis in range(3):  # collapse z, then y, then x
-            if cube.shape[0] == 2:
-                cube = cube[0] * (1 - t[axis]) + cube[1] * t[axis]
-            else:
-                cube = cube[0]
-        total += cube
-    norm = np.linalg.norm(total)
-    if not np.isfinite(norm) or norm == 0:
-        raise InputError("the features at the prompts average to zero (or are not finite): no query")
-    return (total / norm).astype(np.float32)
+    return query_at_points(features, ratio, points_zyx, interpolation=interpolation)

@@ -322,6 +322,47 @@ def test_query_vector_interpolates_linearly():
     np.testing.assert_allclose(query_vector(f, 4, [[11, 15, 19]]), query_vector(f, 4, [[8, 12, 16]]))
 
 
+def cryosam_query_at_centroids(level, ratio, instances):
+    """CryoSAM's released query (``model.py``: the mask centroid, ``utils.sample``): each
+    centroid's feature by ``grid_sample`` (trilinear, ``align_corners=True``) on the level's grid,
+    the samples averaged, the mean L2-normalised."""
+    import torch
+    import torch.nn.functional as F
+
+    volume = torch.as_tensor(np.moveaxis(np.asarray(level, np.float32), -1, 0))[None]  # (1, D, Z, Y, X)
+    grid = np.asarray(level.shape[:3], float)
+    samples = []
+    for box, mask in instances:
+        centroid = np.array([b.start + np.mean(c) for b, c in zip(box, np.nonzero(mask))]) / ratio
+        normed = 2 * np.minimum(centroid, grid - 1) / (grid - 1) - 1  # z, y, x -> grid_sample's x, y, z
+        at = torch.as_tensor(normed[::-1].copy(), dtype=torch.float32).reshape(1, 1, 1, 1, 3)
+        samples.append(F.grid_sample(volume, at, mode="bilinear", align_corners=True).reshape(-1).numpy())
+    mean = np.mean(samples, axis=0)
+    return mean / np.linalg.norm(mean)
+
+
+def test_preset_cryosam_matches_a_reimplementation_of_the_published_query_and_matching(particles):
+    """``pick --preset cryosam``: the query sampled at the mask centroids and CryoSAM's matching
+    give what a small re-implementation of CryoSAM's code gives on the same features."""
+    from cryodask.picking.params import CryosamParams
+
+    features, centres = particles
+    params = CryosamParams(preset="cryosam")
+    assert params.query_at == "centroids" and CryosamParams().query_at == "masks"
+    rng = np.random.default_rng(4)
+    instances = []
+    for c in centres[:3]:  # a blob around each of three particles, lopsided so the centroid is off-centre
+        box = tuple(slice(int(v) - 6, int(v) + 9) for v in c)
+        mask = rng.random((15, 15, 15)) < np.linspace(0.2, 0.9, 15)[None, None, :]
+        instances.append((box, mask))
+    query = query_from_instances(features, 4, instances, at=params.query_at)
+    np.testing.assert_allclose(query, cryosam_query_at_centroids(features[4], 4, instances), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(query, query_from_instances(features, 4, instances))  # the masks' mean differs
+    assert_same(match(features, query, params.match()), reference_match(features, query, params.match()))
+    found = match(features, query, params.match())
+    assert match_picks(found[["z", "y", "x"]].to_numpy()[:len(centres)], centres, 8).recall == 1.0
+
+
 # ------------------------------------------------------------------ distributed
 
 

@@ -3,6 +3,7 @@ parameters' type, and the builders the command line and ``cryodask run`` share."
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from cryodask.errors import InputError
@@ -70,6 +71,27 @@ def test_cryosam_defaults_are_its_parts_defaults():
         (MatchParams.sim_threshold, MatchParams.top_k, MatchParams.matching)
     with pytest.raises(FieldError, match="sim_threshold must be a number >= -1 and <= 1"):
         CryosamParams(sim_threshold=2)
+
+
+def test_preset_cryosam_is_cryosams_published_settings():
+    """--preset cryosam: z only, the binarised mask prompt, IoU > 0.5 strictly, CryoSAM's area
+    prior whatever the diameter, the query at the mask centroids; the default keeps cryodask's."""
+    import doctest
+
+    from cryodask.picking import params as module
+
+    assert doctest.testmod(module).failed == 0
+    published = CryosamParams(diameter=250, preset="cryosam").self_prompt(voxel_size=10.0)
+    assert published.views == ("z",) and published.mask_prompt == "binary"
+    assert published.iou_threshold > 0.5 and np.nextafter(published.iou_threshold, 0) == 0.5  # > 0.5, strictly
+    assert published.diameter_voxels is None and published.area_limit(928, 928) == 928 * 928 // 64
+    improved = CryosamParams(diameter=250).self_prompt(voxel_size=10.0)
+    assert improved.views == ("z", "y", "x") and improved.mask_prompt == "logits" and improved.iou_threshold == 0.5
+    assert improved.diameter_voxels == 25.0
+    assert CryosamParams(preset="cryosam").match() == CryosamParams().match() == MatchParams()
+    with pytest.raises(FieldError) as info:
+        CryosamParams(preset="relion")
+    assert cli_message(info.value) == "--preset must be one of cryodask, cryosam, got 'relion'"
 
 
 def test_an_open_volume_passes_through_open_volume(tmp_path):

@@ -121,6 +121,9 @@ def pick(
                                         help="cryosam: cosine similarity kept per level."),
     top_k: int = typer.Option(S.top_k, "--top-k", help="cryosam: most detections."),
     matching: str = typer.Option(S.matching, "--matching", help="cryosam: hierarchical | naive."),
+    preset: str = typer.Option(S.preset, "--preset", help="cryosam: cryodask (improved defaults) | cryosam (CryoSAM's "
+                                                          "published settings: z only, binary mask prompt, IoU > 0.5, "
+                                                          "1024 px area prior, query at the mask centroids)."),
     object_name: str = typer.Option("particle", "--object", help="Object name in the copick file."),
     star: str = typer.Option("relion5", "--star", help="STAR picks: relion5 (centred Å, tomograms.star beside) | "
                                                          "relion4 (rlnCoordinateX/Y/Z pixels)."),
@@ -171,7 +174,7 @@ def pick(
         options = dict(diameter=diameter, config=model_config, image_size=image_size,
                        feature_image_size=feature_image_size, iou_threshold=iou_threshold, sim_threshold=sim_threshold,
                        top_k=top_k, matching=matching, sam_checkpoint=sam_checkpoint,
-                       dinov2_checkpoint=dinov2_checkpoint)
+                       dinov2_checkpoint=dinov2_checkpoint, preset=preset)
     if layout == "portal" and copick is not None:
         raise InputError("--layout portal and --copick write the labels differently: give one of them")
     style = StarStyle(star, tilt_series_pixel_size, voltage, cs, amplitude_contrast)

@@ -18,6 +18,7 @@ from ..prompting.params import FeatureParams, MatchParams, SelfPromptParams
 
 SIGMA_PER_RADIUS = 1 / math.sqrt(3)  # where the normalised LoG of a solid ball peaks
 METHODS = ("log", "cryosam")
+PRESETS = ("cryodask", "cryosam")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,17 @@ class CryosamParams:
     sim_threshold, top_k, matching : Hierarchical Feature Matching: cosine similarity kept per
         level, most detections, "hierarchical" or "naive" (every point, for comparison).
     batch, seed : slices per model call; the seed of anything random.
+    preset : "cryodask" (the improved defaults: all three views, the previous mask's logits as
+        prompt, the size prior from the diameter, the query pooled over the masks) or
+        "cryosam" (CryoSAM's published code: z only, the binarised mask prompt, IoU > 0.5
+        strictly, area under CryoSAM's 1024 px of 256² whatever the diameter, the query
+        sampled at the mask centroids; matching as in the code, which the defaults already are).
+
+    Examples
+    --------
+    >>> sp = CryosamParams(preset="cryosam").self_prompt(voxel_size=10.0)
+    >>> sp.views, sp.mask_prompt, sp.iou_threshold > 0.5, sp.area_limit(256, 256)
+    (('z',), 'binary', True, 1024)
     """
 
     diameter: float | None = None
@@ -96,8 +108,10 @@ class CryosamParams:
     matching: str = MatchParams.matching
     batch: int = FeatureParams.batch
     seed: int = 0
+    preset: str = "cryodask"
 
     def __post_init__(self):
+        validate.choice("preset", self.preset, PRESETS)
         object.__setattr__(self, "diameter", validate.positive("diameter", self.diameter, unit="Å", none=True))
         object.__setattr__(self, "image_size", validate.count("image_size", self.image_size, 16, none=True))
         for name in ("feature_image_size", "batch"):
@@ -110,6 +124,24 @@ class CryosamParams:
         for name in ("sam_checkpoint", "dinov2_checkpoint"):
             value = getattr(self, name)
             object.__setattr__(self, name, None if value is None else str(value))
+
+
+    def self_prompt(self, voxel_size: float) -> SelfPromptParams:
+        """Cross-Plane Self-Prompting's parameters; ``voxel_size`` (Å, x) turns the diameter into voxels."""
+        if self.preset == "cryosam":  # IoU > t, strictly: IoUs are float64 ratios, so >= the next float up
+            return SelfPromptParams(iou_threshold=math.nextafter(self.iou_threshold, 2.0), views=("z",),
+                                    mask_prompt="binary")
+        return SelfPromptParams(iou_threshold=self.iou_threshold,
+                                diameter_voxels=self.diameter / voxel_size if self.diameter else None)
+
+    def match(self) -> MatchParams:
+        """Hierarchical Feature Matching's parameters (CryoSAM's children rule under either preset)."""
+        return MatchParams(sim_threshold=self.sim_threshold, top_k=self.top_k, matching=self.matching)
+
+    @property
+    def query_at(self) -> str:
+        """Where the query is taken: pooled over the masks, or CryoSAM's mask centroids."""
+        return "centroids" if self.preset == "cryosam" else "masks"
 
 
 def _number_or_none(field: str, value):

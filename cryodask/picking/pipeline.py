@@ -338,8 +338,8 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
     from ..engine.cluster import gpu_resources
     from ..io.normalize import robust_range
     from ..prompting.features import FeatureParams, extract_features, open_features
-    from ..prompting.matching import MatchParams, match, query_from_instances
-    from ..prompting.selfprompt import SelfPromptParams, segment_instances
+    from ..prompting.matching import match, query_from_instances
+    from ..prompting.selfprompt import segment_instances
     from ..report import RecordedRead, recorded
 
     segment = recorded(segment_instances, "infer", step="cryosam-segment")  # reads nested: timed apart
@@ -362,8 +362,7 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
         return dict(config=params.config, checkpoint=params.sam_checkpoint, image_size=params.image_size,
                     device=device, batch=params.batch, seed=params.seed, value_range=robust_range(read, shape))
 
-    sp_params = SelfPromptParams(iou_threshold=params.iou_threshold,
-                                 diameter_voxels=params.diameter / vs[2] if params.diameter else None)
+    sp_params = params.self_prompt(vs[2])
     features = open_features(features_store)
     resumed = result.resumed
     if query is None:
@@ -374,7 +373,7 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
         else:
             prompted = client.submit(segment, RecordedRead(read), shape, points, sp_params, pure=False,
                                      resources=gpu_resources(client, device), **options()).result()
-            query = query_from_instances(features, min(features), prompted, points=points)
+            query = query_from_instances(features, min(features), prompted, points=points, at=params.query_at)
             asked.mark("query.npy", np.asarray(query, np.float32))
     result.query = np.asarray(query)
     if query_only:
@@ -393,8 +392,7 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
         detections = pd.DataFrame({k: kept[k] for k in ("z", "y", "x", "score")})
         resumed.append("matching")
     else:
-        detections = match(features, query, MatchParams(sim_threshold=params.sim_threshold, top_k=params.top_k,
-                                                        matching=params.matching), client=client)
+        detections = match(features, query, params.match(), client=client)
         marks.mark("matching.npz", {k: detections[k].to_numpy() for k in ("z", "y", "x", "score")})
     result.seconds["prompts + matching"] = time.perf_counter() - clock
 
@@ -427,7 +425,7 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
     result.files = write_outputs(out, stem, "cryosam", result.picks, vs[2], object_name, shape=shape, star=star)
     result.files.append(_preview(read if raw is None else raw, shape, out / f"{stem}_cryosam_picks.png", result.picks,
                                  stem, "cryosam", vs,
-                                 sp_params.diameter_voxels * vs[2] / 2 if sp_params.diameter_voxels else None,
+                                 params.diameter / 2 if params.diameter else None,
                                  client=client))
     result.files += _write_labels(store, instances, result.picks["score"].to_numpy(), layout=layout, out=out, stem=stem)
     shutil.rmtree(marks.folder / "instances", ignore_errors=True)  # in the labels now; query and matching stay

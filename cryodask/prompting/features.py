@@ -611,9 +611,13 @@ def _project(store: str, task: _Planes, q: np.ndarray) -> np.ndarray:
     import torch
     import zarr
 
-    maps = torch.from_numpy(np.asarray(zarr.open_array(f"{store}/maps/{task.view}", mode="r")[task.start:task.stop]))
-    with torch.inference_mode():  # torch converts float16 several times faster than numpy
-        return (maps.float() @ torch.from_numpy(np.ascontiguousarray(q[VIEWS.index(task.view)]))).numpy()
+    maps = np.asarray(zarr.open_array(f"{store}/maps/{task.view}", mode="r")[task.start:task.stop])
+    tokens = torch.from_numpy(maps).reshape(-1, maps.shape[-1])
+    qv = torch.from_numpy(np.ascontiguousarray(q[VIEWS.index(task.view)]))
+    rows = max(64, 2**20 // maps.shape[-1])  # converted to float32 a cache-sized slice at a time: 6x faster
+    with torch.inference_mode():
+        dots = torch.cat([tokens[i:i + rows].float() @ qv for i in range(0, len(tokens), rows)])
+    return dots.numpy().reshape(maps.shape[:3])
 
 
 @dataclass(frozen=True)
@@ -654,18 +658,18 @@ class Projection:
         a0, fa = g.index(a_axis, a_kind, ratio, points[a_axis])
         b0, fb = g.index(b_axis, b_kind, ratio, points[b_axis])
         _, na, nb = g.stored(view)
-        a1, b1 = np.minimum(a0 + 1, na - 1), np.minimum(b0 + 1, nb - 1)
-        fa, fb = fa.astype(np.float64), fb.astype(np.float64)
-        w00, w01, w10, w11 = (1 - fa) * (1 - fb), (1 - fa) * fb, fa * (1 - fb), fa * fb
-        dots, gr = self.dots[view], self.grams[view]
-        t00, t01, t10, t11 = (plane, a0, b0), (plane, a0, b1), (plane, a1, b0), (plane, a1, b1)
+        t00 = (plane * na + a0) * nb + b0  # flat token indices of the four corners
+        t01 = t00 + (b0 + 1 < nb)
+        t10 = t00 + nb * (a0 + 1 < na)
+        t11 = t10 + (b0 + 1 < nb)
+        w00, w01, w10, w11 = (1 - fa) * (1 - fb), (1 - fa) * fb, fa * (1 - fb), fa * fb  # float32
+        dots, gr = self.dots[view].reshape(-1), self.grams[view].reshape(-1, len(GRAM))
         dot = w00 * dots[t00] + w01 * dots[t01] + w10 * dots[t10] + w11 * dots[t11]
-        g00 = gr[t00].astype(np.float64)  # (N, 5): self, right, down, diagonal, anti at t00
-        norm2 = (w00 * w00 * g00[:, 0] + w01 * w01 * gr[(*t01, 0)] + w10 * w10 * gr[(*t10, 0)]
-                 + w11 * w11 * gr[(*t11, 0)]
-                 + 2 * (w00 * w01 * g00[:, 1] + w10 * w11 * gr[(*t10, 1)] + w00 * w10 * g00[:, 2]
-                        + w01 * w11 * gr[(*t01, 2)] + w00 * w11 * g00[:, 3] + w01 * w10 * g00[:, 4]))
-        return dot, norm2
+        g00, s = gr[t00], gr[:, 0]  # (N, 5): self, right, down, diagonal, anti at t00
+        norm2 = (w00 * w00 * g00[:, 0] + w01 * w01 * s[t01] + w10 * w10 * s[t10] + w11 * w11 * s[t11]
+                 + 2 * (w00 * w01 * g00[:, 1] + w10 * w11 * gr[t10, 1] + w00 * w10 * g00[:, 2]
+                        + w01 * w11 * gr[t01, 2] + w00 * w11 * g00[:, 3] + w01 * w10 * g00[:, 4]))
+        return dot.astype(np.float64), norm2.astype(np.float64)
 
 
 @dataclass(frozen=True)

@@ -378,7 +378,7 @@ def _check_block(block) -> tuple[int, int, int]:
 
 # ------------------------------------------------------------------ public functions
 
-def query_from_instances(features, ratio: int, instances, *, points=None) -> np.ndarray:
+def query_from_instances(features, ratio: int, instances, *, points=None, at: str = "masks") -> np.ndarray:
     """The query of Hierarchical Feature Matching: the mean feature inside the prompted masks.
 
     CryoSAM's masked average pooling (paper eq. 4): every grid point of level ``ratio``
@@ -386,7 +386,9 @@ def query_from_instances(features, ratio: int, instances, *, points=None) -> np.
     instance mask contributes its vector, pooled over all instances, and the mean is
     L2-normalised. An instance whose mask holds no grid point (empty, or thinner than the
     grid) contributes the grid point nearest to its prompt instead (``points``, default each
-    instance's ``point``). CryoSAM's released code samples the mask centroid instead.
+    instance's ``point``). ``at="centroids"``: CryoSAM's released code instead, the features
+    sampled trilinearly at each mask's centroid (:func:`query_at_points`; an empty mask gives
+    its prompt).
 
     Examples
     --------
@@ -407,6 +409,20 @@ def query_from_instances(features, ratio: int, instances, *, points=None) -> np.
         raise InputError("no instances to make a query from")
     if points is not None and len(points) != len(instances):
         raise InputError(f"points must give one prompt per instance ({len(instances)}), got {len(points)}")
+    if at not in ("masks", "centroids"):
+        raise InputError(f"at must be 'masks' or 'centroids', got {at!r}")
+    if at == "centroids":
+        centres = []
+        for i, inst in enumerate(instances):
+            box, mask = check_instance(inst, i)
+            if mask.any():
+                centres.append([b.start + float(np.mean(c)) for b, c in zip(box, np.nonzero(mask))])
+            else:
+                point = points[i] if points is not None else getattr(inst, "point", None)
+                if point is None:
+                    raise InputError(f"instance {i} is empty and has no prompt point to fall back on")
+                centres.append(list(check_point(point, tuple(g * r for g in grid))))
+        return query_at_points(features, r, np.minimum(centres, np.asarray(grid) * r - 1))
     total = np.zeros(array.shape[3], np.float64)
     count = 0
     for i, inst in enumerate(instances):
@@ -434,6 +450,58 @@ def query_from_instances(features, ratio: int, instances, *, points=None) -> np.
     norm = np.linalg.norm(total)
     if not np.isfinite(norm) or norm == 0:
         raise InputError("the features inside the instances average to zero (or are not finite): no query")
+    return (total / norm).astype(np.float32)
+
+
+def query_at_points(features, ratio: int, points_zyx, *, interpolation: str = "linear") -> np.ndarray:
+    """CryoSAM's query: the mean feature sampled at points (its code: the mask centroids), L2-normalised.
+
+    Samples level ``ratio`` of the pyramid (use the finest) at each prompt's voxel
+    coordinates (z, y, x; fractional allowed): trilinearly between the 8 surrounding grid
+    points (``interpolation="linear"``, like CryoSAM's ``grid_sample``) or at the nearest
+    one (``"nearest"``). As in CryoSAM, the raw samples are averaged and the mean is
+    normalised. Points must lie in the volume (0 <= coordinate < grid size * ratio).
+
+    Examples
+    --------
+    >>> f = {4: np.ones((2, 2, 2, 3), np.float32)}
+    >>> query_at_points(f, 4, [[1.0, 2.0, 3.0]]).astype(float).round(3).tolist()
+    [0.577, 0.577, 0.577]
+    """
+    array = features.get(ratio) if isinstance(features, Mapping) else None
+    if array is None or len(array.shape) != 4:
+        raise InputError(f"features must be a mapping {{ratio: array (Z, Y, X, D)}} with level {ratio}")
+    if interpolation not in ("linear", "nearest"):
+        raise InputError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
+    points = np.asarray(points_zyx, np.float64)
+    if points.ndim == 1:
+        points = points.reshape(1, -1)
+    if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
+        raise InputError(f"points_zyx must be an (N, 3) array of z, y, x voxel coordinates, got shape {points.shape}")
+    grid = np.asarray(array.shape[:3])
+    if not np.isfinite(points).all() or (points < 0).any() or (points >= grid * ratio).any():
+        raise InputError(f"points_zyx must lie in the volume, 0 <= z, y, x < {tuple(int(g) for g in grid * ratio)} "
+                         "voxels")
+    position = np.minimum(points / ratio, grid - 1)
+    total = np.zeros(array.shape[3], np.float64)
+    for p in position:
+        if interpolation == "nearest":
+            i = np.minimum(np.floor(p + 0.5).astype(int), grid - 1)
+            total += np.asarray(array[i[0], i[1], i[2]]).astype(np.float64)
+            continue
+        i0 = np.floor(p).astype(int)
+        i1 = np.minimum(i0 + 1, grid - 1)
+        t = p - i0
+        cube = np.asarray(array[tuple(slice(a, b + 1) for a, b in zip(i0, i1))]).astype(np.float64)
+        for axis in range(3):  # collapse z, then y, then x
+            if cube.shape[0] == 2:
+                cube = cube[0] * (1 - t[axis]) + cube[1] * t[axis]
+            else:
+                cube = cube[0]
+        total += cube
+    norm = np.linalg.norm(total)
+    if not np.isfinite(norm) or norm == 0:
+        raise InputError("the features at the prompts average to zero (or are not finite): no query")
     return (total / norm).astype(np.float32)
 
 
