@@ -240,7 +240,8 @@ def test_gpu_tasks_wait_for_a_gpu_worker_and_never_run_on_a_cpu_one(capfd):
             Client(cluster) as client:
         resources = gpu_resources(client, "cuda")
         assert resources == {"GPU": 1}
-        assert "waiting for a GPU worker: none of the 1 connected workers has the resource GPU=1" in capfd.readouterr().err
+        said = capfd.readouterr().err
+        assert "waiting for a GPU worker: none of the 1 connected workers has the resource GPU=1" in said
         future = client.submit(lambda: get_worker().name, resources=resources, pure=False)
         time.sleep(1.0)
         assert future.status == "pending"  # the CPU worker does not take it

@@ -86,6 +86,8 @@ def membranes(
                                                   "(block by block) and map the outputs back onto its grid (default: "
                                                   "the tomogram's own)."),
     batch: int = typer.Option(None, "--batch", help="Slices per image-encoder call (default 8 on CUDA, 1 on CPU)."),
+    compile: bool = typer.Option(E.compile, "--compile", help="etsam: SAM2's image encoder through torch.compile "
+                                                            "(slow first call)."),
     device: str = DEVICE,
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (default: the input's header)."),
     chunks: str = CHUNKS,
@@ -125,7 +127,7 @@ def membranes(
     if method == "etsam":
         given.update(config=model_config, image_size=image_size, normalize=normalize, stage1_prompt=stage1_prompt,
                      stage2_prompt=stage2_prompt, grid_interval=grid_interval, tile=parse_pair(tile, "--tile"),
-                     split=split_processing,
+                     split=split_processing, compile=compile,
                      **{k: str(v) for k, v in (("stage1_checkpoint", stage1_checkpoint),
                                                ("stage2_checkpoint", stage2_checkpoint)) if v is not None})
     else:

@@ -46,6 +46,7 @@ def features(
                                                          "(CryoSAM's) or dinov2-large (or CRYODASK_WEIGHTS)."),
     image_size: int = typer.Option(F.image_size, "--image-size", help="Slices are resized to this (CryoSAM: 518)."),
     batch: int = typer.Option(F.batch, "--batch", help="Slices per model call."),
+    compile: bool = typer.Option(F.compile, "--compile", help="DINOv2 through torch.compile (slow first call)."),
     device: str = DEVICE,
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (default: the input's header)."),
     polarity: str = POLARITY,
@@ -67,7 +68,7 @@ def features(
     vs = parse_triple(voxel_size, "--voxel-size", float)
     model = resolve_dinov2(checkpoint, weights)
     describe_dinov2(model)
-    params = F(image_size=image_size, batch=batch, checkpoint=str(model))
+    params = F(image_size=image_size, batch=batch, checkpoint=str(model), compile=compile)
     out = check_output_dir(out)
 
     def work(item, client):
@@ -121,6 +122,8 @@ def pick(
                                         help="cryosam: cosine similarity kept per level."),
     top_k: int = typer.Option(S.top_k, "--top-k", help="cryosam: most detections."),
     matching: str = typer.Option(S.matching, "--matching", help="cryosam: hierarchical | naive."),
+    compile: bool = typer.Option(S.compile, "--compile", help="cryosam: SAM2's image encoder and DINOv2 through "
+                                                             "torch.compile (slow first call)."),
     preset: str = typer.Option(S.preset, "--preset", help="cryosam: cryodask (improved defaults) | cryosam (CryoSAM's "
                                                           "published settings: z only, binary mask prompt, IoU > 0.5, "
                                                           "1024 px area prior, query at the mask centroids)."),
@@ -174,7 +177,7 @@ def pick(
         options = dict(diameter=diameter, config=model_config, image_size=image_size,
                        feature_image_size=feature_image_size, iou_threshold=iou_threshold, sim_threshold=sim_threshold,
                        top_k=top_k, matching=matching, sam_checkpoint=sam_checkpoint,
-                       dinov2_checkpoint=dinov2_checkpoint, preset=preset)
+                       dinov2_checkpoint=dinov2_checkpoint, preset=preset, compile=compile)
     if layout == "portal" and copick is not None:
         raise InputError("--layout portal and --copick write the labels differently: give one of them")
     style = StarStyle(star, tilt_series_pixel_size, voltage, cs, amplitude_contrast)

@@ -139,7 +139,7 @@ def two_stage_column(read_raw, norm: norm_mod.Normalization, n_slices: int, ys: 
         low, high = _clipped_extremes(stage1_path)
     else:
         model = cached_predictor(params.config, params.stage1_checkpoint, device=device,
-                                 image_size=params.image_size, seed=seed)
+                                 image_size=params.image_size, seed=seed, compile=params.compile)
         prompts = prompt_mod.prompt_masks(params.stage1_prompt, shape[0], shape[1], shape[2], params.grid_interval)
         low, high = _run_stage(model, read_normalised, shape, prompts, stage1_path, device, batch)
         fault_injection_delay(f"etsam {folder} stage1-{name}")
@@ -159,7 +159,7 @@ def two_stage_column(read_raw, norm: norm_mod.Normalization, n_slices: int, ys: 
         return read_normalised(z0, z1) + scaled
 
     model = cached_predictor(params.config, params.stage2_checkpoint, device=device,
-                             image_size=params.image_size, seed=seed + 1)
+                             image_size=params.image_size, seed=seed + 1, compile=params.compile)
     prompts = prompt_mod.prompt_masks(params.stage2_prompt, shape[0], shape[1], shape[2], params.grid_interval,
                                       stage1_mask=lambda z: first[z] > STAGE1_THRESHOLD)
     _run_stage(model, read_fused, shape, prompts, stage2_path, device, batch)

@@ -118,6 +118,7 @@ class EtsamParams:
     grid_interval: int | None = None  # ETSAM's: 50, or 10 with split
     tile: tuple[int, int] | None = None
     split: bool = False  # ETSAM's --split-processing: four quadrants
+    compile: bool = False  # SAM2's image encoder through torch.compile (models/compiled.py)
     weights_id: tuple = field(init=False, default=("random", "random"))  # name:size:mtime of each checkpoint
 
     def __post_init__(self):
@@ -142,6 +143,7 @@ class EtsamParams:
             raise validate.FieldError("image_size", f"must be a multiple of 16 and >= 64, got {self.image_size}")
         object.__setattr__(self, "tile", validate.shape("tile", self.tile, 2, 16, none=True))  # (y, x)
         object.__setattr__(self, "split", validate.boolean("split", self.split))
+        object.__setattr__(self, "compile", validate.boolean("compile", self.compile))
 
     def key_fields(self) -> dict:
         """The hashed fields: checkpoint identity, not their paths."""

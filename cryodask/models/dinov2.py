@@ -118,8 +118,9 @@ def torch_device(device: str = "auto") -> str:
     return "cpu"
 
 
-def load_dinov2(path, device: str = "auto"):
-    """Load a DINOv2 folder once per process (per path, file times and device), in eval mode.
+def load_dinov2(path, device: str = "auto", compile: bool = False):
+    """Load a DINOv2 folder once per process (per path, file times, device and ``compile``:
+    ``torch.compile`` of the model, ``models/compiled.py``), in eval mode.
 
     Missing, corrupt or mismatched weights are a one-line ``InputError`` naming the folder,
     never a silently re-initialised model.
@@ -129,12 +130,17 @@ def load_dinov2(path, device: str = "auto"):
     path = Path(path).expanduser().resolve()
     info = describe_dinov2(path)
     device = torch_device(device)
-    key = (str(path), _stamp(path), device)
+    key = (str(path), _stamp(path), device, bool(compile))
     with _LOCK:
         if key not in _MODELS:
-            for old in [k for k in _MODELS if k[0] == key[0] and k[2] == device]:
+            for old in [k for k in _MODELS if k[0] == key[0] and k[2:] == key[2:]]:
                 del _MODELS[old]  # the folder was rewritten: drop the stale copy
-            _MODELS[key] = _load(path, info, device)
+            model = _load(path, info, device)
+            if compile:
+                from .compiled import compiled
+
+                model = compiled(model)
+            _MODELS[key] = model
         return _MODELS[key]
 
 

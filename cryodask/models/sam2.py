@@ -142,18 +142,26 @@ def checkpoint_identity(checkpoint) -> str:
     return f"{Path(checkpoint).name}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def cached_predictor(config: str, checkpoint, *, device: str, image_size: int | None = None, seed: int = 0):
+def cached_predictor(config: str, checkpoint, *, device: str, image_size: int | None = None, seed: int = 0,
+                     compile: bool = False):
     """``build_predictor`` once per process (a Dask worker keeps its models between tasks).
 
-    Random models (no checkpoint) are seeded, so every worker builds the same one."""
-    key = (str(config), checkpoint_identity(checkpoint), device, image_size, seed if checkpoint is None else None)
+    Random models (no checkpoint) are seeded, so every worker builds the same one. ``compile``:
+    the image encoder, which does nearly all the work, through ``torch.compile``."""
+    key = (str(config), checkpoint_identity(checkpoint), device, image_size, seed if checkpoint is None else None,
+           bool(compile))
     with _LOCK:
         if key not in _CACHE:
             if checkpoint is None:
                 import torch
 
                 torch.manual_seed(seed)
-            _CACHE[key] = build_predictor(config, checkpoint, device=device, image_size=image_size)
+            predictor = build_predictor(config, checkpoint, device=device, image_size=image_size)
+            if compile:
+                from .compiled import compiled
+
+                predictor.image_encoder = compiled(predictor.image_encoder)
+            _CACHE[key] = predictor
         return _CACHE[key]
 
 

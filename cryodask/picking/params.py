@@ -83,6 +83,7 @@ class CryosamParams:
     sim_threshold, top_k, matching : Hierarchical Feature Matching: cosine similarity kept per
         level, most detections, "hierarchical" or "naive" (every point, for comparison).
     batch, seed : slices per model call; the seed of anything random.
+    compile : SAM2's image encoder and DINOv2 through ``torch.compile`` (``models/compiled.py``).
     preset : "cryodask" (the improved defaults: all three views, the previous mask's logits as
         prompt, the size prior from the diameter, the query pooled over the masks) or
         "cryosam" (CryoSAM's published code: z only, the binarised mask prompt, IoU > 0.5
@@ -109,9 +110,11 @@ class CryosamParams:
     batch: int = FeatureParams.batch
     seed: int = 0
     preset: str = "cryodask"
+    compile: bool = False
 
     def __post_init__(self):
         validate.choice("preset", self.preset, PRESETS)
+        object.__setattr__(self, "compile", validate.boolean("compile", self.compile))
         object.__setattr__(self, "diameter", validate.positive("diameter", self.diameter, unit="Å", none=True))
         object.__setattr__(self, "image_size", validate.count("image_size", self.image_size, 16, none=True))
         for name in ("feature_image_size", "batch"):

@@ -350,7 +350,8 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
     result.store = str(store)
     features_store = out / f"{stem}_features.zarr"
     extract_features(store, features_store, FeatureParams(checkpoint=params.dinov2_checkpoint,
-                                                          image_size=params.feature_image_size),
+                                                          image_size=params.feature_image_size,
+                                                          compile=params.compile),
                      client=client, device=device, polarity=contrast)
     result.seconds["features"] = time.perf_counter() - clock
     source = raw if raw is not None else read
@@ -360,7 +361,8 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
     def options() -> dict:
         """SAM2's options; robust_range samples the volume, so only when SAM2 runs (not on a resumed run)."""
         return dict(config=params.config, checkpoint=params.sam_checkpoint, image_size=params.image_size,
-                    device=device, batch=params.batch, seed=params.seed, value_range=robust_range(read, shape))
+                    device=device, batch=params.batch, seed=params.seed, value_range=robust_range(read, shape),
+                    compile=params.compile)
 
     sp_params = params.self_prompt(vs[2])
     features = open_features(features_store)

@@ -267,7 +267,7 @@ def _slab_kernel(region, tomo: Tomogram, model_path: str, mean: float, std: floa
     from ..report import stage
 
     task: SlabTask = region.block
-    model = load_dinov2(model_path, device)
+    model = load_dinov2(model_path, device, compile=params.compile)
     dev = next(model.parameters()).device
     with torch.inference_mode():
         maps = []

@@ -37,6 +37,7 @@ class FeatureParams:
     dtype : stored precision, float16 or float32
     checkpoint : a local DINOv2 folder (transformers format); None: ``dinov2-with-registers-large``
         (CryoSAM's), else ``dinov2-large``, in the weights folder (``CRYODASK_WEIGHTS``)
+    compile : run DINOv2 through ``torch.compile`` (``models/compiled.py``)
     """
 
     image_size: int = 518
@@ -45,6 +46,7 @@ class FeatureParams:
     slab: int = 64
     dtype: str = "float16"
     checkpoint: str | None = None
+    compile: bool = False
 
     def __post_init__(self):
         try:
@@ -64,6 +66,7 @@ class FeatureParams:
                                       f"(e.g. {base * max(1, self.slab // base)})")
         validate.choice("dtype", self.dtype, ("float16", "float32"))
         object.__setattr__(self, "checkpoint", None if self.checkpoint is None else str(self.checkpoint))
+        object.__setattr__(self, "compile", validate.boolean("compile", self.compile))
 
 
 @dataclass(frozen=True)
