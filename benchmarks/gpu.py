@@ -44,12 +44,12 @@ FULL = {"sam2": ["--config", "sam2.1_hiera_b+", "--image-size", "1024", "--shape
         "components": {"shape": (128, 1024, 1024), "block": (64, 256, 256)},
         "cluster": {"shape": (32, 512, 512), "config": "sam2.1_hiera_b+", "image_size": 1024, "cluster": "cuda",
                     "device": "cuda"}}
-DRY = {"sam2": ["--config", "sam2.1_hiera_t", "--image-size", "128", "--shape", "4,64,64", "--batch", "2",
+DRY = {"sam2": ["--config", "sam2.1_hiera_t", "--image-size", "128", "--shape", "16,64,64", "--batch", "2",
                 "--device", "cpu"],
        "dinov2": {"shape": (16, 64, 64), "hidden": 64, "layers": 2, "heads": 2, "image_size": 56, "batch": 4,
                   "device": "cpu"},
        "components": {"shape": (32, 128, 128), "block": (16, 64, 64)},
-       "cluster": {"shape": (4, 64, 64), "config": "sam2.1_hiera_t", "image_size": 128, "cluster": "local",
+       "cluster": {"shape": (16, 64, 64), "config": "sam2.1_hiera_t", "image_size": 128, "cluster": "local",
                    "device": "cpu"}}
 
 
