@@ -40,7 +40,7 @@ ROOT = HERE.parent
 FULL = {"sam2": ["--config", "sam2.1_hiera_b+", "--image-size", "1024", "--shape", "32,512,512", "--batch", "16",
                  "--device", "cuda"],
         "dinov2": {"shape": (64, 512, 512), "hidden": 1024, "layers": 24, "heads": 16, "image_size": 518,
-                   "batch": 32, "device": "cuda"},
+                   "batch": None, "device": "cuda"},  # None: from the free GPU memory (models/batching.py)
         "components": {"shape": (128, 1024, 1024), "block": (64, 256, 256)},
         "cluster": {"shape": (32, 512, 512), "config": "sam2.1_hiera_b+", "image_size": 1024, "cluster": "cuda",
                     "device": "cuda"}}
@@ -93,7 +93,11 @@ def dinov2(folder: Path, s: dict) -> dict:
         start = time.perf_counter()
         extract_features(folder / "tomo.mrc", folder / "features.zarr", params, client=client, device=s["device"])
         seconds = time.perf_counter() - start
+    from cryodask.models import batching
+
+    chosen = {k[0]: v for k, v in batching._CHOSEN.items()}  # in-process worker: the batch it chose
     return {"model": f"ViT hidden {s['hidden']}, {s['layers']} layers, registers", "shape": s["shape"],
+            "batch_chosen": chosen.get("dinov2"),
             "image_size": s["image_size"], "batch": s["batch"], "device": s["device"], "slices": slices,
             "seconds": seconds, "slices_per_s": slices / seconds,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,

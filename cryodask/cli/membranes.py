@@ -85,7 +85,8 @@ def membranes(
                                              help="Å: run the method on the tomogram resampled to this voxel size "
                                                   "(block by block) and map the outputs back onto its grid (default: "
                                                   "the tomogram's own)."),
-    batch: int = typer.Option(None, "--batch", help="Slices per image-encoder call (default 8 on CUDA, 1 on CPU)."),
+    batch: int = typer.Option(None, "--batch", help="Slices per image-encoder call (default: what half the free "
+                                                             "GPU memory holds on CUDA, 1 on CPU)."),
     compile: bool = typer.Option(E.compile, "--compile", help="etsam: SAM2's image encoder through torch.compile "
                                                             "(slow first call)."),
     device: str = DEVICE,

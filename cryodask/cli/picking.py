@@ -45,7 +45,8 @@ def features(
     weights: Path = typer.Option(None, "--weights", help="Weights folder holding dinov2-with-registers-large "
                                                          "(CryoSAM's) or dinov2-large (or CRYODASK_WEIGHTS)."),
     image_size: int = typer.Option(F.image_size, "--image-size", help="Slices are resized to this (CryoSAM: 518)."),
-    batch: int = typer.Option(F.batch, "--batch", help="Slices per model call."),
+    batch: int = typer.Option(F.batch, "--batch", help="Slices per model call (default: what half the free GPU "
+                                                      "memory holds on CUDA, 8 on CPU)."),
     compile: bool = typer.Option(F.compile, "--compile", help="DINOv2 through torch.compile (slow first call)."),
     device: str = DEVICE,
     voxel_size: str = typer.Option(None, "--voxel-size", help="Voxel size in Å (default: the input's header)."),

@@ -118,16 +118,18 @@ def two_stage_column(read_raw, norm: norm_mod.Normalization, n_slices: int, ys: 
     """Run both stages on one column; logits go to ``<folder>/<tile>/stage{1,2}.zarr``.
 
     ``read_raw(region)`` reads the raw tomogram; ``marks`` (``DoneMarks``) records finished stages.
-    ``batch`` slices go through the encoder per call: by default 8 on CUDA, 1 on CPU, where a
-    batch saves no time but costs activation memory (benchmarks/results/README.md).
+    ``batch`` slices go through the encoder per call: by default what half the free GPU memory
+    holds on CUDA (``models/batching.py``), 1 on CPU, where a batch saves no time but costs
+    activation memory (benchmarks/results/README.md).
     Returns the tile name.
     """
     from ..engine.blocks import fault_injection_delay
+    from ..models.batching import sam2_batch
     from ..models.sam2 import cached_predictor, pick_device
 
     _set_threads()
     device = pick_device(device)
-    batch = batch or (8 if device == "cuda" else 1)
+    requested = batch
     name = tile_name(ys, xs)
     shape = (n_slices, ys.stop - ys.start, xs.stop - xs.start)
     stage1_path, stage2_path = f"{folder}/{name}/stage1.zarr", f"{folder}/{name}/stage2.zarr"
@@ -141,7 +143,8 @@ def two_stage_column(read_raw, norm: norm_mod.Normalization, n_slices: int, ys: 
         model = cached_predictor(params.config, params.stage1_checkpoint, device=device,
                                  image_size=params.image_size, seed=seed, compile=params.compile)
         prompts = prompt_mod.prompt_masks(params.stage1_prompt, shape[0], shape[1], shape[2], params.grid_interval)
-        low, high = _run_stage(model, read_normalised, shape, prompts, stage1_path, device, batch)
+        low, high = _run_stage(model, read_normalised, shape, prompts, stage1_path, device,
+                               sam2_batch(model, device, requested, config=params.config, compile=params.compile))
         fault_injection_delay(f"etsam {folder} stage1-{name}")
         marks.mark(f"stage1-{name}")
     if marks.done(f"stage2-{name}"):
@@ -162,7 +165,8 @@ def two_stage_column(read_raw, norm: norm_mod.Normalization, n_slices: int, ys: 
                              image_size=params.image_size, seed=seed + 1, compile=params.compile)
     prompts = prompt_mod.prompt_masks(params.stage2_prompt, shape[0], shape[1], shape[2], params.grid_interval,
                                       stage1_mask=lambda z: first[z] > STAGE1_THRESHOLD)
-    _run_stage(model, read_fused, shape, prompts, stage2_path, device, batch)
+    _run_stage(model, read_fused, shape, prompts, stage2_path, device,
+               sam2_batch(model, device, requested, config=params.config, compile=params.compile))
     fault_injection_delay(f"etsam {folder} stage2-{name}")
     marks.mark(f"stage2-{name}")
     return name

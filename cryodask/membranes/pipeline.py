@@ -148,7 +148,8 @@ def segment(inputs, out, params: MembraneParams = MembraneParams(), *, voxel_siz
         when its weights are found).
     voxel_size : Å, overrides the inputs' headers.
     chunks, levels : the OME-Zarr that MRC inputs are converted into.
-    batch : slices per encoder call (default 8 on CUDA, 1 on CPU); device : "auto", "cpu" or "cuda".
+    batch : slices per encoder call (default: what half the free GPU memory holds on CUDA, 1 on CPU);
+        device : "auto", "cpu" or "cuda".
     echo : called with each line of a tomogram's summary as soon as it is finished.
 
     Returns

@@ -82,7 +82,8 @@ class CryosamParams:
     iou_threshold : Cross-Plane Self-Prompting stops propagating below this IoU.
     sim_threshold, top_k, matching : Hierarchical Feature Matching: cosine similarity kept per
         level, most detections, "hierarchical" or "naive" (every point, for comparison).
-    batch, seed : slices per model call; the seed of anything random.
+    batch, seed : slices per model call (None: from the free GPU memory on CUDA, 8 on the CPU);
+        the seed of anything random.
     compile : SAM2's image encoder and DINOv2 through ``torch.compile`` (``models/compiled.py``).
     preset : "cryodask" (the improved defaults: all three views, the previous mask's logits as
         prompt, the size prior from the diameter, the query pooled over the masks) or
@@ -107,7 +108,7 @@ class CryosamParams:
     sim_threshold: float = MatchParams.sim_threshold
     top_k: int = MatchParams.top_k
     matching: str = MatchParams.matching
-    batch: int = FeatureParams.batch
+    batch: int | None = FeatureParams.batch
     seed: int = 0
     preset: str = "cryodask"
     compile: bool = False
@@ -117,8 +118,8 @@ class CryosamParams:
         object.__setattr__(self, "compile", validate.boolean("compile", self.compile))
         object.__setattr__(self, "diameter", validate.positive("diameter", self.diameter, unit="Å", none=True))
         object.__setattr__(self, "image_size", validate.count("image_size", self.image_size, 16, none=True))
-        for name in ("feature_image_size", "batch"):
-            object.__setattr__(self, name, validate.count(name, getattr(self, name), 1))
+        object.__setattr__(self, "feature_image_size", validate.count("feature_image_size", self.feature_image_size, 1))
+        object.__setattr__(self, "batch", validate.count("batch", self.batch, 1, none=True))
         object.__setattr__(self, "seed", validate.count("seed", self.seed, 0))
         object.__setattr__(self, "iou_threshold", validate.number("iou_threshold", self.iou_threshold, low=0, high=1))
         object.__setattr__(self, "sim_threshold", validate.number("sim_threshold", self.sim_threshold, low=-1, high=1))

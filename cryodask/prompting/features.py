@@ -40,6 +40,7 @@ VIEWS = ("z", "y", "x")
 GRAM = ("self", "right", "down", "diagonal", "anti")  # <t,t> <t,t(b+1)> <t,t(a+1)> <t,t(a+1,b+1)> <t(b+1),t(a+1)>
 STATS_BLOCK_VOXELS = 8 * 2**20  # 32 MB of float32 per block of the mean/std pass
 PROJECT_PLANES = 16  # planes per projection task
+DINOV2_CPU_BATCH = 8  # slices per DINOv2 call on the CPU (on CUDA: from the free memory, models/batching.py)
 
 
 # ------------------------------------------------------------------ the tomogram on workers
@@ -263,16 +264,21 @@ def _slab_kernel(region, tomo: Tomogram, model_path: str, mean: float, std: floa
     written with their Gram maps (the runner marks the slab done after)."""
     import torch
 
+    from ..models.batching import batch_for
     from ..models.dinov2 import load_dinov2, patch_maps
     from ..report import stage
 
     task: SlabTask = region.block
     model = load_dinov2(model_path, device, compile=params.compile)
     dev = next(model.parameters()).device
+    plane = [tomo.shape[a] for a in inplane(task.view)]
+    size = batch_for(lambda: patch_maps(model, np.zeros((1, *plane), np.float32), image_size=params.image_size),
+                     device=dev.type, key=("dinov2", model_path, params.image_size, params.compile),
+                     requested=params.batch, cpu_default=DINOV2_CPU_BATCH)
     with torch.inference_mode():
         maps = []
-        for b in range(0, len(task.slices), params.batch):
-            batch = task.slices[b:b + params.batch]
+        for b in range(0, len(task.slices), size):
+            batch = task.slices[b:b + size]
             with stage("read", block=task.name) as read:
                 slices = tomo.slices(task.axis, batch)
                 read.bytes_read = slices.nbytes

@@ -32,7 +32,8 @@ class FeatureParams:
     image_size : side of the square each slice is resized to (518: 37x37 patches, CryoSAM)
     ratios : grid spacings in voxels (CryoSAM's ``down_sample_ratios``), each a multiple of the
         smallest: the slices at multiples of the smallest are the stored planes
-    batch : slices per DINOv2 forward pass
+    batch : slices per DINOv2 forward pass; None: what half the free GPU memory holds on CUDA
+        (``models/batching.py``), 8 on the CPU
     slab : voxels along a view's slice axis per task; a multiple of the smallest ratio
     dtype : stored precision, float16 or float32
     checkpoint : a local DINOv2 folder (transformers format); None: ``dinov2-with-registers-large``
@@ -42,7 +43,7 @@ class FeatureParams:
 
     image_size: int = 518
     ratios: tuple[int, ...] = (4, 8, 16)
-    batch: int = 8
+    batch: int | None = None
     slab: int = 64
     dtype: str = "float16"
     checkpoint: str | None = None
@@ -58,8 +59,9 @@ class FeatureParams:
         object.__setattr__(self, "ratios", ratios)
         if any(r % min(ratios) for r in ratios):
             raise validate.FieldError("ratios", f"must each be a multiple of the smallest, got {self.ratios}")
-        for name in ("image_size", "batch", "slab"):
+        for name in ("image_size", "slab"):
             object.__setattr__(self, name, validate.count(name, getattr(self, name), 1))
+        object.__setattr__(self, "batch", validate.count("batch", self.batch, 1, none=True))
         if self.slab % min(ratios):
             base = min(ratios)
             raise validate.FieldError("slab", f"{self.slab} must be a multiple of the smallest ratio {base} "

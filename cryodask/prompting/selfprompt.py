@@ -246,7 +246,7 @@ def segment_instance(predictor, volume_reader, shape, point_zyx, params: SelfPro
 
 
 def segment_instances(read, shape, points_zyx, params: SelfPromptParams, *, config, checkpoint,
-                      image_size: int | None = None, device: str = "auto", batch: int = 8, seed: int = 0,
+                      image_size: int | None = None, device: str = "auto", batch: int | None = None, seed: int = 0,
                       value_range=None, cache_bytes: int | None = None, compile: bool = False) -> list[Instance]:
     """One worker task's worth of prompts: the model once per process, one embedding cache.
 
@@ -280,6 +280,9 @@ def segment_instances(read, shape, points_zyx, params: SelfPromptParams, *, conf
         read = unit_reader(read, value_range)
     predictor = cached_predictor(config, checkpoint, device=device, image_size=image_size, seed=seed, compile=compile)
     cache = EmbeddingCache(cache_bytes or (8 << 30 if device == "cuda" else 1 << 30))
+    from ..models.batching import sam2_batch
+
+    batch = sam2_batch(predictor, device, batch, config=config, compile=compile, cpu_default=8)
     decoder = SAM2Slices(predictor, read, shape, resize=params.resize, cache=cache, device=device, batch=batch)
     out: list = [None] * len(points)
     for i in sorted(range(len(points)), key=lambda i: points[i]):
