@@ -289,6 +289,19 @@ def test_errors(client, models, tomo, volume, tmp_path, monkeypatch):
         open_features(tmp_path / "empty")
 
 
+def test_a_store_of_the_old_layout_is_refused_then_rewritten(client, models, tomo, tmp_path):
+    """A store written by cryodask before patch maps (per-ratio grids, no ``layout``) is refused
+    by ``open_features`` with one line saying what to do; ``features`` rewrites it."""
+    out = tmp_path / "old.zarr"
+    group = zarr.open_group(str(out), mode="w", zarr_format=3)
+    group.create_group("4").create_array("z", shape=(5, 10, 9, 32), dtype="float16")
+    group.attrs["cryodask"] = {"features": {"key": "old", "complete": True, "ratios": [4, 8, 16]}}
+    with pytest.raises(InputError, match="old.zarr: was written by an older cryodask.*rerun `cryodask features`"):
+        open_features(out)
+    extract_features(tomo, out, with_checkpoint(models["plain"]), client=client, device="cpu")
+    assert open_features(out)[4].shape == (5, 10, 9, 96) and not (out / "4").exists()
+
+
 def test_the_weights_folder_gives_cryosams_dinov2_with_registers_first(models, tmp_path):
     """CryoSAM's network is ViT-L/14 with registers: in a weights folder it is chosen over the
     plain one, which is used where it is the only one; with neither, the error names CryoSAM's;
