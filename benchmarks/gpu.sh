@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check on a lent machine: install the wheels carried in .whl/ (if any, as
-# ../.library/device/README.md describes), then run benchmarks/gpu.py into $OUT (or the
-# current folder). Usage: bash benchmarks/gpu.sh [--dry-run]
+# The GPU check on a lent machine: install the wheels carried in .whl/ (made here by
+# benchmarks/gpu_wheels.sh: dask, zarr, mrcfile, SAM2 ... for the machine's Python 3.12, 21 MB;
+# ../.library/device/README.md), then run benchmarks/gpu.py into $OUT (or the current folder).
+# Usage, from the device tool: run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=560)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
