@@ -126,7 +126,8 @@ class Geometry:
 
     def index(self, axis: int, kind: str, ratio: int, points) -> tuple[np.ndarray, np.ndarray]:
         """For grid points ``points`` of ``ratio`` along voxel axis ``axis``: the stored index
-        below each and the fraction towards the next (bilinear, ``align_corners=True``)."""
+        below each and the fraction towards the next (bilinear, ``align_corners=True``: voxel 0
+        at the first patch centre and voxel n-1 at the last, as CryoSAM's ``utils.sample``)."""
         points = np.asarray(points, np.int64)
         if kind == "grid":
             return points * ratio // self.base, np.zeros(len(points), np.float32)
@@ -158,17 +159,6 @@ def inplane(view: str) -> tuple[int, int]:
     """The voxel axes of a view's slice, in z, y, x order (rows, columns)."""
     axis = VIEWS.index(view)
     return tuple(a for a in range(3) if a != axis)
-
-
-def grid_weights(n: int, ratio: int, patches: int) -> np.ndarray:
-    """Bilinear weights (``grid_sample``, ``align_corners=True``) of the ``patches`` patch
-    centres for the grid points ``j*ratio`` of an axis of ``n`` voxels: (ceil(n/ratio), patches).
-
-    Voxel 0 maps to the first patch centre and voxel n-1 to the last, as in CryoSAM's
-    ``utils.sample`` (normalised coordinate ``2*p/(n-1) - 1``).
-    """
-    geometry = Geometry((n, 1, 1), ratio, patches, {})
-    return geometry.weights(0, "patches", ratio, range(math.ceil(n / ratio)), 0, patches)
 
 
 def gram(tokens: np.ndarray) -> np.ndarray:
