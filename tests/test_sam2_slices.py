@@ -47,3 +47,22 @@ def test_embedding_cache_is_lru_and_bounded():
     cache.bind("a")
     with pytest.raises(InputError):
         cache.bind("b")
+
+
+def test_negative_points_reach_sam2_as_background_labels():
+    """Real SAM2 (hiera-t, random weights): a negative point is a second prompt point labelled 0,
+    which changes the decoded logits; without one the call is SAM2's single positive point."""
+    pytest.importorskip("sam2")
+    import numpy as np
+
+    from cryodask.models.sam2 import build_predictor
+    from cryodask.models.sam2_slices import SAM2Slices
+
+    volume = np.random.default_rng(0).random((8, 40, 48)).astype(np.float32)
+    decoder = SAM2Slices(build_predictor("sam2.1_hiera_t", image_size=128), lambda r: volume[r], volume.shape)
+    alone, iou = decoder.decode("z", 4, (20, 24), None)
+    again, _ = decoder.decode("z", 4, (20, 24), None, negatives=[])
+    cut, iou_cut = decoder.decode("z", 4, (20, 24), None, negatives=[(10.0, 30.0), (30.0, 10.0)])
+    assert alone.shape == cut.shape == (3, 32, 32) and iou.shape == iou_cut.shape == (3,)
+    np.testing.assert_array_equal(alone, again)
+    assert not np.allclose(alone, cut)

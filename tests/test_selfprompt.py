@@ -271,3 +271,20 @@ def test_segment_instances_one_task(tomo):
     for box, mask in out:
         union[box] |= mask
     assert (semantic_mask(out, t.volume.shape) == union).all()
+
+
+def test_negative_clicks_reach_the_slices_within_half_a_diameter():
+    """A negative click joins the point prompt of each slice within half a diameter of it, as
+    (row, col) of that slice; slices farther away are decoded as before (no ``negatives``)."""
+
+    class Negatives(Known):
+        def decode(self, view, index, point_rc, mask_input, multimask=True, negatives=()):
+            self.negatives = getattr(self, "negatives", []) + [(index, list(negatives))]
+            return super().decode(view, index, point_rc, mask_input, multimask)
+
+    table = {("z", z): [(box_mask(4, 8, 4, 8), 0.9, (6, 6))] for z in range(N)}
+    decoder = Negatives(table)
+    self_prompt(decoder, (N, N, N), (6, 6, 6), SelfPromptParams(views=("z",), max_area=N * N, diameter_voxels=4),
+                negatives=[(9.0, 2.0, 3.0)])
+    seen = dict(decoder.negatives)
+    assert seen[9] == seen[7] == seen[10] == [(2.0, 3.0)] and seen[6] == [] and seen[4] == []

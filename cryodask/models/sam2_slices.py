@@ -185,7 +185,8 @@ class SliceDecoder:
     ``geometry(view)`` says how slices map to the logits; ``need(view, indices)`` is a hint
     that these slices come next (encode them together); ``decode`` returns the candidates'
     low-res logits (M, lowres, lowres) float32 and their predicted IoUs (M,) for a point
-    prompt (slice pixels, row and column) and an optional low-res mask prompt.
+    prompt (slice pixels, row and column) and an optional low-res mask prompt; ``negatives``,
+    (row, column) points the mask must leave out, are passed only when there are some.
     """
 
     def geometry(self, view: str) -> SliceGeometry:
@@ -270,7 +271,7 @@ class SAM2Slices(SliceDecoder):
         if missing:
             self._encode(view, missing)
 
-    def decode(self, view: str, index: int, point_rc, mask_input, multimask: bool = True):
+    def decode(self, view: str, index: int, point_rc, mask_input, multimask: bool = True, negatives=()):
         import torch
 
         model = self.predictor
@@ -279,10 +280,10 @@ class SAM2Slices(SliceDecoder):
             self._encode(view, [int(index)])
             entry = self.cache.get((view, int(index)))
         embed, high_res = entry
-        x, y = self._geometry[view].to_model(*point_rc)
+        points = [self._geometry[view].to_model(*rc) for rc in [point_rc, *negatives]]
         with torch.inference_mode(), self.autocast():
-            coords = torch.tensor([[[x, y]]], dtype=torch.float32, device=embed.device)
-            labels = torch.ones((1, 1), dtype=torch.int32, device=embed.device)
+            coords = torch.tensor([points], dtype=torch.float32, device=embed.device)
+            labels = torch.tensor([[1] + [0] * len(negatives)], dtype=torch.int32, device=embed.device)
             masks = None
             if mask_input is not None:
                 masks = torch.as_tensor(np.asarray(mask_input, np.float32), device=embed.device)[None, None]

@@ -138,8 +138,19 @@ def _assemble(pieces, shape) -> tuple[tuple[slice, ...], np.ndarray]:
     return box, out
 
 
-def self_prompt(decoder: SliceDecoder, shape, point_zyx, params: SelfPromptParams, *, batch: int = 8) -> Instance:
+def _near(negatives: np.ndarray, axis: int, index: int, reach: float) -> list:
+    """The negative points within ``reach`` slices of ``index``, as (row, col) of that slice."""
+    keep = np.abs(negatives[:, axis] - index) <= reach
+    return [tuple(float(v) for a, v in enumerate(q) if a != axis) for q in negatives[keep]]
+
+
+def self_prompt(decoder: SliceDecoder, shape, point_zyx, params: SelfPromptParams, *, batch: int = 8,
+                negatives=()) -> Instance:
     """Cross-Plane Self-Prompting from one point with any :class:`SliceDecoder`.
+
+    ``negatives``: z, y, x points the instance must leave out (a person's negative clicks); each
+    joins the point prompt, labelled negative, of the slices within half a diameter of it (the
+    slice itself without a diameter).
 
     Returns an :class:`Instance`: the bounding box of the union of the accepted slice masks
     and the bool mask inside it; an empty box (size 0, at the prompt) when no view's prompted
@@ -153,6 +164,13 @@ def self_prompt(decoder: SliceDecoder, shape, point_zyx, params: SelfPromptParam
     cap = params.extent_limit()
     batch = max(1, int(batch))
     pieces, scores, extents = [], [], {}
+    negatives = np.asarray(negatives, np.float64).reshape(-1, 3)
+    reach = params.diameter_voxels / 2 if params.diameter_voxels else 0.5
+
+    def decode(view, axis, index, rc, prompt):
+        near = _near(negatives, axis, index, reach) if len(negatives) else []
+        extra = {"negatives": near} if near else {}
+        return decoder.decode(view, index, rc, prompt, True, **extra)
 
     def accept(axis, step):
         r0, c0, crop = _crop(step.mask)
@@ -166,7 +184,7 @@ def self_prompt(decoder: SliceDecoder, shape, point_zyx, params: SelfPromptParam
         i0 = voxel[axis]
         rc = tuple(p for a, p in enumerate(point) if a != axis)
         decoder.need(view, [i0])
-        logits, iou = decoder.decode(view, i0, rc, None, True)
+        logits, iou = decode(view, axis, i0, rc, None)
         first = best_candidate(logits, iou, geo, params, None, i0)
         if first is None:
             extents[view] = None
@@ -186,7 +204,7 @@ def self_prompt(decoder: SliceDecoder, shape, point_zyx, params: SelfPromptParam
                 decoder.need(view, [j + d * s for s in range(ahead)])
                 prompt = prev.logits if params.mask_prompt == "logits" else \
                     (prev.logits > params.logit_threshold).astype(np.float32)
-                logits, iou = decoder.decode(view, j, geo.argmax(prev.logits), prompt, True)
+                logits, iou = decode(view, axis, j, geo.argmax(prev.logits), prompt)
                 step = best_candidate(logits, iou, geo, params, prev.mask, j)
                 if step is None:
                     break
@@ -247,8 +265,10 @@ def segment_instance(predictor, volume_reader, shape, point_zyx, params: SelfPro
 
 def segment_instances(read, shape, points_zyx, params: SelfPromptParams, *, config, checkpoint,
                       image_size: int | None = None, device: str = "auto", batch: int | None = None, seed: int = 0,
-                      value_range=None, cache_bytes: int | None = None, compile: bool = False) -> list[Instance]:
+                      value_range=None, cache_bytes: int | None = None, compile: bool = False,
+                      negatives=()) -> list[Instance]:
     """One worker task's worth of prompts: the model once per process, one embedding cache.
+    ``negatives`` (z, y, x points) are left out of every instance (:func:`self_prompt`).
 
     Prompts run sorted by (z, y, x), so neighbours follow each other and share cached slices;
     the result is in the input order. ``read(region)`` returns float32; with ``value_range``
@@ -261,7 +281,7 @@ def segment_instances(read, shape, points_zyx, params: SelfPromptParams, *, conf
     >>> segment_instances(lambda r: vol[r], vol.shape, [(16, 30, 30)], SelfPromptParams(diameter_voxels=12),
     ...                   config="sam2.1_hiera_t", checkpoint=None, image_size=128)  # doctest: +SKIP
     """
-    from ..models.sam2 import cached_predictor, pick_device
+    from ..models.sam2 import cached_predictor, pick_device, worker_threads
 
     if not isinstance(params, SelfPromptParams):
         raise InputError(f"params must be a SelfPromptParams, got {type(params).__name__}")
@@ -276,6 +296,7 @@ def segment_instances(read, shape, points_zyx, params: SelfPromptParams, *, conf
         raise InputError(f"points_zyx must be an (N, 3) array of z, y, x voxel coordinates, got shape {array.shape}")
     points = [check_point(p, shape) for p in array]
     device = pick_device(device)
+    worker_threads()
     if value_range is not None:
         read = unit_reader(read, value_range)
     predictor = cached_predictor(config, checkpoint, device=device, image_size=image_size, seed=seed, compile=compile)
@@ -286,5 +307,5 @@ def segment_instances(read, shape, points_zyx, params: SelfPromptParams, *, conf
     decoder = SAM2Slices(predictor, read, shape, resize=params.resize, cache=cache, device=device, batch=batch)
     out: list = [None] * len(points)
     for i in sorted(range(len(points)), key=lambda i: points[i]):
-        out[i] = self_prompt(decoder, shape, points[i], params, batch=batch)
+        out[i] = self_prompt(decoder, shape, points[i], params, batch=batch, negatives=negatives)
     return out
