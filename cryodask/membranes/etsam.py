@@ -100,18 +100,6 @@ def _clipped_extremes(path: str) -> tuple[float, float]:
     return low, high
 
 
-def _set_threads() -> None:
-    """Give torch the worker's thread count, not the whole machine's (workers share cores)."""
-    import torch
-
-    try:
-        from distributed import get_worker
-
-        torch.set_num_threads(max(1, get_worker().state.nthreads))
-    except (ImportError, ValueError):
-        pass
-
-
 def two_stage_column(read_raw, norm: norm_mod.Normalization, n_slices: int, ys: slice, xs: slice,
                      params: EtsamParams, folder: str, marks, *, device: str = "cpu", batch: int | None = None,
                      seed: int = 0) -> str:
@@ -125,9 +113,9 @@ def two_stage_column(read_raw, norm: norm_mod.Normalization, n_slices: int, ys: 
     """
     from ..engine.blocks import fault_injection_delay
     from ..models.batching import sam2_batch
-    from ..models.sam2 import cached_predictor, pick_device
+    from ..models.sam2 import cached_predictor, pick_device, worker_threads
 
-    _set_threads()
+    worker_threads()
     device = pick_device(device)
     requested = batch
     name = tile_name(ys, xs)

@@ -165,6 +165,19 @@ def cached_predictor(config: str, checkpoint, *, device: str, image_size: int | 
         return _CACHE[key]
 
 
+def worker_threads() -> None:
+    """Give torch the worker's thread count, not the whole machine's (workers share cores; the
+    nanny starts workers with one OpenMP thread)."""
+    import torch
+
+    try:
+        from distributed import get_worker
+
+        torch.set_num_threads(max(1, get_worker().state.nthreads))
+    except (ImportError, ValueError):
+        pass
+
+
 def pick_device(device: str = "auto") -> str:
     """"auto" is CUDA when this process sees a GPU, else CPU."""
     import torch
