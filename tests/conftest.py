@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import mrcfile
@@ -42,6 +46,25 @@ def data_dir():
     if not DATA.exists():
         pytest.skip(f"real data not found at {DATA}")
     return DATA
+
+
+def make_cryosam_weights(folder):
+    """CryoSAM's checkpoints from random models, as a weights folder holds them: SAM2 hiera-t at a
+    128 px input (``sam2.1_hiera_tiny.pt``) and a 2-layer DINOv2 (``dinov2-large``)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("sam2")
+    from transformers import Dinov2Config, Dinov2Model
+
+    from cryodask.models.sam2 import build_predictor
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save({"model": build_predictor("sam2.1_hiera_t", image_size=128).state_dict()},
+               folder / "sam2.1_hiera_tiny.pt")
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             patch_size=14, image_size=56)).save_pretrained(folder / "dinov2-large")
+    return folder
 
 
 def write_raw_mrc(path, data, voxel_size=10.0):
@@ -129,3 +152,49 @@ def _stores_are_valid_ome_zarr(request):
             validate_ome_zarr(store)
         except Exception as exc:  # noqa: BLE001  (pydantic's and zarr's errors alike)
             pytest.fail(f"{store} is not valid OME-Zarr for ome-zarr-models: {str(exc).splitlines()[0]}")
+
+
+# ------------------------------------------------------------------ a real napari viewer (tests/test_napari*.py)
+
+@pytest.fixture(scope="session")
+def display():
+    """An X display: the one given, else a private Xvfb (OpenGL through Mesa). The server lives
+    as long as this process (Qt exits with an error if its display goes first)."""
+    if os.environ.get("DISPLAY"):
+        return os.environ["DISPLAY"]
+    if shutil.which("Xvfb") is None:
+        pytest.skip("no DISPLAY and no Xvfb (apt-get install xvfb; .ci/run does)")
+    libc = ctypes.CDLL(None, use_errno=True)
+    read, write = os.pipe()
+    subprocess.Popen(["Xvfb", "-displayfd", str(write), "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
+                     pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     preexec_fn=lambda: libc.prctl(1, signal.SIGTERM))  # PR_SET_PDEATHSIG: ends with pytest
+    os.close(write)
+    with os.fdopen(read) as f:
+        number = f.readline().strip()
+    os.environ["DISPLAY"] = f":{number}"
+    os.environ["QT_QPA_PLATFORM"] = "xcb"
+    return os.environ["DISPLAY"]
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    """napari settings in a file of this test's own, never the user's."""
+    pytest.importorskip("napari", reason="the napari extra is not installed")
+    import napari.settings
+
+    monkeypatch.setattr(napari.settings, "_SETTINGS", None)
+    return napari.settings.get_settings(tmp_path / "napari" / "settings.yaml")
+
+
+@pytest.fixture
+def viewer(display, settings):
+    import napari
+    from napari.plugins import _initialize_plugins
+
+    _initialize_plugins()
+    v = napari.Viewer(show=True)
+    yield v
+    v.close()
+
+

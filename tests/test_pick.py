@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import starfile
 
-from conftest import write_raw_mrc
+from conftest import make_cryosam_weights, write_raw_mrc
 from cryodask.cli import main
 from cryodask.evaluate import evaluate_picks
 from cryodask.io.omezarr import open_image
@@ -57,19 +57,7 @@ def test_log_pick_command_writes_star_csv_copick_and_scores(synthetic, tmp_path,
 
 @pytest.fixture(scope="module")
 def cryosam_weights(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("sam2")
-    from transformers import Dinov2Config, Dinov2Model
-
-    from cryodask.models.sam2 import build_predictor
-
-    folder = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    torch.save({"model": build_predictor("sam2.1_hiera_t", image_size=128).state_dict()},
-               folder / "sam2.1_hiera_tiny.pt")
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                             patch_size=14, image_size=56)).save_pretrained(folder / "dinov2-large")
-    return folder
+    return make_cryosam_weights(tmp_path_factory.mktemp("weights"))
 
 
 def test_cryosam_end_to_end_from_one_prompt(cryosam_weights, tmp_path, client):
@@ -121,11 +109,11 @@ def test_cryosam_rerun_skips_the_query_matching_and_finished_instances(cryosam_w
     whole = P.pick(volume, tmp_path / "whole", params, prompts=prompt, client=client)
     assert whole.status == "done" and whole.instances_computed == len(whole.picks) >= 1
 
-    write_labels = P._write_labels
-    monkeypatch.setattr(P, "_write_labels", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "disk full")))
+    write_labels = P.write_instance_labels
+    monkeypatch.setattr(P, "write_instance_labels", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "disk full")))
     with pytest.raises(OSError):
         P.pick(volume, tmp_path / "out", params, prompts=prompt, client=client)
-    monkeypatch.setattr(P, "_write_labels", write_labels)
+    monkeypatch.setattr(P, "write_instance_labels", write_labels)
     calls = []
     monkeypatch.setattr("cryodask.prompting.matching.match", lambda *a, **k: calls.append("match"))
     resumed = P.pick(volume, tmp_path / "out", params, prompts=prompt, client=client)

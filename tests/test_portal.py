@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import validate_ome_zarr as validate, write_raw_mrc
+from conftest import make_cryosam_weights, validate_ome_zarr as validate, write_raw_mrc
 from cryodask.cli import main
 from cryodask.convert import ConvertParams, convert
 from cryodask.io.omezarr import open_image, write_labels
@@ -233,7 +233,7 @@ def test_cryosam_labels_in_the_portal_layout(tmp_path, client):
     from cryodask.picking.pipeline import pick, pick_params
     from cryodask.synth import synth_tomogram
 
-    weights = _make_weights(tmp_path / "weights")
+    weights = make_cryosam_weights(tmp_path / "weights")
     tomo = synth_tomogram((16, 48, 40), voxel_size=10.0, seed=1, snr=1.0)
     write_raw_mrc(tmp_path / "t.mrc", tomo.volume, voxel_size=10.0)
     write_picks(tmp_path / "prompt.star", tomo.particles[:1])
@@ -253,16 +253,3 @@ def test_cryosam_labels_in_the_portal_layout(tmp_path, client):
     assert_mask_store(semantic, store, (labels > 0).astype(np.int8))
 
 
-def _make_weights(folder):
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
-
-    from cryodask.models.sam2 import build_predictor
-
-    folder.mkdir()
-    torch.manual_seed(0)
-    torch.save({"model": build_predictor("sam2.1_hiera_t", image_size=128).state_dict()},
-               folder / "sam2.1_hiera_tiny.pt")
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                             patch_size=14, image_size=56)).save_pretrained(folder / "dinov2-large")
-    return folder

@@ -252,7 +252,7 @@ def _preview(read, shape, out_png: Path, picks: pd.DataFrame, stem: str, method:
                      name=stem, method=method, voxel_size=vs[2], radius=radius_a / vs[2] if radius_a else None)
 
 
-def _store_of(volume, out: Path, client, layout="default") -> Path:
+def store_of(volume, out: Path, client, layout="default") -> Path:
     """The tomogram's OME-Zarr: itself, or converted under ``out`` (with the volume's voxel size and blocks)."""
     from ..convert import ConvertParams, convert
     from ..io.volumes import is_zarr
@@ -346,7 +346,7 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
     result = PickResult(pd.DataFrame(columns=["z", "y", "x", "score"]), prompts=len(points))
     clock = time.perf_counter()
     shape, vs = volume.shape, volume.voxel_size
-    store = _store_of(volume, out, client, layout)
+    store = store_of(volume, out, client, layout)
     result.store = str(store)
     features_store = out / f"{stem}_features.zarr"
     extract_features(store, features_store, FeatureParams(checkpoint=params.dinov2_checkpoint,
@@ -429,7 +429,8 @@ def _pick_cryosam(volume, read, points, params: CryosamParams, out, stem, object
                                  stem, "cryosam", vs,
                                  params.diameter / 2 if params.diameter else None,
                                  client=client))
-    result.files += _write_labels(store, instances, result.picks["score"].to_numpy(), layout=layout, out=out, stem=stem)
+    result.files += write_instance_labels(store, instances, result.picks["score"].to_numpy(), layout=layout, out=out,
+                                          stem=stem)
     shutil.rmtree(marks.folder / "instances", ignore_errors=True)  # in the labels now; query and matching stay
     marks.mark("complete", {"files": np.array([str(f) for f in result.files])})
     return result
@@ -445,26 +446,18 @@ def combine_queries(queries) -> np.ndarray:
     return (total / norm).astype(np.float32)
 
 
-def _paint(block_info=None, instances=None, scores=None):
-    from ..prompting.instances import instance_labels
-
-    region = tuple(slice(a, b) for a, b in block_info[None]["array-location"])
-    return instance_labels(instances, region, scores=scores)
-
-
-def _write_labels(store: Path, instances, scores, *, layout: str = "default", out=None, stem=None) -> list[Path]:
-    """Instance labels (1 = best score) and the semantic mask, written chunk by chunk, in
-    ``labels/`` of the store or (``layout="portal"``) as their own OME-Zarr under ``out``."""
-    import dask.array as da
-
+def write_instance_labels(store: Path, instances, scores, *, name: str = "cryosam", layout: str = "default", out=None,
+                          stem=None) -> list[Path]:
+    """Instance labels (1 = best score) and the semantic mask, written chunk by chunk, as
+    ``<name>_instances`` and ``<name>_semantic`` in ``labels/`` of the store or
+    (``layout="portal"``) as their own OME-Zarr under ``out``."""
     from ..io.omezarr import open_image, write_segmentation
+    from ..prompting.instances import lazy_instance_labels
 
     _, arrays, _, _ = open_image(store)
-    level0 = arrays[0]
-    labels = da.map_blocks(_paint, dtype=np.uint32, chunks=da.empty(level0.shape, chunks=level0.chunks).chunks,
-                           instances=list(instances), scores=np.asarray(scores, dtype=np.float64))
+    labels = lazy_instance_labels(instances, arrays[0].shape, arrays[0].chunks, scores=scores)
     where_to = dict(layout=layout, out=out, stem=stem)
-    return [write_segmentation(store, "cryosam_instances", labels, binary=False, **where_to,
+    return [write_segmentation(store, f"{name}_instances", labels, binary=False, **where_to,
                                properties=[{"label-value": i + 1, "score": float(s)} for i, s in enumerate(scores)]),
-            write_segmentation(store, "cryosam_semantic", (labels > 0).astype(np.uint8), colors={1: [255, 160, 0, 255]},
+            write_segmentation(store, f"{name}_semantic", (labels > 0).astype(np.uint8), colors={1: [255, 160, 0, 255]},
                                **where_to)]

@@ -80,3 +80,19 @@ def instance_labels(instances, region, *, scores=None, dtype=np.uint32) -> np.nd
 def semantic_mask(instances, region) -> np.ndarray:
     """The union of the instance masks in one region: CryoSAM's semantic segmentation."""
     return instance_labels(instances, region, scores=np.zeros(len(instances))) > 0
+
+
+def _paint(block_info=None, instances=None, scores=None):
+    region = tuple(slice(a, b) for a, b in block_info[None]["array-location"])
+    return instance_labels(instances, region, scores=scores)
+
+
+def lazy_instance_labels(instances, shape, chunks, *, scores=None):
+    """The label volume of :func:`instance_labels` as a lazy dask array: each chunk painted when
+    read (napari draws only the slices it shows; a writer goes chunk by chunk)."""
+    import dask.array as da
+
+    items = list(instances)
+    scores = instance_ids(items, scores) * -1.0  # fixes the ids once: the same in every chunk
+    chunks = da.empty(tuple(int(n) for n in shape), chunks=chunks).chunks
+    return da.map_blocks(_paint, dtype=np.uint32, chunks=chunks, instances=items, scores=scores)
