@@ -3,10 +3,7 @@ synthetic tomogram with label images and its picks open as the right layers, in 
 
 from __future__ import annotations
 
-import ctypes
 import os
-import shutil
-import signal
 import subprocess
 
 import mrcfile
@@ -26,46 +23,6 @@ VOXEL = 10.0
 ORIGIN = (1230.0, 4560.0, 7890.0)  # Å, x, y, z as an MRC header has it
 MEMBRANE_RGBA = [64, 160, 255, 255]
 SHEET_RGBA = [255, 200, 0, 255]
-
-
-@pytest.fixture(scope="session")
-def display():
-    """An X display: the one given, else a private Xvfb (OpenGL through Mesa). The server lives
-    as long as this process (Qt exits with an error if its display goes first)."""
-    if os.environ.get("DISPLAY"):
-        return os.environ["DISPLAY"]
-    if shutil.which("Xvfb") is None:
-        pytest.skip("no DISPLAY and no Xvfb (apt-get install xvfb; .ci/run does)")
-    libc = ctypes.CDLL(None, use_errno=True)
-    read, write = os.pipe()
-    subprocess.Popen(["Xvfb", "-displayfd", str(write), "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
-                     pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     preexec_fn=lambda: libc.prctl(1, signal.SIGTERM))  # PR_SET_PDEATHSIG: ends with pytest
-    os.close(write)
-    with os.fdopen(read) as f:
-        number = f.readline().strip()
-    os.environ["DISPLAY"] = f":{number}"
-    os.environ["QT_QPA_PLATFORM"] = "xcb"
-    return os.environ["DISPLAY"]
-
-
-@pytest.fixture
-def settings(tmp_path, monkeypatch):
-    """napari settings in a file of this test's own, never the user's."""
-    import napari.settings
-
-    monkeypatch.setattr(napari.settings, "_SETTINGS", None)
-    return napari.settings.get_settings(tmp_path / "napari" / "settings.yaml")
-
-
-@pytest.fixture
-def viewer(display, settings):
-    from napari.plugins import _initialize_plugins
-
-    _initialize_plugins()
-    v = napari.Viewer(show=True)
-    yield v
-    v.close()
 
 
 @pytest.fixture(scope="module")
