@@ -288,3 +288,32 @@ def test_negative_clicks_reach_the_slices_within_half_a_diameter():
                 negatives=[(9.0, 2.0, 3.0)])
     seen = dict(decoder.negatives)
     assert seen[9] == seen[7] == seen[10] == [(2.0, 3.0)] and seen[6] == [] and seen[4] == []
+
+
+class _Reader:
+    """A picklable reader of a numpy volume, values clipped to [0, 1]."""
+
+    def __init__(self, volume):
+        self.volume = volume
+
+    def __call__(self, region):
+        return np.clip(self.volume[region], 0, 1)
+
+
+def test_a_kept_cache_serves_the_next_click_on_the_same_volume():
+    """``keep_cache=True``: the next call on the same volume and model encodes no slice again
+    (a person's refining click); another volume gets a cache of its own."""
+    pytest.importorskip("sam2")
+    from cryodask.prompting import selfprompt
+    from cryodask.prompting.selfprompt import segment_instances
+
+    volume = np.random.default_rng(0).random((8, 24, 24)).astype(np.float32)
+    kwargs = dict(config="sam2.1_hiera_t", checkpoint=None, image_size=128, device="cpu", keep_cache=True)
+    params = SelfPromptParams(max_extent=1)
+    segment_instances(_Reader(volume), volume.shape, [(4, 12, 12)], params, **kwargs)
+    (cache,) = selfprompt._KEPT.values()
+    encoded, hits, misses = len(cache), cache.hits, cache.misses
+    segment_instances(_Reader(volume), volume.shape, [(4, 12, 12)], params, negatives=[(4, 3, 3)], **kwargs)
+    assert len(cache) == encoded > 0 and cache.hits > hits and cache.misses == misses
+    segment_instances(_Reader(volume + 0.5), volume.shape, [(4, 12, 12)], params, **kwargs)
+    assert next(iter(selfprompt._KEPT.values())) is not cache

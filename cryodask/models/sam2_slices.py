@@ -135,10 +135,13 @@ class EmbeddingCache:
 
     Keys are ``(view, index)``; a cache is bound to the first (predictor, shape, geometry)
     that uses it and refuses any other, so two volumes never share entries.
-    ``hits``/``misses`` count look-ups.
+    ``hits``/``misses`` count look-ups. Safe to share between a worker's threads.
     """
 
     def __init__(self, max_bytes: int = 1 << 30):
+        import threading
+
+        self._lock = threading.Lock()
         if not isinstance(max_bytes, (int, np.integer)) or isinstance(max_bytes, bool) or max_bytes < 1:
             raise InputError(f"cache max_bytes must be a positive integer, got {max_bytes!r}")
         self.max_bytes = int(max_bytes)
@@ -161,6 +164,10 @@ class EmbeddingCache:
         return len(self._items)
 
     def get(self, key):
+        with self._lock:
+            return self._get(key)
+
+    def _get(self, key):
         if key in self._items:
             self.hits += 1
             self._items.move_to_end(key)
@@ -169,6 +176,10 @@ class EmbeddingCache:
         return None
 
     def put(self, key, value, nbytes: int) -> None:
+        with self._lock:
+            self._put(key, value, nbytes)
+
+    def _put(self, key, value, nbytes: int) -> None:
         if key in self._items:
             self.nbytes -= self._items.pop(key)[1]
         self._items[key] = (value, int(nbytes))

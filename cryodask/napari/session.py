@@ -98,7 +98,7 @@ class Session:
         self.logits = None  # the membrane scores' MRC, once membranes ran
         self.jobs: list[Job] = []
         self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="cryodask-widget")
-        self._value_range = None
+        self._value_range = self._sam_worker = None
 
     # ------------------------------------------------------------------ connecting and opening
 
@@ -160,7 +160,7 @@ class Session:
         self.volume, self.read, self.item = volume, dark_reader(volume, self.polarity), item
         self.positives, self.negatives, self.instance, self.accepted = [], [], None, []
         self.detections = self.detections.iloc[0:0]
-        self.query = self.logits = self._value_range = None
+        self.query = self.logits = self._value_range = self._sam_worker = None
         return volume
 
     def _folder(self) -> Path:
@@ -280,12 +280,16 @@ class Session:
             from ..prompting.selfprompt import segment_instances
 
             params = self.params
+            # the worker of the last click keeps this tomogram's encoded slices: go there when it is free
+            where = {"workers": self._sam_worker, "allow_other_workers": True} if self._sam_worker else {}
             future = self.client.submit(
                 segment_instances, self.read, self.volume.shape, positives,
                 params.self_prompt(self.volume.voxel_size[2]), config=params.config, checkpoint=params.sam_checkpoint,
                 image_size=params.image_size, device=self.device, batch=params.batch, seed=params.seed,
-                value_range=self.value_range(), negatives=negatives, pure=False, resources=self._resources())
+                value_range=self.value_range(), negatives=negatives, keep_cache=True, pure=False,
+                resources=self._resources(), **where)
             instances = self._wait(job, [future])[0]
+            self._sam_worker = sorted(self.client.who_has([future]).get(future.key, ()))[:1] or None
         job.check()
         self.instance = union(instances)
         return self.instance

@@ -10,6 +10,7 @@ algorithm and its deliberate deviations from CryoSAM's code: docs/architecture.m
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -263,10 +264,27 @@ def segment_instance(predictor, volume_reader, shape, point_zyx, params: SelfPro
     return self_prompt(decoder, shape, point_zyx, params, batch=batch)
 
 
+_KEPT: dict = {}  # the one embedding cache a process keeps between calls (keep_cache=True)
+_KEPT_LOCK = threading.Lock()
+
+
+def _kept_cache(identity, size: int) -> EmbeddingCache:
+    """The kept cache when ``identity`` (volume reader, model, input size...) is the last one's,
+    else a new one replacing it."""
+    from dask.base import tokenize
+
+    key = tokenize(*identity)
+    with _KEPT_LOCK:
+        if key not in _KEPT:
+            _KEPT.clear()
+            _KEPT[key] = EmbeddingCache(size)
+        return _KEPT[key]
+
+
 def segment_instances(read, shape, points_zyx, params: SelfPromptParams, *, config, checkpoint,
                       image_size: int | None = None, device: str = "auto", batch: int | None = None, seed: int = 0,
                       value_range=None, cache_bytes: int | None = None, compile: bool = False,
-                      negatives=()) -> list[Instance]:
+                      negatives=(), keep_cache: bool = False) -> list[Instance]:
     """One worker task's worth of prompts: the model once per process, one embedding cache.
     ``negatives`` (z, y, x points) are left out of every instance (:func:`self_prompt`).
 
@@ -275,6 +293,8 @@ def segment_instances(read, shape, points_zyx, params: SelfPromptParams, *, conf
     ``(lo, hi)`` (from :func:`cryodask.io.normalize.robust_range`, once per volume) it is
     mapped to [0, 1] here, without it the values must already be in [0, 1]. ``cache_bytes`` bounds the embedding
     cache (default 1 GiB on CPU, 8 GiB on CUDA; hiera at 1024 takes 16 MB per slice in float32).
+    ``keep_cache``: the cache outlives the task, one volume's per process, so the next call on
+    the same volume and model (a person's next click) reuses the slices already encoded.
 
     Examples
     --------
@@ -297,10 +317,12 @@ def segment_instances(read, shape, points_zyx, params: SelfPromptParams, *, conf
     points = [check_point(p, shape) for p in array]
     device = pick_device(device)
     worker_threads()
+    size = cache_bytes or (8 << 30 if device == "cuda" else 1 << 30)
+    identity = (read, value_range, shape, config, str(checkpoint), image_size, seed, params.resize, device, size)
     if value_range is not None:
         read = unit_reader(read, value_range)
     predictor = cached_predictor(config, checkpoint, device=device, image_size=image_size, seed=seed, compile=compile)
-    cache = EmbeddingCache(cache_bytes or (8 << 30 if device == "cuda" else 1 << 30))
+    cache = _kept_cache(identity, size) if keep_cache else EmbeddingCache(size)
     from ..models.batching import sam2_batch
 
     batch = sam2_batch(predictor, device, batch, config=config, compile=compile, cpu_default=8)
