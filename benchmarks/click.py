@@ -57,8 +57,10 @@ def weights_folder(folder: Path, image_size: int) -> Path:
     return folder
 
 
-def seconds(job) -> float:
+def seconds(job, what: str = "") -> float:
     job.future.result()
+    if what:
+        print(f"{what}: {job.seconds:.2f} s", flush=True)
     return job.seconds
 
 
@@ -102,10 +104,10 @@ def main() -> None:
     session.open(path)
     sam, refine, slices = [], [], []
     for c in clicks:
-        sam.append(seconds(session.segment([c])))
+        sam.append(seconds(session.segment([c]), "SAM2 click through the widget's session"))
         box = session.instance[0]
         slices.append(sum(b.stop - b.start for b in box))
-        refine.append(seconds(session.segment([c], [c + np.array([0.0, 0.0, 6.0])])))
+        refine.append(seconds(session.segment([c], [c + np.array([0.0, 0.0, 6.0])]), "  refining click"))
     session.params = None  # the weight-free path on the same session
     classical = []
     for c, d in zip(clicks, diameters):
@@ -123,6 +125,7 @@ def main() -> None:
         segment_instances(read, shape, [c], sp, config=params.config, checkpoint=params.sam_checkpoint,
                           image_size=args.image_size, device=device, value_range=value_range)
         direct.append(time.perf_counter() - clock)
+        print(f"SAM2 click in-process: {direct[-1]:.2f} s", flush=True)
     direct_classical = []
     for c, d in zip(clicks, diameters):
         clock = time.perf_counter()

@@ -130,8 +130,9 @@ def test_click_accept_find_all_export_classical(viewer, collection, cluster, tmp
 
     widget.find_all(True)
     wait(widget)
-    shot(viewer, tmp_path / "2-find-all.png")
     layer = widget._layer("detections")
+    viewer.dims.set_point(0, float(np.round(layer.data[0, 0])) * VOXEL)  # the best detection's slice
+    shot(viewer, tmp_path / "2-find-all.png")
     scores = layer.features["score"].to_numpy()
     assert len(layer.data) >= 3 and np.all(np.diff(scores) <= 0)
     assert dict(widget.pending_partial).keys() == {"TS_0", "TS_1"}  # both tomograms searched
@@ -198,11 +199,15 @@ def test_random_sam2_and_dinov2_plumbing(viewer, collection, cluster, tmp_path):
     folder, tomograms = collection
     synth = tomograms["TS_0"]
     widget = dock(viewer)
+    widget.weights.setText(str(weights))
+    widget.cluster.setText(cluster.scheduler_address)
+    widget.connect()  # CryoSAM from the weights folder: the SAM2 it holds, its DINOv2
+    assert widget.session.params.config == "sam2.1_hiera_t"
+    assert Path(widget.session.params.dinov2_checkpoint) == weights / "dinov2-large"
+    # the random models were made for small inputs: use those (a trained model runs at its own)
     widget.session.params = pick_params("cryosam", weights=weights, config="sam2.1_hiera_t", image_size=128,
                                         feature_image_size=56, diameter=250, top_k=8)
     widget.out.setText(str(tmp_path / "out"))
-    widget.cluster.setText(cluster.scheduler_address)
-    widget.connect()
     widget.open(folder / "in" / "TS_0.mrc")
     assert widget.session.method == "cryosam"
     centre = synth.particles[0]
@@ -278,6 +283,7 @@ def test_cancel_cancels_the_futures_and_a_lost_scheduler_is_one_message(viewer, 
     # a new job says the same one line, without starting anything
     widget._say_errors(widget.find_all)
     assert widget.messages[-1] == lost[0] and not widget.busy()
+    widget.session.close()  # the client stops trying to reconnect
 
 
 def test_a_copick_project_made_by_copick_opens_run_by_run(viewer, collection, cluster, tmp_path,

@@ -42,6 +42,7 @@ class Job:
     total: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
     partial: list = dataclasses.field(default_factory=list)
+    futures: list = dataclasses.field(default_factory=list)  # the Dask futures it waits on
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def check(self) -> None:
@@ -234,6 +235,7 @@ class Session:
 
     def _wait(self, job: Job, futures):
         """The futures' results, checking for a cancel between them."""
+        job.futures.extend(futures)
         out = []
         for f in futures:
             while True:
@@ -259,8 +261,9 @@ class Session:
         positives = [check_point(p, shape) for p in np.asarray(positives, np.float64).reshape(-1, 3)]
         negatives = [check_point(p, shape) for p in np.asarray(negatives, np.float64).reshape(-1, 3)]
         for job in self.busy():
-            if job.name == "instance":
+            if job.name == "instance":  # the clicks changed: the object they described is not wanted
                 job.stop.set()
+                self.client.cancel(job.futures)
         self.positives, self.negatives = positives, negatives
         return self._start("instance", self._segment, positives, negatives)
 

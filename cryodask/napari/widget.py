@@ -178,8 +178,12 @@ class ClickWidget(QWidget):
         weights = self.weights.text().strip()
         if weights:
             from ..picking.params import pick_params
+            from ..picking.pipeline import SAM2_FILES
 
-            self.session.params = pick_params("cryosam", weights=weights, diameter=self.session.diameter)
+            # the largest SAM2 the folder holds (SAM2_FILES runs tiny to large)
+            present = [c for c, f in SAM2_FILES.items() if (Path(weights) / f).is_file()]
+            self.session.params = pick_params("cryosam", weights=weights, diameter=self.session.diameter,
+                                              config=present[-1] if present else "sam2.1_hiera_l")
         self.session.out = Path(self.out.text().strip()) if self.out.text().strip() else self.session.out
         self.session.connect(spec, config=profile)
         self._lost_said = False

@@ -293,8 +293,9 @@ def segment_instances(read, shape, points_zyx, params: SelfPromptParams, *, conf
     ``(lo, hi)`` (from :func:`cryodask.io.normalize.robust_range`, once per volume) it is
     mapped to [0, 1] here, without it the values must already be in [0, 1]. ``cache_bytes`` bounds the embedding
     cache (default 1 GiB on CPU, 8 GiB on CUDA; hiera at 1024 takes 16 MB per slice in float32).
-    ``keep_cache``: the cache outlives the task, one volume's per process, so the next call on
-    the same volume and model (a person's next click) reuses the slices already encoded.
+    ``keep_cache``: the cache (8 GiB by default) outlives the task, one volume's per process, so
+    the next call on the same volume and model (a person's next click) reuses the slices already
+    encoded.
 
     Examples
     --------
@@ -317,7 +318,9 @@ def segment_instances(read, shape, points_zyx, params: SelfPromptParams, *, conf
     points = [check_point(p, shape) for p in array]
     device = pick_device(device)
     worker_threads()
-    size = cache_bytes or (8 << 30 if device == "cuda" else 1 << 30)
+    # a kept cache must hold a whole click's slices (3 views x a diameter, 16 MB each for hiera at
+    # 1024): smaller, the next click's walk over them evicts each before its turn and every slice misses
+    size = cache_bytes or (8 << 30 if device == "cuda" or keep_cache else 1 << 30)
     identity = (read, value_range, shape, config, str(checkpoint), image_size, seed, params.resize, device, size)
     if value_range is not None:
         read = unit_reader(read, value_range)
