@@ -105,8 +105,8 @@ def main() -> None:
     sam, refine, slices = [], [], []
     for c in clicks:
         sam.append(seconds(session.segment([c]), "SAM2 click through the widget's session"))
-        box = session.instance[0]
-        slices.append(sum(b.stop - b.start for b in box))
+        cap = math.ceil(250 / 10.0 / 2)  # the slices a click encodes: half a diameter each way, 3 views
+        slices.append(int(sum(min(n - 1, round(v) + cap) - max(0, round(v) - cap) + 1 for v, n in zip(c, shape))))
         refine.append(seconds(session.segment([c], [c + np.array([0.0, 0.0, 6.0])]), "  refining click"))
     session.params = None  # the weight-free path on the same session
     classical = []

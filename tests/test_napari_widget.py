@@ -319,3 +319,21 @@ def test_a_copick_project_made_by_copick_opens_run_by_run(viewer, collection, cl
     mask = layer_mask(viewer, "instance")
     truth = ball(centre, synth.diameters_A[1] / 2 / VOXEL)
     assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.5
+
+
+def test_a_real_bright_tomogram_opens_in_angstrom_with_its_polarity(viewer, data_dir, cluster):
+    """A real crop (cylindra's microtubule, TIFF, bright density, 1.052 nm voxels): opened at its
+    own voxel size, read as bright, and a click on the microtubule's wall gives an object."""
+    widget = dock(viewer)
+    widget.cluster.setText(cluster.scheduler_address)
+    widget.connect()
+    widget.open(data_dir / "tomograms" / "cylindra_13pf_MT.tif")
+    assert widget.session.polarity.polarity == "bright" and "bright density" in widget.messages[-1]
+    np.testing.assert_allclose(widget.image.scale, [10.52] * 3, rtol=1e-3)
+    widget.diameter.setValue(250.0)  # a microtubule: 25 nm across
+    volume = np.asarray(widget.session.read(tuple(slice(0, n) for n in widget.session.volume.shape)))
+    z, y = volume.shape[0] // 2, volume.shape[1] // 2
+    x = int(np.argmin(volume[z, y]))  # the densest voxel across the middle: the microtubule's wall
+    widget.positive.add([z, y, x])
+    wait(widget)
+    assert widget.session.instance is not None and np.asarray(widget.session.instance[1]).any(), widget.messages
