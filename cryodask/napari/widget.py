@@ -51,7 +51,10 @@ class Slider(QWidget):
         return self._value
 
     def set_value(self, value: float) -> None:
+        """Move to ``value`` exactly (not the nearest step) and apply it once."""
+        self.slider.blockSignals(True)
         self.slider.setValue(round((value - self.low) / (self.high - self.low) * STEPS))
+        self.slider.blockSignals(False)
         self._value = float(value)
         self.label.setText(f"{self._value:.3g}")
         self.changed(self._value)
