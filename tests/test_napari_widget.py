@@ -96,6 +96,7 @@ def test_click_accept_find_all_export_classical(viewer, collection, cluster, tmp
     widget.cluster.setText(cluster.scheduler_address)
     widget.connect()
     widget.open(folder / "in")
+    wait(widget)  # the files are read in a job (napari's first image layer then takes ~1 s to draw)
     assert [widget.tomograms.itemText(i) for i in range(widget.tomograms.count())] == ["TS_0", "TS_1"]
     assert widget.session.method == "classical"
     assert widget.image.scale.tolist() == [VOXEL] * 3
@@ -209,6 +210,7 @@ def test_random_sam2_and_dinov2_plumbing(viewer, collection, cluster, tmp_path):
                                         feature_image_size=56, diameter=250, top_k=8)
     widget.out.setText(str(tmp_path / "out"))
     widget.open(folder / "in" / "TS_0.mrc")
+    wait(widget)  # the files are read in a job
     assert widget.session.method == "cryosam"
     centre = synth.particles[0]
     widget.positive.add(centre)
@@ -244,6 +246,9 @@ def test_cancel_cancels_the_futures_and_a_lost_scheduler_is_one_message(viewer, 
 
     folder, _ = collection
     widget = dock(viewer)
+    widget.open(tmp_path / "nothing.mrc")  # read in a job: its error comes back as one line
+    wait(widget)
+    assert widget.messages[-1].startswith("open: ") and "nothing.mrc" in widget.messages[-1]
     widget.cluster.setText("slurm")
     widget.profile.setText(f"{tmp_path / 'none.yaml'}:gpu")
     widget._say_errors(widget.connect)
@@ -254,6 +259,7 @@ def test_cancel_cancels_the_futures_and_a_lost_scheduler_is_one_message(viewer, 
         widget.profile.setText("")
         widget.connect()
         widget.open(folder / "in" / "TS_0.mrc")
+        wait(widget)  # the files are read in a job
         session = widget.session
 
         def slow(job):
@@ -308,8 +314,10 @@ def test_a_copick_project_made_by_copick_opens_run_by_run(viewer, collection, cl
     widget.cluster.setText(cluster.scheduler_address)
     widget.connect()
     widget.open(config)
+    wait(widget)  # the files are read in a job
     assert [widget.tomograms.itemText(i) for i in range(widget.tomograms.count())] == list(tomograms)
     widget.tomograms.setCurrentIndex(1)
+    wait(widget)
     synth = tomograms["TS_1"]
     assert widget.session.item.name == "TS_1" and widget.session.volume.voxel_size == (VOXEL,) * 3
     np.testing.assert_allclose(np.asarray(widget.image.data[5]), synth.volume[5], atol=1e-5)
@@ -328,6 +336,7 @@ def test_a_real_bright_tomogram_opens_in_angstrom_with_its_polarity(viewer, data
     widget.cluster.setText(cluster.scheduler_address)
     widget.connect()
     widget.open(data_dir / "tomograms" / "cylindra_13pf_MT.tif")
+    wait(widget)  # the files are read in a job
     assert widget.session.polarity.polarity == "bright" and "bright density" in widget.messages[-1]
     np.testing.assert_allclose(widget.image.scale, [10.52] * 3, rtol=1e-3)
     widget.diameter.setValue(250.0)  # a microtubule: 25 nm across

@@ -185,6 +185,10 @@ class Session:
 
     def _start(self, name: str, fn, *args) -> Job:
         self._ready()
+        return self.background(name, fn, *args)
+
+    def background(self, name: str, fn, *args) -> Job:
+        """``fn(job, *args)`` in a thread of this session, as a :class:`Job` (no cluster needed)."""
         job = Job(name)
         job.future = self._pool.submit(self._guard, job, fn, *args)
         self.jobs.append(job)

@@ -23,6 +23,13 @@ from .session import Cancelled, Session
 STEPS = 1000  # slider positions
 
 
+def _limits(session) -> tuple[float, float]:
+    """The image's contrast: the 0.5 and 99.5 percentiles of a strided sample (16 slices, every 4th pixel)."""
+    volume = session.volume
+    sample = np.asarray(volume.to_dask()[:: max(1, volume.shape[0] // 16)][:, ::4, ::4], np.float32)
+    return tuple(float(v) for v in np.percentile(sample, (0.5, 99.5)))
+
+
 class Slider(QWidget):
     """A float slider over ``[low, high]`` with its value shown; ``changed(value)`` on every move."""
 
@@ -143,26 +150,35 @@ class ClickWidget(QWidget):
     # ------------------------------------------------------------------ opening and connecting
 
     def open(self, inputs=None) -> None:
-        """Open the tomogram or collection named (or typed), showing its first tomogram."""
+        """Open the tomogram or collection named (or typed), showing its first tomogram. The files
+        are read in a job (the header, the polarity's and the contrast's samples), not here."""
         if inputs is not None:
             self.inputs.setText(str(inputs))
-        self.session.open(self.inputs.text().strip())
-        self.tomograms.blockSignals(True)
-        self.tomograms.clear()
-        self.tomograms.addItems([item.name for item in self.session.items])
-        self.tomograms.blockSignals(False)
-        self.show(0)
+        text = self.inputs.text().strip()
+
+        def opened(limits):
+            self.tomograms.blockSignals(True)
+            self.tomograms.clear()
+            self.tomograms.addItems([item.name for item in self.session.items])
+            self.tomograms.blockSignals(False)
+            self._draw(limits)
+
+        self.run(self.session.background("open", lambda job: (self.session.open(text), _limits(self.session))[1]),
+                 opened)
 
     def show(self, index: int) -> None:
-        volume = self.session.show(index)
+        """Show another tomogram of the collection (read in a job)."""
+        self.run(self.session.background("open", lambda job: (self.session.show(index), _limits(self.session))[1]),
+                 self._draw)
+
+    def _draw(self, limits) -> None:
+        volume = self.session.volume
         for layer in [layer for layer in self.viewer.layers if layer.metadata.get("cryodask_widget")]:
             self.viewer.layers.remove(layer)
-        data = volume.to_dask()
-        sample = np.asarray(data[:: max(1, volume.shape[0] // 16)][:, ::4, ::4], np.float32)
-        limits = tuple(float(v) for v in np.percentile(sample, (0.5, 99.5)))
         self.scale, self.translate = tuple(volume.voxel_size), tuple(volume.translation)
         placed = {"scale": self.scale, "translate": self.translate, "metadata": {"cryodask_widget": True}}
-        self.image = self.viewer.add_image(data, name=self.session.item.name, contrast_limits=limits, **placed)
+        self.image = self.viewer.add_image(volume.to_dask(), name=self.session.item.name, contrast_limits=limits,
+                                           **placed)
         self.positive = self.viewer.add_points(ndim=3, name="positive clicks", face_color="lime", size=6, **placed)
         self.negative = self.viewer.add_points(ndim=3, name="negative clicks", face_color="red", size=6, **placed)
         for layer in (self.positive, self.negative):
