@@ -48,6 +48,18 @@ def data_dir():
     return DATA
 
 
+def import_copick(module: str):
+    """A copick module, imported without the root logging handler its import installs (each copick
+    module's ``get_logger`` calls ``logging.basicConfig(force=True)`` with a RichHandler at INFO,
+    which would print every later test's distributed logs, rich-formatted, to stdout)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return pytest.importorskip(module)
+    finally:
+        root.handlers[:], root.level = handlers, level
+
+
 def make_cryosam_weights(folder):
     """CryoSAM's checkpoints from random models, as a weights folder holds them: SAM2 hiera-t at a
     128 px input (``sam2.1_hiera_tiny.pt``) and a 2-layer DINOv2 (``dinov2-large``)."""

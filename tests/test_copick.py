@@ -24,7 +24,7 @@ import pytest
 import zarr
 from ome_zarr_models.v04.image import Image as ImageV04
 
-from conftest import ROOT, one_line_error
+from conftest import ROOT, import_copick, one_line_error
 from cryodask.cli import main
 from cryodask.errors import InputError
 from cryodask.io import copick as cp
@@ -36,17 +36,8 @@ VENV = ROOT / ".venv-copick"
 
 
 def copick_models():
-    """copick's pydantic models, imported without the root logging handler copick's import installs
-    (``copick.util.log`` calls ``logging.basicConfig`` with a RichHandler at INFO, which would print
-    every later test's distributed logs to stdout)."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        return pytest.importorskip("copick.models")
-    finally:
-        root.handlers[:], root.level = handlers, level
+    """copick's pydantic models, imported quietly (``conftest.import_copick``)."""
+    return import_copick("copick.models")
 
 
 def run(capsys, *args):

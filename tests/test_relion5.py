@@ -246,7 +246,9 @@ def test_pick_cli_writes_relion5_by_default_and_relion4_on_request(synthetic, tm
     np.testing.assert_allclose(read_picks(tmp_path / "r4" / "tomo_log_picks.star").coords, picked, atol=1e-5)
 
     # copick's own RELION reader places both files at the same Å (corner origin) as the CSV's pixels × 10 Å
-    formats = pytest.importorskip("copick.util.formats")
+    from conftest import import_copick
+
+    formats = import_copick("copick.util.formats")
     particles, optics = formats.read_star_particles_with_optics(str(star))
     tomograms = formats.read_relion_tomograms(str(tmp_path / "r5" / "tomograms.star"))
     angstrom = formats.relion_coordinates_to_angstrom(particles, tomograms=tomograms, optics=optics,
