@@ -185,7 +185,7 @@ def test_click_accept_find_all_export_classical(viewer, collection, cluster, tmp
 
 
 def _centre(instance):
-    from cryodask.napari.session import centre
+    from cryodask.prompting.instances import centre
 
     return centre(instance)
 

@@ -9,6 +9,7 @@ SAM2's image predictor imports torchvision; this module never does.
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -139,8 +140,6 @@ class EmbeddingCache:
     """
 
     def __init__(self, max_bytes: int = 1 << 30):
-        import threading
-
         self._lock = threading.Lock()
         if not isinstance(max_bytes, (int, np.integer)) or isinstance(max_bytes, bool) or max_bytes < 1:
             raise InputError(f"cache max_bytes must be a positive integer, got {max_bytes!r}")
@@ -165,27 +164,21 @@ class EmbeddingCache:
 
     def get(self, key):
         with self._lock:
-            return self._get(key)
-
-    def _get(self, key):
-        if key in self._items:
-            self.hits += 1
-            self._items.move_to_end(key)
-            return self._items[key][0]
-        self.misses += 1
-        return None
+            if key in self._items:
+                self.hits += 1
+                self._items.move_to_end(key)
+                return self._items[key][0]
+            self.misses += 1
+            return None
 
     def put(self, key, value, nbytes: int) -> None:
         with self._lock:
-            self._put(key, value, nbytes)
-
-    def _put(self, key, value, nbytes: int) -> None:
-        if key in self._items:
-            self.nbytes -= self._items.pop(key)[1]
-        self._items[key] = (value, int(nbytes))
-        self.nbytes += int(nbytes)
-        while self.nbytes > self.max_bytes and len(self._items) > 1:
-            self.nbytes -= self._items.popitem(last=False)[1][1]
+            if key in self._items:
+                self.nbytes -= self._items.pop(key)[1]
+            self._items[key] = (value, int(nbytes))
+            self.nbytes += int(nbytes)
+            while self.nbytes > self.max_bytes and len(self._items) > 1:
+                self.nbytes -= self._items.popitem(last=False)[1][1]
 
 
 # ------------------------------------------------------------------ decoders

@@ -70,12 +70,14 @@ def union(instances):
                     float(np.mean([getattr(i, "score", 0.0) for i in full])))
 
 
-def centre(instance) -> np.ndarray:
-    """An instance's mask centroid (its click where the mask is empty), z, y, x voxels."""
-    box, mask = instance[0], np.asarray(instance[1], bool)
-    if mask.size and mask.any():
-        return np.array([b.start + float(np.mean(c)) for b, c in zip(box, np.nonzero(mask))])
-    return np.asarray(instance.point, np.float64)
+def open_dark(path):
+    """``(volume, polarity, read)``: a tomogram, its polarity (``auto``) and its reader of dark density."""
+    from ..io.volumes import open_volume
+    from ..polarity import dark_reader, resolve_polarity
+
+    volume = open_volume(path, dtype="float32")
+    polarity = resolve_polarity("auto", volume, volume.shape, volume.voxel_size)
+    return volume, polarity, dark_reader(volume, polarity)
 
 
 class Session:
@@ -152,17 +154,13 @@ class Session:
 
     def show(self, index: int):
         """Make the ``index``-th tomogram of the collection the open one (clicks and results reset)."""
-        from ..io.volumes import open_volume
-        from ..polarity import dark_reader, resolve_polarity
-
         item = self.items[index]
-        volume = open_volume(item.path, dtype="float32")
-        self.polarity = resolve_polarity("auto", volume, volume.shape, volume.voxel_size)
-        self.volume, self.read, self.item = volume, dark_reader(volume, self.polarity), item
+        self.volume, self.polarity, self.read = open_dark(item.path)
+        self.item = item
         self.positives, self.negatives, self.instance, self.accepted = [], [], None, []
         self.detections = self.detections.iloc[0:0]
         self.query = self.logits = self._value_range = self._sam_worker = None
-        return volume
+        return self.volume
 
     def _folder(self) -> Path:
         from ..io.folders import check_output_dir
@@ -386,13 +384,10 @@ class Session:
             return Outcome(item, "skipped", "cancelled")
         out = self._folder()
         if self.params is None:
-            from ..io.volumes import open_volume
             from ..picking.pipeline import write_outputs
-            from ..polarity import dark_reader, resolve_polarity
             from ..prompting.classical import find_similar
 
-            volume = open_volume(item.path, dtype="float32")
-            read = dark_reader(volume, resolve_polarity("auto", volume, volume.shape, volume.voxel_size))
+            volume, _, read = open_dark(item.path)
             found = find_similar(read, volume.shape, volume.voxel_size, self.query, self.diameter, client=self.client)
             if floor is not None:
                 found = found[found["score"] >= floor]
@@ -438,6 +433,8 @@ class Session:
     def picks(self, threshold: float | None = None) -> pd.DataFrame:
         """What export writes: the accepted instances (score 1, their centres) then the detections
         scoring ``threshold`` or more that are not already among them."""
+        from ..prompting.instances import centre
+
         accepted = np.array([centre(i) for i in self.accepted]).reshape(-1, 3)
         rows = pd.DataFrame({"z": accepted[:, 0], "y": accepted[:, 1], "x": accepted[:, 2],
                              "score": np.ones(len(accepted))})

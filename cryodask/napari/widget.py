@@ -303,9 +303,9 @@ class ClickWidget(QWidget):
 
         self._remove("membrane scores")
         self._remove("membranes")
-        with mrcfile.mmap(result["logits"], mode="r") as mrc:
-            sample = np.asarray(mrc.data[:: max(1, mrc.data.shape[0] // 16)], np.float32)
-        self.scores = da.from_array(mrcfile.mmap(result["logits"], mode="r").data, chunks=self.session.volume.chunks)
+        scores = mrcfile.mmap(result["logits"], mode="r").data  # kept open: the layers read it lazily
+        sample = np.asarray(scores[:: max(1, scores.shape[0] // 16)], np.float32)
+        self.scores = da.from_array(scores, chunks=self.session.volume.chunks)
         low, high = (float(v) for v in np.percentile(sample, (1, 99.9)))
         placed = {"scale": self.scale, "translate": self.translate, "metadata": {"cryodask_widget": True}}
         self.viewer.add_image(self.scores, name="membrane scores", visible=False, colormap="magma", **placed)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from .instances import centre
 from .selfprompt import Instance, check_point
 
 REACH = 1.5  # the box read around a click, in radii
@@ -84,13 +85,6 @@ def click_instance(read, shape, voxel_size, point_zyx, diameter: float, *, negat
     return Instance(tuple(slice(b.start + a, b.start + c) for b, a, c in zip(box, lo, hi)), crop, point, score)
 
 
-def _centre(instance) -> np.ndarray:
-    box, mask = instance[0], np.asarray(instance[1], bool)
-    if mask.any():
-        return np.array([b.start + float(np.mean(c)) for b, c in zip(box, np.nonzero(mask))])
-    return np.asarray(instance.point, np.float64)
-
-
 def _crop(read, shape, centre, half) -> np.ndarray | None:
     """A cube of side ``2 half + 1`` around ``centre`` (mirrored past the tomogram's edge), zero
     mean and unit std; None when flat or when less than half of it lies inside."""
@@ -109,7 +103,7 @@ def template_from_instances(read, shape, voxel_size, instances, diameter: float)
     """The classical query: the mean of the normalised cubes (1.2 radii each side) centred on the
     instances' masks (their clicks where a mask is empty)."""
     half = np.ceil(1.2 * _radii(diameter, voxel_size)).astype(int)
-    cubes = [c for c in (_crop(read, shape, _centre(i), half) for i in instances) if c is not None]
+    cubes = [c for c in (_crop(read, shape, centre(i), half) for i in instances) if c is not None]
     if not cubes:
         raise InputError("every accepted instance lies at the tomogram's edge or on flat density: no template")
     template = np.mean(cubes, axis=0)

@@ -82,6 +82,14 @@ def semantic_mask(instances, region) -> np.ndarray:
     return instance_labels(instances, region, scores=np.zeros(len(instances))) > 0
 
 
+def centre(instance) -> np.ndarray:
+    """An instance's mask centroid, z, y, x voxels (its prompt ``point`` where the mask is empty)."""
+    box, mask = instance[0], np.asarray(instance[1], bool)
+    if mask.size and mask.any():
+        return np.array([b.start + float(np.mean(c)) for b, c in zip(box, np.nonzero(mask))])
+    return np.asarray(instance.point, np.float64)
+
+
 def _paint(block_info=None, instances=None, scores=None):
     region = tuple(slice(a, b) for a, b in block_info[None]["array-location"])
     return instance_labels(instances, region, scores=scores)
